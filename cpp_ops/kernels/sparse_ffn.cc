@@ -1,0 +1,267 @@
+// SparseExpertFFN kernel core. Tokens are grouped by expert so each expert's two weight blocks
+// (contiguous [m, d] rows) are read once per call, not once per token; workers pull experts
+// from a shared counter (heaviest first) and accumulate into their own output buffer, so no
+// atomics touch the output and no token is written by two workers at once.
+#include "sparse_ffn.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace moefy {
+namespace {
+
+// 8 floats through GCC/Clang vector extensions: AVX with -mavx2, two NEON registers on ARM.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+
+inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8f splat(float s) { return v8f{s, s, s, s, s, s, s, s}; }
+inline float hsum(v8f v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// exp for 8 lanes (Cephes polynomial, ~1 ulp on the clamped range).
+inline v8f exp8(v8f x) {
+  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
+  x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
+  v8f fx = x * splat(1.44269504088896341f) + splat(0.5f);
+  v8i n = __builtin_convertvector(fx, v8i);
+  n += (__builtin_convertvector(n, v8f) > fx);  // truncation -> floor (true lanes are -1)
+  v8f nf = __builtin_convertvector(n, v8f);
+  v8f r = x - nf * splat(0.693359375f) + nf * splat(2.12194440e-4f);
+  v8f p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.f);
+  v8i bits = (n + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7).
+inline v8f erf8(v8f x) {
+  v8f ax = x < splat(0.f) ? -x : x;
+  v8f t = splat(1.f) / (splat(1.f) + splat(0.3275911f) * ax);
+  v8f poly = splat(1.061405429f);
+  poly = poly * t + splat(-1.453152027f);
+  poly = poly * t + splat(1.421413741f);
+  poly = poly * t + splat(-0.284496736f);
+  poly = poly * t + splat(0.254829592f);
+  v8f e = splat(1.f) - poly * t * exp8(-ax * ax);
+  return x < splat(0.f) ? -e : e;
+}
+
+inline v8f activate8(Activation a, v8f z) {
+  switch (a) {
+    case Activation::kRelu:
+      return z > splat(0.f) ? z : splat(0.f);
+    case Activation::kGelu:
+      return splat(0.5f) * z * (splat(1.f) + erf8(z * splat(0.70710678118654752f)));
+    case Activation::kGeluTanh: {
+      v8f u = splat(0.7978845608028654f) * (z + splat(0.044715f) * z * z * z);
+      v8f tanh_u = splat(1.f) - splat(2.f) / (exp8(u + u) + splat(1.f));
+      return splat(0.5f) * z * (splat(1.f) + tanh_u);
+    }
+    case Activation::kSilu:
+      return z / (splat(1.f) + exp8(-z));
+  }
+  return z;
+}
+
+// out[a * m + b] = bias[b] + <x[a], w[b]> for an TB x JB block (inner products along d).
+template <int TB, int JB>
+inline void dot_block(const float* x, const float* w, const float* bias, int64_t d, float* out, int64_t m) {
+  v8f acc[TB][JB] = {};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    v8f wv[JB];
+    for (int b = 0; b < JB; ++b) wv[b] = load8(w + b * d + i);
+    for (int a = 0; a < TB; ++a) {
+      v8f xv = load8(x + a * d + i);
+      for (int b = 0; b < JB; ++b) acc[a][b] += xv * wv[b];
+    }
+  }
+  for (int a = 0; a < TB; ++a)
+    for (int b = 0; b < JB; ++b) {
+      float s = hsum(acc[a][b]);
+      for (int64_t r = i; r < d; ++r) s += x[a * d + r] * w[b * d + r];
+      out[a * m + b] = s + (bias ? bias[b] : 0.f);
+    }
+}
+
+template <int TB>
+void dot_rows_tb(const float* x, const float* w, const float* bias, int64_t d, int64_t m, float* out) {
+  int64_t j = 0;
+  for (; j + 3 <= m; j += 3) dot_block<TB, 3>(x, w + j * d, bias ? bias + j : nullptr, d, out + j, m);
+  for (; j < m; ++j) dot_block<TB, 1>(x, w + j * d, bias ? bias + j : nullptr, d, out + j, m);
+}
+
+// h[n, m] = x[n, d] . w[m, d]^T + bias
+void dot_rows(const float* x, int64_t n, const float* w, const float* bias, int64_t d, int64_t m, float* h) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) dot_rows_tb<4>(x + t * d, w, bias, d, m, h + t * m);
+  for (; t < n; ++t) dot_rows_tb<1>(x + t * d, w, bias, d, m, h + t * m);
+}
+
+// ys[a][:] += sum_j h[a * m + j] * w[j, :] for TB rows (axpy form: w rows are contiguous along d).
+template <int TB>
+inline void axpy_block(float* const* ys, const float* h, int64_t m, const float* w, int64_t d) {
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    v8f acc[TB][2];
+    for (int a = 0; a < TB; ++a) acc[a][0] = load8(ys[a] + i), acc[a][1] = load8(ys[a] + i + 8);
+    for (int64_t j = 0; j < m; ++j) {
+      v8f w0 = load8(w + j * d + i), w1 = load8(w + j * d + i + 8);
+      for (int a = 0; a < TB; ++a) {
+        v8f hv = splat(h[a * m + j]);
+        acc[a][0] += hv * w0;
+        acc[a][1] += hv * w1;
+      }
+    }
+    for (int a = 0; a < TB; ++a) store8(ys[a] + i, acc[a][0]), store8(ys[a] + i + 8, acc[a][1]);
+  }
+  for (; i < d; ++i)
+    for (int a = 0; a < TB; ++a) {
+      float s = ys[a][i];
+      for (int64_t j = 0; j < m; ++j) s += h[a * m + j] * w[j * d + i];
+      ys[a][i] = s;
+    }
+}
+
+void axpy_rows(float* const* ys, int64_t n, const float* h, int64_t m, const float* w, int64_t d) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) axpy_block<4>(ys + t, h + t * m, m, w, d);
+  for (; t < n; ++t) axpy_block<1>(ys + t, h + t * m, m, w, d);
+}
+
+// NaN ranks below every number; equal scores keep the lower index (callers scan upwards).
+inline bool better(float a, float b) { return std::isnan(b) ? !std::isnan(a) : a > b; }
+
+struct Scratch {
+  std::vector<float> xe, up, gate;
+  std::vector<float*> rows;
+};
+
+// Tokens per expert block: bounds scratch memory and gives workers balanced pieces.
+constexpr int64_t kTokenBlock = 64;
+
+void run_expert_block(const SparseFFNProblem& p, int64_t e, const int32_t* tokens, int64_t n, float* out,
+                      Scratch& s) {
+  const int64_t d = p.d, m = p.m;
+  s.xe.resize(n * d), s.up.resize(n * m), s.rows.resize(n);
+  for (int64_t r = 0; r < n; ++r) std::memcpy(&s.xe[r * d], p.x + tokens[r] * d, d * sizeof(float));
+  dot_rows(s.xe.data(), n, p.w1 + e * m * d, p.b1 ? p.b1 + e * m : nullptr, d, m, s.up.data());
+  if (p.wg) {
+    s.gate.resize(n * m);
+    dot_rows(s.xe.data(), n, p.wg + e * m * d, p.bg ? p.bg + e * m : nullptr, d, m, s.gate.data());
+    activate(p.activation, s.gate.data(), n * m);
+    for (int64_t i = 0; i < n * m; ++i) s.up[i] *= s.gate[i];
+  } else {
+    activate(p.activation, s.up.data(), n * m);
+  }
+  for (int64_t r = 0; r < n; ++r) s.rows[r] = out + tokens[r] * d;
+  axpy_rows(s.rows.data(), n, s.up.data(), m, p.w2 + e * m * d, d);
+  if (p.unselected_bias) {
+    const float* u = p.unselected_bias + e * d;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < d; ++i) s.rows[r][i] -= u[i];
+  }
+}
+
+}  // namespace
+
+void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn) {
+  for (std::size_t i = 0; i < n; ++i) fn(i);
+}
+
+void activate(Activation a, float* v, std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(v + i, activate8(a, load8(v + i)));
+  if (i < n) {
+    float tail[8] = {};
+    std::memcpy(tail, v + i, (n - i) * sizeof(float));
+    store8(tail, activate8(a, load8(tail)));
+    std::memcpy(v + i, tail, (n - i) * sizeof(float));
+  }
+}
+
+void select_top_k(const SparseFFNProblem& p, int32_t* selected) {
+  const int64_t E = p.experts, k = p.top_k, d = p.d;
+  std::vector<float> scores(E);
+  std::vector<char> taken(E);
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    if (p.router_scores) {
+      std::memcpy(scores.data(), p.router_scores + t * E, E * sizeof(float));
+    } else {
+      dot_rows(p.x + t * d, 1, p.router_w, p.router_b, d, E, scores.data());
+    }
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || better(scores[e], scores[best]))) best = e;
+      taken[best] = 1;
+      selected[t * k + j] = static_cast<int32_t>(best);
+    }
+  }
+}
+
+void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t workers) {
+  const int64_t T = p.tokens, d = p.d, E = p.experts, k = p.top_k;
+  if (T == 0) return;
+
+  // Output starts at B2 + sum_e U[e]; each selected expert then adds its output minus U[e].
+  std::vector<float> base(d, 0.f);
+  if (p.b2) std::memcpy(base.data(), p.b2, d * sizeof(float));
+  if (p.unselected_bias)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = 0; i < d; ++i) base[i] += p.unselected_bias[e * d + i];
+  for (int64_t t = 0; t < T; ++t) std::memcpy(p.y + t * d, base.data(), d * sizeof(float));
+
+  std::vector<int32_t> selected(T * k);
+  select_top_k(p, selected.data());
+
+  // Counting sort of (token, expert) pairs by expert.
+  std::vector<int64_t> start(E + 1, 0);
+  for (int32_t e : selected) ++start[e + 1];
+  std::partial_sum(start.begin(), start.end(), start.begin());
+  std::vector<int32_t> tokens(T * k);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j) tokens[fill[selected[t * k + j]]++] = static_cast<int32_t>(t);
+  }
+
+  struct Block { int64_t expert, begin, count; };
+  std::vector<Block> blocks;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t b = start[e]; b < start[e + 1]; b += kTokenBlock)
+      blocks.push_back({e, b, std::min(kTokenBlock, start[e + 1] - b)});
+  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.count > b.count; });
+
+  workers = std::max<std::size_t>(1, std::min(workers, blocks.size()));
+  // Worker 0 accumulates straight into y; the others into zeroed buffers summed at the end.
+  std::vector<std::vector<float>> partial(workers - 1, std::vector<float>(T * d, 0.f));
+  std::atomic<std::size_t> next{0};
+  pfor(workers, [&](std::size_t w) {
+    float* out = w == 0 ? p.y : partial[w - 1].data();
+    Scratch s;
+    for (std::size_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks.size();)
+      run_expert_block(p, blocks[b].expert, tokens.data() + blocks[b].begin, blocks[b].count, out, s);
+  });
+  for (auto& buf : partial)
+    for (int64_t i = 0; i < T * d; ++i) p.y[i] += buf[i];
+}
+
+}  // namespace moefy

@@ -1,0 +1,49 @@
+// SparseExpertFFN kernel core: raw pointers only, no ONNX Runtime headers, so it can be
+// tested and reused alone. The math is specified in runtime/spec.py and docs/OPS.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+namespace moefy {
+
+// Same order as runtime/spec.py ACTIVATIONS (checked by the ORT binding at load time).
+enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+
+struct SparseFFNProblem {
+  int64_t tokens = 0, d = 0, experts = 0, m = 0, top_k = 0;
+  const float* x = nullptr;               // [T, d]
+  const float* w1 = nullptr;              // [E, m, d]
+  const float* b1 = nullptr;              // [E, m] or null
+  const float* w2 = nullptr;              // [E, m, d]
+  const float* b2 = nullptr;              // [d] or null
+  const float* router_w = nullptr;        // [E, d] or null (then router_scores)
+  const float* router_b = nullptr;        // [E] or null
+  const float* router_scores = nullptr;   // [T, E] or null
+  const float* wg = nullptr;              // [E, m, d] or null (plain form)
+  const float* bg = nullptr;              // [E, m] or null
+  const float* unselected_bias = nullptr; // [E, d] or null
+  Activation activation = Activation::kGelu;
+  float* y = nullptr;                     // [T, d]
+};
+
+// Runs fn(i) for i in [0, n), possibly in parallel. The ORT binding passes ONNX Runtime's
+// own thread pool so the kernel never starts a second pool that would fight it.
+using ParallelFor = std::function<void(std::size_t n, const std::function<void(std::size_t)>& fn)>;
+
+// Serial fallback (tests, hosts without a thread pool).
+void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn);
+
+// Top-k expert indices per token into selected[T * k]: larger score first, ties to the lower
+// index, NaN ranks below every number.
+void select_top_k(const SparseFFNProblem& p, int32_t* selected);
+
+// y = SparseExpertFFN(p). Shapes must already be validated; `workers` bounds the number of
+// per-worker output accumulators (use the thread count of the pool behind `pfor`).
+void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t workers);
+
+// Applies the activation in place to n floats.
+void activate(Activation a, float* v, std::size_t n);
+
+}  // namespace moefy

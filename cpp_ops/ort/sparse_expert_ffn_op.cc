@@ -1,0 +1,159 @@
+// Thin ONNX Runtime binding of the SparseExpertFFN kernel: reads attributes, checks shapes
+// with the same rules and wording as runtime/spec.py:check, and hands raw pointers to the
+// kernel core. Errors become ORT statuses (never exceptions across the C ABI).
+#include "sparse_expert_ffn_op.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/sparse_ffn.h"
+#include "moefy_spec.h"
+
+namespace moefy::ort_ops {
+namespace {
+
+using Shape = std::vector<int64_t>;
+
+std::string fmt(const Shape* s) {
+  if (!s) return "absent";
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s->size(); ++i) o << (i ? ", " : "") << (*s)[i];
+  o << "]";
+  return o.str();
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(std::string(spec::kOpType) + ": " + msg); }
+
+template <size_t N, typename Names>
+int index_of(const std::string& value, const Names (&names)[N]) {
+  for (size_t i = 0; i < N; ++i)
+    if (value == names[i]) return static_cast<int>(i);
+  return -1;
+}
+
+template <size_t N>
+std::string join(const char* const (&names)[N]) {
+  std::string s;
+  for (size_t i = 0; i < N; ++i) s += (i ? ", " : "") + std::string(names[i]);
+  return s;
+}
+
+std::string string_attr(const OrtKernelInfo* info, const char* name, const char* fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<std::string>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;  // attribute absent: spec default
+  }
+}
+
+struct ParallelForThunk {
+  const std::function<void(std::size_t)>* fn;
+  static void call(void* self, size_t i) { (*static_cast<ParallelForThunk*>(self)->fn)(i); }
+};
+
+}  // namespace
+
+Kernel::Kernel(const OrtKernelInfo* info) {
+  top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>(spec::kAttributeNames[0]);
+  std::string act = string_attr(info, spec::kAttributeNames[1], spec::kDefaultActivation);
+  int a = index_of(act, spec::kActivations);
+  if (a < 0) fail("activation must be one of " + join(spec::kActivations) + "; got '" + act + "'");
+  activation_ = static_cast<int>(a);
+  std::string weighting = string_attr(info, spec::kAttributeNames[2], spec::kExpertWeightings[0]);
+  if (index_of(weighting, spec::kExpertWeightings) < 0)
+    fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
+}
+
+OrtStatusPtr Kernel::ComputeV2(OrtKernelContext* context) {
+  try {
+    Compute(context);
+    return nullptr;
+  } catch (const std::invalid_argument& e) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+void Kernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  const size_t n_in = ctx.GetInputCount();
+  Shape shapes[spec::kNumInputs];
+  bool present[spec::kNumInputs] = {};
+  const float* data[spec::kNumInputs] = {};
+  for (size_t i = 0; i < spec::kNumInputs && i < n_in; ++i) {
+    Ort::ConstValue v = ctx.GetInput(i);
+    if (v == nullptr) continue;
+    present[i] = true;
+    shapes[i] = v.GetTensorTypeAndShapeInfo().GetShape();
+    data[i] = v.GetTensorData<float>();
+  }
+  auto shape = [&](int i) -> const Shape* { return present[i] ? &shapes[i] : nullptr; };
+  for (int i : {spec::kX, spec::kW1, spec::kW2})
+    if (!present[i]) fail(std::string("input ") + spec::kInputNames[i] + " is required");
+  const Shape& x = shapes[spec::kX];
+  const Shape& w1 = shapes[spec::kW1];
+  if (x.empty()) fail("X must have rank >= 1, got shape " + fmt(&x));
+  if (w1.size() != 3) fail("W1 must be [E, m, d], got " + fmt(&w1));
+  const int64_t E = w1[0], m = w1[1], d = w1[2];
+  if (x.back() != d)
+    fail("last dim of X " + fmt(&x) + " must equal d=" + std::to_string(d) + " of W1 " + fmt(&w1));
+  Shape scores_shape(x.begin(), x.end() - 1);
+  scores_shape.push_back(E);
+  const std::pair<int, Shape> expect[] = {
+      {spec::kW2, {E, m, d}}, {spec::kB1, {E, m}},  {spec::kB2, {d}},         {spec::krouter_w, {E, d}},
+      {spec::krouter_b, {E}}, {spec::kWg, {E, m, d}}, {spec::kBg, {E, m}},      {spec::kunselected_bias, {E, d}},
+      {spec::krouter_scores, scores_shape}};
+  for (const auto& [i, want] : expect)
+    if (present[i] && shapes[i] != want)
+      fail(std::string(spec::kInputNames[i]) + " must have shape " + fmt(&want) + " (from X " + fmt(&x) +
+           ", W1 " + fmt(&w1) + "), got " + fmt(shape(i)));
+  const bool has_w = present[spec::krouter_w], has_s = present[spec::krouter_scores];
+  if (has_w == has_s)
+    fail(std::string("give exactly one of router_w and router_scores (got ") + (has_w ? "both" : "neither") + ")");
+  if (present[spec::krouter_b] && !has_w) fail("router_b needs router_w");
+  if (present[spec::kBg] && !present[spec::kWg]) fail("Bg needs Wg");
+  if (E < 1 || m < 1) fail("W1 " + fmt(&w1) + " must have at least one expert and one neuron");
+  if (top_k_ < 1 || top_k_ > E)
+    fail("top_k must be an integer in [1, E=" + std::to_string(E) + "], got " + std::to_string(top_k_));
+
+  int64_t tokens = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) tokens *= x[i];
+  Ort::UnownedValue out = ctx.GetOutput(0, x);
+
+  SparseFFNProblem p;
+  p.tokens = tokens, p.d = d, p.experts = E, p.m = m, p.top_k = top_k_;
+  p.x = data[spec::kX], p.w1 = data[spec::kW1], p.b1 = data[spec::kB1], p.w2 = data[spec::kW2];
+  p.b2 = data[spec::kB2], p.router_w = data[spec::krouter_w], p.router_b = data[spec::krouter_b];
+  p.router_scores = data[spec::krouter_scores], p.wg = data[spec::kWg], p.bg = data[spec::kBg];
+  p.unselected_bias = data[spec::kunselected_bias];
+  p.activation = static_cast<Activation>(activation_);
+  p.y = out.GetTensorMutableData<float>();
+
+  ParallelFor ort_pool = [&ctx](std::size_t n, const std::function<void(std::size_t)>& fn) {
+    ParallelForThunk thunk{&fn};
+    ctx.ParallelFor(&ParallelForThunk::call, n, n, &thunk);
+  };
+  const std::size_t workers = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16);
+  sparse_ffn(p, ort_pool, workers);
+}
+
+OrtStatusPtr Op::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  try {
+    *kernel = new Kernel(info);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  }
+}
+
+OrtCustomOpInputOutputCharacteristic Op::GetInputCharacteristic(size_t i) const {
+  return spec::kInputOptional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+}  // namespace moefy::ort_ops

@@ -1,0 +1,45 @@
+// ONNX Runtime custom op for SparseExpertFFN (domain, version, inputs: runtime/spec.py).
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <string_view>
+
+#include "kernels/sparse_ffn.h"
+#include "moefy_spec.h"
+
+namespace moefy::ort_ops {
+
+// The kernel's Activation enum must list the spec's activations in the spec's order.
+static_assert(spec::kNumActivations == 4);
+static_assert(std::string_view(spec::kActivations[static_cast<int>(Activation::kRelu)]) == "relu");
+static_assert(std::string_view(spec::kActivations[static_cast<int>(Activation::kGelu)]) == "gelu");
+static_assert(std::string_view(spec::kActivations[static_cast<int>(Activation::kGeluTanh)]) == "gelu_tanh");
+static_assert(std::string_view(spec::kActivations[static_cast<int>(Activation::kSilu)]) == "silu");
+
+class Kernel {
+ public:
+  explicit Kernel(const OrtKernelInfo* info);
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+
+ private:
+  void Compute(OrtKernelContext* context);
+  int64_t top_k_ = 0;
+  int activation_ = 0;
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  Op() { start_ver_ = end_ver_ = spec::kVersion; }
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return spec::kOpType; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return spec::kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const;
+  size_t GetOutputTypeCount() const { return spec::kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace moefy::ort_ops

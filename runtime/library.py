@@ -1,0 +1,35 @@
+"""Where the C++ custom-op library is, for this package and for other ONNX Runtime hosts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LIBRARY_NAME = "libmoefy_ops.so"
+ENV_VAR = "MOEFY_OPS_LIBRARY"  # overrides the packaged library (e.g. a development build)
+
+
+def library_path() -> str:
+    """Path of the SparseExpertFFN custom-op library, to pass to
+    ``SessionOptions.register_custom_ops_library`` (Python), ``Ort::SessionOptions::RegisterCustomOpsLibrary``
+    (C++), ``SessionOptions.RegisterCustomOpLibrary`` (C#) or ``OrtSession.SessionOptions.registerCustomOpLibrary``
+    (Java).
+
+    Raises:
+        FileNotFoundError: the library was not built (no C++ compiler or ONNX Runtime headers at install time).
+    """
+    override = os.environ.get(ENV_VAR)
+    path = Path(override) if override else Path(__file__).with_name(LIBRARY_NAME)
+    if not path.is_file():
+        how = f"${ENV_VAR} points to {path}, which does not exist" if override else (
+            f"{path} was not built at install time (no C++ compiler or ONNX Runtime headers were found; "
+            "see cpp_ops/README.md); use backend='numba' or reinstall with ORT_INCLUDE_DIR set")
+        raise FileNotFoundError(f"moefy C++ op library not available: {how}")
+    return str(path)
+
+
+def cpp_available() -> bool:
+    try:
+        library_path()
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,66 @@
+"""NumPy reference of ``SparseExpertFFN``: the oracle every kernel and export is tested against.
+
+Written for clarity, not speed: float64 throughout, one expert at a time.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from scipy.special import erf
+
+from . import spec
+
+ACTIVATION_FUNCTIONS = {
+    "relu": lambda z: np.maximum(z, 0.0),
+    "gelu": lambda z: 0.5 * z * (1.0 + erf(z / np.sqrt(2.0))),
+    "gelu_tanh": lambda z: 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z**3))),
+    "silu": lambda z: z / (1.0 + np.exp(-z)),
+}
+
+
+def router_scores(inputs: Mapping[str, np.ndarray | None], d: int) -> np.ndarray:
+    """Scores [T, E]: the given router_scores, or X @ router_w.T + router_b."""
+    if inputs.get("router_scores") is not None:
+        return np.asarray(inputs["router_scores"], np.float64).reshape(-1, inputs["router_scores"].shape[-1])
+    x = np.asarray(inputs["X"], np.float64).reshape(-1, d)
+    s = x @ np.asarray(inputs["router_w"], np.float64).T
+    if inputs.get("router_b") is not None:
+        s = s + np.asarray(inputs["router_b"], np.float64)
+    return s
+
+
+def select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices [T, k] of the k largest scores per row; ties go to the lower index, NaN ranks last."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.ndarray:
+    """Evaluate the operator; ``inputs`` maps spec input names to arrays (missing or None = absent)."""
+    attrs = {**spec.ATTRIBUTE_DEFAULTS, **attrs}
+    dims = spec.check({n: None if inputs.get(n) is None else np.shape(inputs[n]) for n in spec.INPUT_INDEX}, attrs)
+    T, d, E, m = dims.tokens, dims.d, dims.experts, dims.m
+    f64 = lambda name, shape: (np.zeros(shape) if inputs.get(name) is None  # noqa: E731
+                               else np.asarray(inputs[name], np.float64))
+    x = np.asarray(inputs["X"], np.float64).reshape(T, d)
+    w1, b1, w2, b2 = f64("W1", 0), f64("B1", (E, m)), f64("W2", 0), f64("B2", (d,))
+    gated = inputs.get("Wg") is not None
+    wg, bg = f64("Wg", 0), f64("Bg", (E, m))
+    act = ACTIVATION_FUNCTIONS[attrs["activation"]]
+
+    selected = select_top_k(router_scores(inputs, d), attrs["top_k"])
+    y = np.tile(b2, (T, 1))
+    for e in range(E):
+        tokens = np.nonzero((selected == e).any(axis=1))[0]
+        if tokens.size == 0:
+            continue
+        xe = x[tokens]
+        up = xe @ w1[e].T + b1[e]
+        h = act(xe @ wg[e].T + bg[e]) * up if gated else act(up)
+        y[tokens] += h @ w2[e]
+    if inputs.get("unselected_bias") is not None:
+        u = np.asarray(inputs["unselected_bias"], np.float64)
+        unselected = np.ones((T, E), bool)
+        np.put_along_axis(unselected, selected, False, axis=1)
+        y += unselected @ u
+    return y.reshape(np.shape(inputs["X"])).astype(np.float32)

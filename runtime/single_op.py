@@ -1,0 +1,40 @@
+"""Build a one-node ONNX model of ``SparseExpertFFN`` (tests, benchmarks, kernel checks)."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import spec
+
+
+def single_op_model(arrays: Mapping[str, np.ndarray | None], *, feeds: Iterable[str] = ("X",),
+                    opset: int = 17, **attrs) -> onnx.ModelProto:
+    """One SparseExpertFFN node; inputs named in ``feeds`` are graph inputs, the rest initializers.
+
+    Absent optional inputs (missing or None) become empty names, as ONNX prescribes.
+    """
+    feeds = set(feeds)
+    last = max(i for i, p in enumerate(spec.INPUTS) if arrays.get(p.name) is not None)
+    names, graph_inputs, inits = [], [], []
+    for p in spec.INPUTS[: last + 1]:
+        a = arrays.get(p.name)
+        if a is None:
+            names.append("")
+            continue
+        names.append(p.name)
+        a = np.ascontiguousarray(a, np.float32)
+        if p.name in feeds:
+            dims = ["batch"] * (a.ndim - 1) + [a.shape[-1]] if p.name in ("X", "router_scores") else list(a.shape)
+            dims = [f"lead{i}" if s == "batch" else s for i, s in enumerate(dims)]
+            graph_inputs.append(helper.make_tensor_value_info(p.name, TensorProto.FLOAT, dims))
+        else:
+            inits.append(numpy_helper.from_array(a, p.name))
+    node = helper.make_node(spec.OP_TYPE, names, ["Y"], domain=spec.DOMAIN,
+                            **{k: v for k, v in attrs.items() if v is not None})
+    graph = helper.make_graph([node], "sparse_expert_ffn", graph_inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                   helper.make_opsetid(spec.DOMAIN, spec.VERSION)])

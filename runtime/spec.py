@@ -1,0 +1,192 @@
+"""The ``SparseExpertFFN`` operator, specified once.
+
+Everything that knows about the operator reads it from here: the exporter (node
+inputs and attributes), the NumPy reference, the Numba kernels and the C++ custom
+op, whose constants header is generated from this file at build time
+(``python runtime/spec.py --cpp-header OUT``). ``docs/OPS.md`` states the math.
+
+This module must stay importable with the standard library alone, because the C++
+build runs it before NumPy may be installed.
+
+Semantics (version 1), per token ``x`` of width ``d``, ``E`` experts of ``m`` neurons::
+
+    s      = router_scores[t]            if router_scores is given
+           = router_w @ x + router_b     otherwise
+    S      = indices of the top_k largest s (ties: lower expert index first)
+    h_e    = act(W1[e] @ x + B1[e])                             (plain)
+           = act(Wg[e] @ x + Bg[e]) * (W1[e] @ x + B1[e])       (gated, e.g. SwiGLU)
+    y      = B2 + sum_{e in S} W2[e].T @ h_e + sum_{e not in S} U[e]
+
+with every selected expert weighted 1 (MoEfication); ``U`` (``unselected_bias``)
+lets a model replace a skipped expert by a constant, e.g. its mean output.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Mapping, Sequence
+
+DOMAIN = "ai.moefy"
+OP_TYPE = "SparseExpertFFN"
+VERSION = 1
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+EXPERT_WEIGHTINGS = ("ones",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Port:
+    name: str
+    shape: str
+    optional: bool
+    doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    name: str
+    type: str  # "int" or "string"
+    default: object  # None: required
+    allowed: tuple = ()
+    doc: str = ""
+
+
+INPUTS: tuple[Port, ...] = (
+    Port("X", "[..., d]", False, "hidden states, any leading shape"),
+    Port("W1", "[E, m, d]", False, "first-layer (up) rows, one contiguous block per expert"),
+    Port("B1", "[E, m]", True, "first-layer bias (zeros if absent)"),
+    Port("W2", "[E, m, d]", False, "second-layer (down) rows: W2[e, j] is neuron j's output vector"),
+    Port("B2", "[d]", True, "output bias (zeros if absent)"),
+    Port("router_w", "[E, d]", True, "router weights; give this or router_scores"),
+    Port("router_b", "[E]", True, "router bias (zeros if absent; only with router_w)"),
+    Port("router_scores", "[..., E]", True, "precomputed router scores, same leading shape as X"),
+    Port("Wg", "[E, m, d]", True, "gate rows of the gated form; the activation applies to the gate"),
+    Port("Bg", "[E, m]", True, "gate bias (only with Wg)"),
+    Port("unselected_bias", "[E, d]", True, "added to the output for every expert a token did not select"),
+)
+OUTPUTS: tuple[Port, ...] = (Port("Y", "[..., d]", False, "FFN output, same shape as X"),)
+ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("top_k", "int", None, (), "experts computed per token, 1 <= top_k <= E"),
+    Attribute("activation", "string", "gelu", ACTIVATIONS, "activation of the first layer (of the gate if gated)"),
+    Attribute("expert_weighting", "string", "ones", EXPERT_WEIGHTINGS,
+              "how selected experts are weighted; 'ones' sums them (MoEfication)"),
+)
+
+INPUT_INDEX = {p.name: i for i, p in enumerate(INPUTS)}
+ATTRIBUTE_DEFAULTS = {a.name: a.default for a in ATTRIBUTES if a.default is not None}
+
+
+class SpecError(ValueError):
+    """Inputs or attributes that break the operator's contract."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    tokens: int  # product of X's leading dimensions
+    d: int
+    experts: int
+    m: int
+
+
+def _fmt(shape: Sequence[int] | None) -> str:
+    return "absent" if shape is None else "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object]) -> Dims:
+    """Validate input shapes (name -> shape or None) and attributes; return the problem sizes.
+
+    The C++ kernel enforces the same rules with the same wording (cpp_ops/ort/).
+    """
+    get = lambda n: None if shapes.get(n) is None else tuple(int(s) for s in shapes[n])  # noqa: E731
+    x, w1, w2 = get("X"), get("W1"), get("W2")
+    for name, s in (("X", x), ("W1", w1), ("W2", w2)):
+        if s is None:
+            raise SpecError(f"{OP_TYPE}: input {name} is required")
+    if len(x) < 1:
+        raise SpecError(f"{OP_TYPE}: X must have rank >= 1, got shape {_fmt(x)}")
+    if len(w1) != 3:
+        raise SpecError(f"{OP_TYPE}: W1 must be [E, m, d], got {_fmt(w1)}")
+    E, m, d = w1
+    if x[-1] != d:
+        raise SpecError(f"{OP_TYPE}: last dim of X {_fmt(x)} must equal d={d} of W1 {_fmt(w1)}")
+    expect = {
+        "W2": (E, m, d), "B1": (E, m), "B2": (d,), "router_w": (E, d), "router_b": (E,),
+        "Wg": (E, m, d), "Bg": (E, m), "unselected_bias": (E, d),
+        "router_scores": tuple(x[:-1]) + (E,),
+    }
+    for name, want in expect.items():
+        got = get(name)
+        if got is not None and got != want:
+            raise SpecError(f"{OP_TYPE}: {name} must have shape {_fmt(want)} (from X {_fmt(x)}, "
+                            f"W1 {_fmt(w1)}), got {_fmt(got)}")
+    has_w, has_s = get("router_w") is not None, get("router_scores") is not None
+    if has_w == has_s:
+        raise SpecError(f"{OP_TYPE}: give exactly one of router_w and router_scores "
+                        f"(got {'both' if has_w else 'neither'})")
+    if get("router_b") is not None and not has_w:
+        raise SpecError(f"{OP_TYPE}: router_b needs router_w")
+    if get("Bg") is not None and get("Wg") is None:
+        raise SpecError(f"{OP_TYPE}: Bg needs Wg")
+    if E < 1 or m < 1:
+        raise SpecError(f"{OP_TYPE}: W1 {_fmt(w1)} must have at least one expert and one neuron")
+    k = attrs.get("top_k")
+    if not isinstance(k, int) or not 1 <= k <= E:
+        raise SpecError(f"{OP_TYPE}: top_k must be an integer in [1, E={E}], got {k!r}")
+    for a in ATTRIBUTES:
+        if a.allowed and attrs.get(a.name, a.default) not in a.allowed:
+            raise SpecError(f"{OP_TYPE}: {a.name} must be one of {', '.join(a.allowed)}; "
+                            f"got {attrs.get(a.name)!r}")
+    return Dims(tokens=math.prod(x[:-1]), d=d, experts=E, m=m)
+
+
+def cpp_header() -> str:
+    """C++ constants for cpp_ops, generated so that the C++ op cannot drift from this file."""
+    q = lambda s: '"' + s + '"'  # noqa: E731
+    lines = [
+        "// Generated from runtime/spec.py by the build. Do not edit.",
+        "#pragma once",
+        "#include <cstddef>",
+        "namespace moefy::spec {",
+        f"inline constexpr const char* kDomain = {q(DOMAIN)};",
+        f"inline constexpr const char* kOpType = {q(OP_TYPE)};",
+        f"inline constexpr int kVersion = {VERSION};",
+        f"inline constexpr std::size_t kNumInputs = {len(INPUTS)};",
+        f"inline constexpr std::size_t kNumOutputs = {len(OUTPUTS)};",
+        "enum Input : int { " + ", ".join(f"k{p.name} = {i}" for i, p in enumerate(INPUTS)) + " };",
+        "inline constexpr const char* kInputNames[] = {" + ", ".join(q(p.name) for p in INPUTS) + "};",
+        "inline constexpr bool kInputOptional[] = {" + ", ".join(str(p.optional).lower() for p in INPUTS) + "};",
+        "inline constexpr const char* kOutputNames[] = {" + ", ".join(q(p.name) for p in OUTPUTS) + "};",
+        "inline constexpr const char* kAttributeNames[] = {" + ", ".join(q(a.name) for a in ATTRIBUTES) + "};",
+        "inline constexpr const char* kActivations[] = {" + ", ".join(q(a) for a in ACTIVATIONS) + "};",
+        f"inline constexpr std::size_t kNumActivations = {len(ACTIVATIONS)};",
+        f"inline constexpr const char* kDefaultActivation = {q(ATTRIBUTE_DEFAULTS['activation'])};",
+        "inline constexpr const char* kExpertWeightings[] = {" + ", ".join(q(a) for a in EXPERT_WEIGHTINGS) + "};",
+        "}  // namespace moefy::spec",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The operator's inputs and attributes as Markdown (README / docs/OPS.md)."""
+    rows = ["| # | input | shape | optional | meaning |", "|---|---|---|---|---|"]
+    rows += [f"| {i} | `{p.name}` | `{p.shape}` | {'yes' if p.optional else 'no'} | {p.doc} |"
+             for i, p in enumerate(INPUTS)]
+    rows += ["", "| attribute | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    rows += [f"| `{a.name}` | {a.type} | {'required' if a.default is None else repr(a.default)} | "
+             f"{', '.join(a.allowed) or '—'} | {a.doc} |" for a in ATTRIBUTES]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpp-header", metavar="OUT", help="write the C++ constants header to OUT")
+    ap.add_argument("--markdown", action="store_true", help="print the operator table as Markdown")
+    args = ap.parse_args()
+    if args.cpp_header:
+        with open(args.cpp_header, "w") as f:
+            f.write(cpp_header())
+    if args.markdown:
+        sys.stdout.write(markdown_table() + "\n")
