@@ -1,0 +1,54 @@
+"""``moe-export``: parse flags, call :func:`exporter.export.export`, print its summary."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .export import TARGETS, export
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="moe-export",
+        description="MoEfy a Hugging Face model directory (split each FFN into experts, add routers) and "
+                    "export it to ONNX with one SparseExpertFFN node per FFN. The file is written only "
+                    "after it passes onnx.checker and matches the PyTorch MoEfied model.")
+    ap.add_argument("model_dir", help="Hugging Face model directory (config.json, weights, tokenizer), "
+                                      "or a directory written by --save-moefied")
+    ap.add_argument("output", help="ONNX file to write")
+    ap.add_argument("--experts", type=int, default=32, help="experts per FFN; must divide the FFN width (default 32)")
+    ap.add_argument("--top-k", type=int, default=8, help="experts computed per token, 1..experts (default 8)")
+    ap.add_argument("--target", choices=TARGETS, default="custom",
+                    help="custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); "
+                         "standard: standard ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX "
+                         "Runtime but computes every expert (default custom)")
+    ap.add_argument("--calib", metavar="FILE", help="UTF-8 text file, one sample per line, used for validation "
+                                                    "(default: built-in sentences)")
+    ap.add_argument("--save-moefied", metavar="DIR", dest="save_moefied_dir",
+                    help="also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + "
+                         "routers) to DIR, so it can be re-exported without redoing the split")
+    ap.add_argument("--backend", choices=("auto", "cpp", "numba"), default="auto",
+                    help="runtime backend used to validate a custom-target export (default auto)")
+    ap.add_argument("--rtol", type=float, default=1e-4,
+                    help="largest accepted max|ONNX - PyTorch| / max|PyTorch| (default 1e-4)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the expert clustering (default 0)")
+    ap.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    try:
+        report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
+                        calib=args.calib, save_moefied_dir=args.save_moefied_dir, seed=args.seed,
+                        backend=args.backend, rtol=args.rtol, progress=not args.quiet, log=log)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"moe-export: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

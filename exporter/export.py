@@ -1,0 +1,159 @@
+"""``export``: Hugging Face model directory -> MoEfied ONNX model, validated before it is written."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from runtime import spec
+
+from .config import METADATA_KEY, MoEConfig
+from .moefy import check_split, install_moe, last_hidden_state, load_model, moefy, save_moefied
+from .text import load_texts
+
+TARGETS = ("custom", "standard")
+OPSET = 17
+
+
+class ValidationError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class ExportReport:
+    output: str
+    target: str
+    config: MoEConfig
+    file_bytes: int
+    max_abs_diff: float  # ONNX vs PyTorch MoEfied model, over real (unpadded) tokens
+    max_rel_diff: float  # max_abs_diff / max |PyTorch output|
+    cosine_moe_vs_dense: float  # mean over texts of mean-pooled embedding cosine
+    validated_on: int  # number of texts
+    backend: str
+    seconds: float
+
+    def summary(self) -> str:
+        c = self.config
+        return "\n".join([
+            f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, target {self.target})",
+            f"  experts {c.experts} x {c.expert_size} neurons, top-k {c.top_k}: "
+            f"{100 * c.active_share:.1f}% of FFN parameters active per token, {c.num_layers} layers",
+            f"  vs PyTorch MoEfied model ({self.backend} backend, {self.validated_on} texts): "
+            f"max abs diff {self.max_abs_diff:.2e}, max rel diff {self.max_rel_diff:.2e}",
+            f"  mean embedding cosine to the dense model: {self.cosine_moe_vs_dense:.4f}",
+            f"  took {self.seconds:.1f} s",
+        ])
+
+
+class _Outputs(nn.Module):
+    """Returns the task's outputs as a tuple (what the ONNX exporter traces)."""
+
+    def __init__(self, model, input_names, output_names):
+        super().__init__()
+        self.model, self.input_names, self.output_names = model, list(input_names), list(output_names)
+
+    def forward(self, *inputs):
+        out = self.model(**dict(zip(self.input_names, inputs)))
+        return tuple(out[n] for n in self.output_names)
+
+
+def _mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float64)
+    return (h * m).sum(1) / np.maximum(m.sum(1), 1)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: int = 32, top_k: int = 8,
+           target: str = "custom", calib: str | os.PathLike | None = None,
+           save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
+           rtol: float = 1e-4, progress: bool = True, log=print) -> ExportReport:
+    """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
+
+    The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
+    model within ``rtol`` (max abs diff / max |output|) on the validation texts.
+    """
+    t0 = time.perf_counter()
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise ValueError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output directory {output.parent} does not exist")
+    texts = load_texts(calib)
+
+    log(f"loading {model_dir}")
+    model, tokenizer, adapter, moe_cfg, routers = load_model(model_dir)
+    hf = model.config
+    if moe_cfg is None:
+        moe_cfg = MoEConfig(experts=experts, top_k=top_k, activation=adapter.activation(hf),
+                            model_type=hf.model_type, num_layers=len(adapter.layers(model)),
+                            intermediate_size=hf.intermediate_size, seed=seed)
+        check_split(moe_cfg)
+    else:
+        log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {top_k}")
+        moe_cfg.top_k = top_k
+        check_split(moe_cfg)
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    batch = {k: v for k, v in batch.items() if k in adapter.input_names}
+    mask = batch["attention_mask"].numpy().astype(bool)
+    dense = last_hidden_state(model, batch)
+
+    if routers is None:
+        routers = moefy(model, adapter, moe_cfg, progress=progress)
+        if save_moefied_dir:
+            save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
+            log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")
+    install_moe(model, adapter, moe_cfg, routers, target=target)
+    moe_torch = last_hidden_state(model, batch)
+
+    log(f"tracing to ONNX ({target} target)")
+    wrapper = _Outputs(model, batch, adapter.output_names)
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in list(batch) + list(adapter.output_names)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(wrapper, tuple(batch.values()), tmp, dynamo=False, input_names=list(batch),
+                              output_names=list(adapter.output_names), dynamic_axes=axes, opset_version=OPSET,
+                              custom_opsets={spec.DOMAIN: spec.VERSION}, do_constant_folding=True)
+        proto = onnx.load(tmp)
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(moe_cfg.to_dict()))
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp, full_check=False)
+
+        log("validating with ONNX Runtime")
+        feed = {k: v.numpy() for k, v in batch.items()}
+        if target == "custom":
+            from runtime import InferenceSession
+            sess = InferenceSession(tmp, backend=backend)
+            used = sess.backend
+        else:
+            import onnxruntime as ort
+            sess, used = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]), "onnxruntime"
+        got = sess.run([adapter.output_names[0]], feed)[0]
+        diff = np.abs(got - moe_torch)[mask]
+        max_abs = float(diff.max())
+        max_rel = max_abs / float(np.abs(moe_torch[mask]).max())
+        cos = float(_cosine(_mean_pool(got, mask), _mean_pool(dense, mask)).mean())
+        if not max_rel <= rtol:
+            raise ValidationError(f"ONNX model differs from the PyTorch MoEfied model: max rel diff {max_rel:.2e} "
+                                  f"> {rtol:.0e} (max abs {max_abs:.2e}); nothing was written")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportReport(str(output), target, moe_cfg, output.stat().st_size, max_abs, max_rel, cos, len(texts),
+                        used, time.perf_counter() - t0)

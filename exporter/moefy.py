@@ -1,0 +1,103 @@
+"""MoEfication of a loaded Hugging Face model: split each FFN into experts, build routers,
+save and reload the result, and swap the dense FFNs for MoE modules."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from .adapters import FFNAdapter, adapter_for
+from .config import CONFIG_FILE, ROUTERS_FILE, MoEConfig
+from .moe_ffn import MoEFFN
+from .split import parameter_clustering
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def _read_model_type(model_dir: Path) -> tuple[str, dict]:
+    if not model_dir.exists():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir} is not a directory; pass a Hugging Face model directory "
+                             "(config.json + weights + tokenizer)")
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {cfg}: {e}") from None
+    if "model_type" not in config:
+        raise ModelLoadError(f"{cfg} has no model_type")
+    return config["model_type"], config
+
+
+def load_model(model_dir: str | Path):
+    """(model, tokenizer, adapter, moe_config or None, routers or None). Fails before loading
+    weights if the architecture is unsupported."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    model_type, _ = _read_model_type(model_dir)
+    adapter = adapter_for(model_type)
+    try:
+        model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, safetensors errors ...
+        raise ModelLoadError(f"cannot load the model in {model_dir}: {type(e).__name__}: {e}") from None
+    if (model_dir / CONFIG_FILE).is_file():
+        return model, tokenizer, adapter, MoEConfig.load(model_dir), load_file(model_dir / ROUTERS_FILE)
+    return model, tokenizer, adapter, None, None
+
+
+def check_split(config: MoEConfig) -> None:
+    if not 1 <= config.top_k <= config.experts:
+        raise ValueError(f"--top-k must be between 1 and --experts ({config.experts}), got {config.top_k}")
+    if config.experts < 1 or config.intermediate_size % config.experts:
+        raise ValueError(f"--experts must divide the FFN width {config.intermediate_size}, got {config.experts}")
+
+
+def moefy(model, adapter: FFNAdapter, config: MoEConfig, *, progress: bool = True) -> dict[str, np.ndarray]:
+    """Permute each FFN's neurons into contiguous expert blocks (in place; the dense model's function
+    is unchanged) and return the routers {layer.i.router_w: [E, d], layer.i.router_b: [E]}."""
+    check_split(config)
+    routers = {}
+    for i, layer in enumerate(tqdm(adapter.layers(model), desc="splitting FFNs into experts", disable=not progress)):
+        perm, centroids = parameter_clustering(adapter.read(layer).w1, config.experts, seed=config.seed)
+        adapter.permute(layer, perm)
+        routers[f"layer.{i}.router_w"] = centroids
+        routers[f"layer.{i}.router_b"] = np.zeros(config.experts, np.float32)
+    return routers
+
+
+def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:
+    """A Hugging Face directory (permuted weights: still the dense model) plus the MoE config and routers."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    save_file({k: np.ascontiguousarray(v) for k, v in routers.items()}, directory / ROUTERS_FILE)
+    config.save(directory)
+
+
+def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> None:
+    """Replace every dense FFN by a MoEFFN built from its (already permuted) weights."""
+    E, m = config.experts, config.expert_size
+    for i, layer in enumerate(adapter.layers(model)):
+        ffn = adapter.read(layer)
+        d = ffn.w1.shape[1]
+        moe = MoEFFN(ffn.w1.reshape(E, m, d), ffn.b1.reshape(E, m), ffn.w2.reshape(E, m, d), ffn.b2,
+                     routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
+                     top_k=config.top_k, activation=config.activation, target=target)
+        adapter.install(layer, moe)
+
+
+@torch.no_grad()
+def last_hidden_state(model, batch) -> np.ndarray:
+    return model(**batch).last_hidden_state.numpy()

@@ -1,0 +1,37 @@
+"""Text for calibration and validation: a user's file, or a few built-in sentences."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# Written for this project: a small, varied default so validation runs with no data installed.
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Sparse mixtures of experts compute only a small part of a large network for each token.",
+    "She opened the window and the cold morning air filled the kitchen.",
+    "Interest rates rose again this quarter, and markets reacted with caution.",
+    "How do I reset my password if I no longer have access to my email account?",
+    "The museum's new exhibition covers three centuries of maritime trade.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "After the match, the coach praised the defence but criticised the missed chances.",
+    "Please remember to bring your passport and a printed copy of the booking.",
+    "A small change in the initial conditions can lead to a very different outcome.",
+    "The recipe calls for two cups of flour, a pinch of salt and three eggs.",
+    "Our train was delayed by forty minutes because of a signal failure near the station.",
+)
+
+
+def load_texts(path: str | Path | None, *, limit: int = 256) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (at most ``limit``), or the built-in sentences."""
+    if path is None:
+        return list(SAMPLE_TEXTS)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"calibration file {p} does not exist or is not a file")
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration file {p} is not UTF-8 text: {e}") from None
+    texts = [ln for ln in lines if ln][:limit]
+    if not texts:
+        raise ValueError(f"calibration file {p} has no non-empty lines")
+    return texts

@@ -1,0 +1,115 @@
+"""``InferenceSession``: an ONNX Runtime session for models holding SparseExpertFFN nodes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import spec
+from .library import cpp_available, library_path
+from .numba_backend import NumbaGraphSession, is_sparse_ffn
+
+BACKENDS = ("auto", "cpp", "numba")
+METADATA_KEY = "moefy.config"
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+
+
+class InvalidInputError(ValueError):
+    """A feed that does not match the model's inputs (name, dtype or rank)."""
+
+
+def default_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    # Off: spinning threads would steal the cores from Numba (and from the host application).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+class InferenceSession:
+    """Like ``onnxruntime.InferenceSession``, with the moefy operator available.
+
+    Args:
+        path_or_bytes: an ONNX model (path or serialized bytes).
+        backend: ``"cpp"`` (the custom-op library inside ONNX Runtime), ``"numba"`` (the graph
+            cut at each sparse FFN, Numba kernels in between) or ``"auto"`` (cpp if built, else numba).
+        threads: intra-op threads for ONNX Runtime (default: all cores).
+        sess_options: ONNX Runtime options to start from (cpp backend).
+    """
+
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, backend: str = "auto", *,
+                 threads: int | None = None, sess_options: ort.SessionOptions | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "auto":
+            backend = "cpp" if cpp_available() else "numba"
+        self.backend = backend
+        if isinstance(path_or_bytes, (bytes, bytearray)):
+            model = onnx.load_from_string(bytes(path_or_bytes))
+        else:
+            if not Path(path_or_bytes).is_file():
+                raise FileNotFoundError(f"ONNX model {path_or_bytes} does not exist")
+            model = onnx.load(os.fspath(path_or_bytes))
+        self.moe_config = _read_moe_config(model)
+        if backend == "cpp":
+            so = sess_options or default_options(threads)
+            so.register_custom_ops_library(library_path())
+            self._ort = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            self._numba = None
+        else:
+            self._ort = None
+            self._numba = NumbaGraphSession(model, lambda: default_options(threads))
+        self._inputs = [(i.name, i.type.tensor_type) for i in model.graph.input]
+        self._input_meta = {i.name: i for i in model.graph.input}
+        self._outputs = [o.name for o in model.graph.output]
+        self.num_sparse_ffn = sum(is_sparse_ffn(n) for n in model.graph.node)
+
+    def get_inputs(self) -> list[onnx.ValueInfoProto]:
+        return list(self._input_meta.values())
+
+    def get_output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict) -> list[np.ndarray]:
+        self._check_feed(input_feed)
+        names = list(output_names) if output_names else self._outputs
+        unknown = [n for n in names if n not in self._outputs]
+        if unknown:
+            raise InvalidInputError(f"unknown output(s) {unknown}; the model's outputs are {self._outputs}")
+        if self._ort is not None:
+            return self._ort.run(names, input_feed)
+        return self._numba.run(names, input_feed)
+
+    def _check_feed(self, feed: dict) -> None:
+        expected = [n for n, _ in self._inputs]
+        missing = [n for n in expected if n not in feed]
+        extra = [n for n in feed if n not in expected]
+        if missing or extra:
+            raise InvalidInputError(f"the model takes inputs {expected}; missing {missing}, unexpected {extra}")
+        for name, t in self._inputs:
+            value = feed[name]
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            want = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+            if not isinstance(value, np.ndarray) or value.dtype != want or value.ndim != len(dims) or any(
+                    isinstance(w, int) and w > 0 and w != g for w, g in zip(dims, value.shape)):
+                got = (f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray)
+                       else type(value).__name__)
+                raise InvalidInputError(f"input '{name}' must be a {want} array of rank {len(dims)} "
+                                        f"{dims}; got {got}")
+
+
+def _read_moe_config(model: onnx.ModelProto) -> dict | None:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in meta:
+        return None
+    cfg = json.loads(meta[METADATA_KEY])
+    if cfg.get("op_domain") != spec.DOMAIN or int(cfg.get("op_version", 0)) > spec.VERSION:
+        raise ValueError(f"model needs operator {cfg.get('op_domain')} version {cfg.get('op_version')}; "
+                         f"this runtime provides {spec.DOMAIN} version {spec.VERSION}: upgrade moefy")
+    return cfg
