@@ -24,11 +24,14 @@ class InvalidInputError(ValueError):
     """A feed that does not match the model's inputs (name, dtype or rank)."""
 
 
-def default_options(threads: int | None = None) -> ort.SessionOptions:
+def default_options(threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime options: ``threads`` intra-op threads (default: all cores). Spinning keeps idle
+    pool threads hot (lowest latency when ONNX Runtime owns the cores); turn it off when another
+    engine (Numba) computes between ONNX Runtime calls, or its idle threads steal that engine's cores."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
-    # Off: spinning threads would steal the cores from Numba (and from the host application).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -64,7 +67,7 @@ class InferenceSession:
             self._numba = None
         else:
             self._ort = None
-            self._numba = NumbaGraphSession(model, lambda: default_options(threads))
+            self._numba = NumbaGraphSession(model, lambda: default_options(threads, spinning=False))
         self._inputs = [(i.name, i.type.tensor_type) for i in model.graph.input]
         self._input_meta = {i.name: i for i in model.graph.input}
         self._outputs = [o.name for o in model.graph.output]

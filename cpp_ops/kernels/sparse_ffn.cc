@@ -80,6 +80,7 @@ inline v8f activate8(Activation a, v8f z) {
 }
 
 // out[a * m + b] = bias[b] + <x[a], w[b]> for an TB x JB block (inner products along d).
+// Used for router scores, where E is small and the rows are not repacked.
 template <int TB, int JB>
 inline void dot_block(const float* x, const float* w, const float* bias, int64_t d, float* out, int64_t m) {
   v8f acc[TB][JB] = {};
@@ -100,78 +101,123 @@ inline void dot_block(const float* x, const float* w, const float* bias, int64_t
     }
 }
 
-template <int TB>
-void dot_rows_tb(const float* x, const float* w, const float* bias, int64_t d, int64_t m, float* out) {
-  int64_t j = 0;
-  for (; j + 3 <= m; j += 3) dot_block<TB, 3>(x, w + j * d, bias ? bias + j : nullptr, d, out + j, m);
-  for (; j < m; ++j) dot_block<TB, 1>(x, w + j * d, bias ? bias + j : nullptr, d, out + j, m);
-}
-
 // h[n, m] = x[n, d] . w[m, d]^T + bias
 void dot_rows(const float* x, int64_t n, const float* w, const float* bias, int64_t d, int64_t m, float* h) {
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) dot_rows_tb<4>(x + t * d, w, bias, d, m, h + t * m);
-  for (; t < n; ++t) dot_rows_tb<1>(x + t * d, w, bias, d, m, h + t * m);
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t j = 0;
+    for (; j + 3 <= m; j += 3) dot_block<1, 3>(x + t * d, w + j * d, bias ? bias + j : nullptr, d, h + t * m + j, m);
+    for (; j < m; ++j) dot_block<1, 1>(x + t * d, w + j * d, bias ? bias + j : nullptr, d, h + t * m + j, m);
+  }
 }
 
-// ys[a][:] += sum_j h[a * m + j] * w[j, :] for TB rows (axpy form: w rows are contiguous along d).
-template <int TB>
-inline void axpy_block(float* const* ys, const float* h, int64_t m, const float* w, int64_t d) {
-  int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    v8f acc[TB][2];
-    for (int a = 0; a < TB; ++a) acc[a][0] = load8(ys[a] + i), acc[a][1] = load8(ys[a] + i + 8);
-    for (int64_t j = 0; j < m; ++j) {
-      v8f w0 = load8(w + j * d + i), w1 = load8(w + j * d + i + 8);
-      for (int a = 0; a < TB; ++a) {
-        v8f hv = splat(h[a * m + j]);
-        acc[a][0] += hv * w0;
-        acc[a][1] += hv * w1;
-      }
+// 16 floats: one AVX-512 register, two AVX2 or four NEON registers.
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+inline v16f splat16(float s) { return v16f{} + s; }
+
+// Layer 1, outer-product form on a packed [d, mp] block (neurons contiguous):
+// h[a, j] = bias[j] + sum_i x[a, i] * wt[i, j], for TB tokens and V vectors of 16 neurons.
+template <int TB, int V>
+inline void up_block(const float* const* x, const float* wt, int64_t d, int64_t mp, float* h, int64_t ldh) {
+  v16f acc[TB][V] = {};
+  for (int64_t i = 0; i < d; ++i) {
+    v16f w[V];
+    for (int v = 0; v < V; ++v) w[v] = load16(wt + i * mp + 16 * v);
+    for (int a = 0; a < TB; ++a) {
+      v16f xv = splat16(x[a][i]);
+      for (int v = 0; v < V; ++v) acc[a][v] += xv * w[v];
     }
-    for (int a = 0; a < TB; ++a) store8(ys[a] + i, acc[a][0]), store8(ys[a] + i + 8, acc[a][1]);
   }
+  for (int a = 0; a < TB; ++a)
+    for (int v = 0; v < V; ++v) store16(h + a * ldh + 16 * v, acc[a][v]);
+}
+
+template <int TB>
+void up_tokens(const float* const* x, const float* wt, int64_t d, int64_t mp, float* h) {
+  int64_t j = 0;
+  for (; j + 48 <= mp; j += 48) up_block<TB, 3>(x, wt + j, d, mp, h + j, mp);
+  for (; j < mp; j += 16) up_block<TB, 1>(x, wt + j, d, mp, h + j, mp);
+}
+
+// h[n, mp] = x_rows . wt + bias (bias over the first m neurons; padding columns stay junk-free zeros)
+void up_rows(const float* const* x, int64_t n, const float* wt, const float* bias, int64_t d, int64_t m,
+             int64_t mp, float* h) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) up_tokens<8>(x + t, wt, d, mp, h + t * mp);
+  for (; t + 4 <= n; t += 4) up_tokens<4>(x + t, wt, d, mp, h + t * mp);
+  for (; t < n; ++t) up_tokens<1>(x + t, wt, d, mp, h + t * mp);
+  if (bias)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < m; ++j) h[r * mp + j] += bias[j];
+}
+
+// Layer 2, axpy form: ys[a][:] += sum_j h[a, j] * w[j, :] (w rows contiguous along d).
+template <int TB, int V>
+inline void down_block(float* const* ys, int64_t off, const float* h, int64_t ldh, int64_t m, const float* w,
+                       int64_t d) {
+  v16f acc[TB][V];
+  for (int a = 0; a < TB; ++a)
+    for (int v = 0; v < V; ++v) acc[a][v] = load16(ys[a] + off + 16 * v);
+  for (int64_t j = 0; j < m; ++j) {
+    v16f wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load16(w + j * d + off + 16 * v);
+    for (int a = 0; a < TB; ++a) {
+      v16f hv = splat16(h[a * ldh + j]);
+      for (int v = 0; v < V; ++v) acc[a][v] += hv * wv[v];
+    }
+  }
+  for (int a = 0; a < TB; ++a)
+    for (int v = 0; v < V; ++v) store16(ys[a] + off + 16 * v, acc[a][v]);
+}
+
+template <int TB>
+void down_tokens(float* const* ys, const float* h, int64_t ldh, int64_t m, const float* w, int64_t d) {
+  int64_t i = 0;
+  for (; i + 48 <= d; i += 48) down_block<TB, 3>(ys, i, h, ldh, m, w, d);
+  for (; i + 16 <= d; i += 16) down_block<TB, 1>(ys, i, h, ldh, m, w, d);
   for (; i < d; ++i)
     for (int a = 0; a < TB; ++a) {
       float s = ys[a][i];
-      for (int64_t j = 0; j < m; ++j) s += h[a * m + j] * w[j * d + i];
+      for (int64_t j = 0; j < m; ++j) s += h[a * ldh + j] * w[j * d + i];
       ys[a][i] = s;
     }
 }
 
-void axpy_rows(float* const* ys, int64_t n, const float* h, int64_t m, const float* w, int64_t d) {
+void down_rows(float* const* ys, int64_t n, const float* h, int64_t ldh, int64_t m, const float* w, int64_t d) {
   int64_t t = 0;
-  for (; t + 4 <= n; t += 4) axpy_block<4>(ys + t, h + t * m, m, w, d);
-  for (; t < n; ++t) axpy_block<1>(ys + t, h + t * m, m, w, d);
+  for (; t + 8 <= n; t += 8) down_tokens<8>(ys + t, h + t * ldh, ldh, m, w, d);
+  for (; t + 4 <= n; t += 4) down_tokens<4>(ys + t, h + t * ldh, ldh, m, w, d);
+  for (; t < n; ++t) down_tokens<1>(ys + t, h + t * ldh, ldh, m, w, d);
 }
 
 // NaN ranks below every number; equal scores keep the lower index (callers scan upwards).
 inline bool better(float a, float b) { return std::isnan(b) ? !std::isnan(a) : a > b; }
 
 struct Scratch {
-  std::vector<float> xe, up, gate;
+  std::vector<float> up, gate;
+  std::vector<const float*> xrows;
   std::vector<float*> rows;
 };
 
 // Tokens per expert block: bounds scratch memory and gives workers balanced pieces.
 constexpr int64_t kTokenBlock = 64;
 
-void run_expert_block(const SparseFFNProblem& p, int64_t e, const int32_t* tokens, int64_t n, float* out,
-                      Scratch& s) {
-  const int64_t d = p.d, m = p.m;
-  s.xe.resize(n * d), s.up.resize(n * m), s.rows.resize(n);
-  for (int64_t r = 0; r < n; ++r) std::memcpy(&s.xe[r * d], p.x + tokens[r] * d, d * sizeof(float));
-  dot_rows(s.xe.data(), n, p.w1 + e * m * d, p.b1 ? p.b1 + e * m : nullptr, d, m, s.up.data());
+void run_expert_block(const SparseFFNProblem& p, const PackedWeights& pk, int64_t e, const int32_t* tokens,
+                      int64_t n, float* out, Scratch& s) {
+  const int64_t d = p.d, m = p.m, mp = pk.mp;
+  s.up.resize(n * mp), s.rows.resize(n), s.xrows.resize(n);
+  for (int64_t r = 0; r < n; ++r) s.xrows[r] = p.x + tokens[r] * d, s.rows[r] = out + tokens[r] * d;
+  up_rows(s.xrows.data(), n, pk.w1t + e * d * mp, p.b1 ? p.b1 + e * m : nullptr, d, m, mp, s.up.data());
   if (p.wg) {
-    s.gate.resize(n * m);
-    dot_rows(s.xe.data(), n, p.wg + e * m * d, p.bg ? p.bg + e * m : nullptr, d, m, s.gate.data());
-    activate(p.activation, s.gate.data(), n * m);
-    for (int64_t i = 0; i < n * m; ++i) s.up[i] *= s.gate[i];
+    s.gate.resize(n * mp);
+    up_rows(s.xrows.data(), n, pk.wgt + e * d * mp, p.bg ? p.bg + e * m : nullptr, d, m, mp, s.gate.data());
+    activate(p.activation, s.gate.data(), n * mp);
+    for (int64_t i = 0; i < n * mp; ++i) s.up[i] *= s.gate[i];
   } else {
-    activate(p.activation, s.up.data(), n * m);
+    activate(p.activation, s.up.data(), n * mp);
   }
-  for (int64_t r = 0; r < n; ++r) s.rows[r] = out + tokens[r] * d;
-  axpy_rows(s.rows.data(), n, s.up.data(), m, p.w2 + e * m * d, d);
+  down_rows(s.rows.data(), n, s.up.data(), mp, m, p.w2 + e * m * d, d);
   if (p.unselected_bias) {
     const float* u = p.unselected_bias + e * d;
     for (int64_t r = 0; r < n; ++r)
@@ -217,7 +263,29 @@ void select_top_k(const SparseFFNProblem& p, int32_t* selected) {
   }
 }
 
+PackedWeights pack_weights(const SparseFFNProblem& p) {
+  PackedWeights pk;
+  pk.mp = (p.m + 15) / 16 * 16;
+  auto pack = [&](const float* w, std::vector<float>& out) {
+    out.assign(p.experts * p.d * pk.mp, 0.f);
+    for (int64_t e = 0; e < p.experts; ++e)
+      for (int64_t j = 0; j < p.m; ++j)
+        for (int64_t i = 0; i < p.d; ++i) out[(e * p.d + i) * pk.mp + j] = w[(e * p.m + j) * p.d + i];
+  };
+  pack(p.w1, pk.w1t_storage);
+  pk.w1t = pk.w1t_storage.data();
+  if (p.wg) {
+    pack(p.wg, pk.wgt_storage);
+    pk.wgt = pk.wgt_storage.data();
+  }
+  return pk;
+}
+
 void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t workers) {
+  sparse_ffn(p, pack_weights(p), pfor, workers);
+}
+
+void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const ParallelFor& pfor, std::size_t workers) {
   const int64_t T = p.tokens, d = p.d, E = p.experts, k = p.top_k;
   if (T == 0) return;
 
@@ -258,7 +326,7 @@ void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t 
     float* out = w == 0 ? p.y : partial[w - 1].data();
     Scratch s;
     for (std::size_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks.size();)
-      run_expert_block(p, blocks[b].expert, tokens.data() + blocks[b].begin, blocks[b].count, out, s);
+      run_expert_block(p, pk, blocks[b].expert, tokens.data() + blocks[b].begin, blocks[b].count, out, s);
   });
   for (auto& buf : partial)
     for (int64_t i = 0; i < T * d; ++i) p.y[i] += buf[i];

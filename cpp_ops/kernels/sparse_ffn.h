@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace moefy {
 
@@ -39,8 +40,21 @@ void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn);
 // index, NaN ranks below every number.
 void select_top_k(const SparseFFNProblem& p, int32_t* selected);
 
+// First-layer (and gate) blocks repacked to [E, d, mp] (neurons contiguous, mp = m rounded up
+// to 16, zero padded) for the outer-product kernel. Built once per session for constant weights.
+struct PackedWeights {
+  int64_t mp = 0;
+  const float* w1t = nullptr;
+  const float* wgt = nullptr;
+  std::vector<float> w1t_storage, wgt_storage;
+};
+PackedWeights pack_weights(const SparseFFNProblem& p);  // reads p.w1, p.wg, E, m, d
+
 // y = SparseExpertFFN(p). Shapes must already be validated; `workers` bounds the number of
 // per-worker output accumulators (use the thread count of the pool behind `pfor`).
+void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& packed, const ParallelFor& pfor,
+                std::size_t workers);
+// Same, packing the weights for this call only.
 void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t workers);
 
 // Applies the activation in place to n floats.

@@ -67,6 +67,28 @@ Kernel::Kernel(const OrtKernelInfo* info) {
   std::string weighting = string_attr(info, spec::kAttributeNames[2], spec::kExpertWeightings[0]);
   if (index_of(weighting, spec::kExpertWeightings) < 0)
     fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
+
+  // Prepack once when W1 (and Wg, if used) are constant initializers; otherwise pack per call.
+  Ort::ConstKernelInfo ki(info);
+  auto constant = [&](size_t i) -> const float* {
+    if (i >= ki.GetInputCount()) return nullptr;
+    int is_constant = 0;
+    Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_constant);
+    return is_constant && v != nullptr ? v.GetTensorData<float>() : nullptr;
+  };
+  const float* w1 = constant(spec::kW1);
+  const bool gated = ki.GetInputCount() > spec::kWg && !ki.GetInputName(spec::kWg).empty();
+  const float* wg = gated ? constant(spec::kWg) : nullptr;
+  if (w1 && (!gated || wg)) {
+    int is_constant = 0;
+    Shape s = ki.GetTensorConstantInput(spec::kW1, &is_constant).GetTensorTypeAndShapeInfo().GetShape();
+    if (s.size() == 3) {
+      SparseFFNProblem p;
+      p.experts = s[0], p.m = s[1], p.d = s[2], p.w1 = w1, p.wg = wg;
+      packed_ = std::make_unique<PackedWeights>(pack_weights(p));
+      packed_shape_ = s;
+    }
+  }
 }
 
 OrtStatusPtr Kernel::ComputeV2(OrtKernelContext* context) {
@@ -140,7 +162,10 @@ void Kernel::Compute(OrtKernelContext* context) {
     ctx.ParallelFor(&ParallelForThunk::call, n, n, &thunk);
   };
   const std::size_t workers = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16);
-  sparse_ffn(p, ort_pool, workers);
+  if (packed_ && packed_shape_ == w1)
+    sparse_ffn(p, *packed_, ort_pool, workers);
+  else
+    sparse_ffn(p, ort_pool, workers);
 }
 
 OrtStatusPtr Op::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {

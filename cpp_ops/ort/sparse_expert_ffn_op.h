@@ -5,6 +5,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <memory>
 #include <string_view>
 
 #include "kernels/sparse_ffn.h"
@@ -28,6 +29,9 @@ class Kernel {
   void Compute(OrtKernelContext* context);
   int64_t top_k_ = 0;
   int activation_ = 0;
+  // First-layer (and gate) weights repacked at session creation when they are initializers.
+  std::unique_ptr<PackedWeights> packed_;
+  std::vector<int64_t> packed_shape_;
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
