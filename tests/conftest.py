@@ -1,0 +1,74 @@
+"""Shared fixtures: seeded random operator inputs, a tiny seeded BERT directory, the bundled MiniLM."""
+from __future__ import annotations
+
+import string
+
+import numpy as np
+import pytest
+
+import runtime
+
+requires_cpp = pytest.mark.skipif(not runtime.cpp_available(), reason="C++ op library not built")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def make_inputs(rng, *, lead=(7,), d=24, E=6, m=5, gated=False, router="weights", biases=True,
+                unselected=False):
+    """Random SparseExpertFFN inputs (float32) with weights scaled so outputs stay O(1)."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    a = {"X": f(*lead, d), "W1": f(E, m, d) / np.sqrt(d), "W2": f(E, m, d) / np.sqrt(m)}
+    if biases:
+        a["B1"], a["B2"] = f(E, m) * 0.1, f(d) * 0.1
+    if router == "weights":
+        a["router_w"], a["router_b"] = f(E, d), f(E) * 0.1
+    else:
+        a["router_scores"] = f(*lead, E)
+    if gated:
+        a["Wg"], a["Bg"] = f(E, m, d) / np.sqrt(d), f(E, m) * 0.1
+    if unselected:
+        a["unselected_bias"] = f(E, d) * 0.1
+    return a
+
+
+def near_tie_tokens(a, k, gap=1e-4):
+    """Tokens whose k-th and (k+1)-th router scores are closer than ``gap`` (float32 rounding may
+    legitimately flip their selection between implementations); excluded from comparisons."""
+    from runtime.reference import router_scores
+    s = np.sort(router_scores(a, a["X"].shape[-1]), axis=1)[:, ::-1]
+    if k >= s.shape[1]:
+        return np.zeros(s.shape[0], bool)
+    return np.abs(s[:, k - 1] - s[:, k]) < gap
+
+
+TINY_WORDS = ("the", "a", "of", "and", "to", "in", "is", "it", "for", "on", "with", "as", "by", "at", "from")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 32, FFN 64, GELU) initialised with a fixed seed, plus a WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS, *string.ascii_lowercase,
+                                *("##" + c for c in string.ascii_lowercase), *".,?!'-"]))
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_act="gelu")
+    BertModel(cfg).eval().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from exporter.models import bundled_minilm_dir
+    try:
+        return bundled_minilm_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -1,0 +1,99 @@
+"""Export round trips: a tiny seeded BERT (fast, every backend and target) and the real MiniLM."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import requires_cpp
+
+import runtime
+from exporter import export
+from exporter.config import METADATA_KEY
+from runtime import spec
+
+BACKENDS = ["numba", pytest.param("cpp", marks=requires_cpp)]
+
+
+def feed_for(model_dir, texts=("the cat is on a mat", "it is for you")):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    b = tok(list(texts), padding=True, return_tensors="np")
+    return {k: b[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@pytest.fixture(scope="module")
+def tiny_custom(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    saved = out.parent / "tiny.moefied"
+    report = export(tiny_bert_dir, out, experts=8, top_k=2, save_moefied_dir=saved, backend="numba", progress=False,
+                    log=lambda *a: None)
+    return out, saved, report
+
+
+def test_custom_export_graph(tiny_custom):
+    out, _, report = tiny_custom
+    m = onnx.load(out)
+    onnx.checker.check_model(m)
+    nodes = [n for n in m.graph.node if n.domain == spec.DOMAIN]
+    assert [n.op_type for n in nodes] == [spec.OP_TYPE] * 2  # one per FFN
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in m.graph.output] == ["last_hidden_state"]
+    dims = [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch_size", "sequence_length"]
+    cfg = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])
+    assert (cfg["experts"], cfg["top_k"], cfg["op_version"]) == (8, 2, spec.VERSION)
+    assert report.max_rel_diff <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_pytorch_on_new_shapes(tiny_custom, tiny_bert_dir, backend):
+    """Batch and sequence sizes other than the traced ones, against the PyTorch MoEfied model."""
+    from exporter.moefy import install_moe, last_hidden_state, load_model
+    out, saved, _ = tiny_custom
+    model, _, adapter, cfg, routers = load_model(saved)
+    install_moe(model, adapter, cfg, routers)
+    feed = feed_for(tiny_bert_dir, ["a", "the dog is in the house of a friend", "on it"])
+    import torch
+    want = last_hidden_state(model, {k: torch.as_tensor(v) for k, v in feed.items()})
+    got = runtime.InferenceSession(out, backend=backend).run(None, feed)[0]
+    mask = feed["attention_mask"].astype(bool)
+    assert np.abs(got - want)[mask].max() <= 1e-4 * np.abs(want[mask]).max()
+
+
+def test_reexport_from_saved_moefied_dir_is_identical(tiny_custom, tmp_path):
+    out, saved, _ = tiny_custom
+    again = tmp_path / "again.onnx"
+    export(saved, again, experts=8, top_k=2, backend="numba", progress=False, log=lambda *a: None)
+    a, b = onnx.load(out), onnx.load(again)
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_standard_target_runs_on_stock_onnxruntime(tiny_bert_dir, tiny_custom, tmp_path):
+    out_std = tmp_path / "std.onnx"
+    export(tiny_custom[1], out_std, experts=8, top_k=2, target="standard", progress=False, log=lambda *a: None)
+    m = onnx.load(out_std)
+    assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
+    assert "TopK" in {n.op_type for n in m.graph.node}
+    feed = feed_for(tiny_bert_dir)
+    std = ort.InferenceSession(str(out_std), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    custom = runtime.InferenceSession(tiny_custom[0], backend="numba").run(None, feed)[0]
+    np.testing.assert_allclose(std, custom, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["custom", "standard"])
+def test_minilm_round_trip(minilm_dir, tmp_path, target):
+    out = tmp_path / f"minilm-{target}.onnx"
+    report = export(minilm_dir, out, experts=32, top_k=8, target=target, progress=False, log=lambda *a: None)
+    assert out.is_file() and report.max_rel_diff <= 1e-4
+    assert report.config.active_share == 0.25
+    if target == "custom":
+        feed = feed_for(minilm_dir, ["Sparse experts run fast on CPUs.", "A second, longer sentence about cats."])
+        outs = [runtime.InferenceSession(out, backend=b).run(None, feed)[0]
+                for b in (["numba", "cpp"] if runtime.cpp_available() else ["numba"])]
+        for o in outs[1:]:
+            np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,90 @@
+"""Every backend against the NumPy reference: C++ (in ONNX Runtime) and Numba, on random shapes
+and the corner cases the operator must get right. Tolerance: max |diff| <= 2e-5 * max |ref| + 1e-6."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import make_inputs, near_tie_tokens, requires_cpp
+
+import runtime
+from runtime import numba_kernels, reference, spec
+from runtime.single_op import single_op_model
+
+RTOL = 2e-5
+
+
+def run_cpp(a, feeds=("X",), **attrs):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(runtime.library_path())
+    feeds = [f for f in feeds if a.get(f) is not None]
+    model = single_op_model(a, feeds=feeds, **attrs)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {f: a[f] for f in feeds})[0]
+
+
+BACKENDS = {
+    "numba": lambda a, **attrs: numba_kernels.sparse_expert_ffn(a, **attrs),
+    "cpp": pytest.param(lambda a, **attrs: run_cpp(a, feeds=("X", "router_scores"), **attrs), marks=requires_cpp),
+}
+
+
+def assert_matches_reference(got, a, **attrs):
+    ref = reference.sparse_expert_ffn(a, **attrs)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    keep = ~near_tie_tokens(a, attrs["top_k"]).reshape(ref.shape[:-1])
+    err = np.abs(got - ref)[keep].max(initial=0.0)
+    assert err <= RTOL * np.abs(ref).max() + 1e-6, f"max abs error {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+@pytest.mark.parametrize("activation", spec.ACTIVATIONS)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_activations_plain_and_gated(backend, activation, gated, rng):
+    a = make_inputs(rng, lead=(2, 9), d=40, E=8, m=7, gated=gated)
+    assert_matches_reference(backend(a, top_k=3, activation=activation), a, top_k=3, activation=activation)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+@pytest.mark.parametrize("lead,d,E,m,k", [
+    ((1,), 16, 4, 3, 1),        # one token, k = 1
+    ((1,), 33, 5, 17, 5),       # one token, k = E, odd sizes (vector tails)
+    ((130,), 64, 8, 16, 8),     # k = E: every expert on every token (more than one token block)
+    ((3, 5, 7), 48, 16, 20, 2), # rank-4 input
+    ((200,), 384, 32, 48, 8),   # MiniLM's FFN shape
+])
+@pytest.mark.parametrize("router", ["weights", "scores"])
+def test_shapes_and_k(backend, lead, d, E, m, k, router, rng):
+    a = make_inputs(rng, lead=lead, d=d, E=E, m=m, router=router, unselected=(k < E))
+    assert_matches_reference(backend(a, top_k=k, activation="gelu"), a, top_k=k, activation="gelu")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+def test_all_tokens_on_one_expert_and_unpicked_experts(backend, rng):
+    a = make_inputs(rng, lead=(70,), E=6, router="scores", unselected=True)
+    a["router_scores"][:, 2] += 100.0  # everyone picks expert 2 first ...
+    a["router_scores"][:, 4] -= 100.0  # ... and nobody picks expert 4
+    assert_matches_reference(backend(a, top_k=2, activation="silu"), a, top_k=2, activation="silu")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+def test_ties_go_to_lower_index_and_nan_ranks_last(backend, rng):
+    a = make_inputs(rng, lead=(4,), E=5, router="scores")
+    a["router_scores"][:] = [[1, 1, 1, 1, 1], [0, 2, 2, 0, 2], [np.nan, 0, 0, 0, 0], [np.nan] * 5]
+    assert_matches_reference(backend(a, top_k=2, activation="relu"), a, top_k=2, activation="relu")
+    assert reference.select_top_k(a["router_scores"], 2).tolist() == [[0, 1], [1, 2], [1, 2], [0, 1]]
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+def test_no_biases(backend, rng):
+    a = make_inputs(rng, biases=False)
+    assert_matches_reference(backend(a, top_k=2, activation="gelu_tanh"), a, top_k=2, activation="gelu_tanh")
+
+
+def test_reference_equals_dense_ffn_when_k_is_e(rng):
+    """With every expert selected the operator is the dense FFN it was cut from."""
+    a = make_inputs(rng, lead=(9,), d=16, E=4, m=6)
+    x = a["X"].astype(np.float64)
+    w1, w2 = a["W1"].reshape(-1, 16), a["W2"].reshape(-1, 16)
+    dense = reference.ACTIVATION_FUNCTIONS["gelu"](x @ w1.T + a["B1"].reshape(-1)) @ w2 + a["B2"]
+    np.testing.assert_allclose(reference.sparse_expert_ffn(a, top_k=4), dense, rtol=1e-5, atol=1e-5)

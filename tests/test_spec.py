@@ -1,0 +1,88 @@
+"""The operator specification is the one source of truth: the C++ library must register exactly
+it, and every implementation must reject bad inputs with the spec's messages."""
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import make_inputs, requires_cpp
+from test_kernels import run_cpp
+
+import runtime
+from runtime import numba_kernels, reference, spec
+
+
+@requires_cpp
+def test_cpp_library_registers_exactly_the_spec():
+    lib = ctypes.CDLL(runtime.library_path())
+    lib.moefy_describe_ops.restype = ctypes.c_char_p
+    ops = json.loads(lib.moefy_describe_ops())
+    float_type = 1  # ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+    assert ops == [{
+        "domain": spec.DOMAIN, "op_type": spec.OP_TYPE, "since_version": spec.VERSION, "end_version": spec.VERSION,
+        "inputs": [{"name": p.name, "optional": p.optional, "type": float_type} for p in spec.INPUTS],
+        "num_outputs": len(spec.OUTPUTS), "attributes": [a.name for a in spec.ATTRIBUTES],
+        "activations": list(spec.ACTIVATIONS),
+    }]
+
+
+@requires_cpp
+def test_cpp_library_exports_only_its_entry_points():
+    import subprocess
+    out = subprocess.run(["nm", "-D", "--defined-only", runtime.library_path()], capture_output=True, text=True)
+    if out.returncode:
+        pytest.skip("nm not available")
+    names = {line.split()[-1] for line in out.stdout.splitlines() if " T " in line}
+    assert names == {"RegisterCustomOps", "moefy_describe_ops"}
+
+
+def test_cpp_header_is_generated_from_spec():
+    h = spec.cpp_header()
+    assert f'kDomain = "{spec.DOMAIN}"' in h and f"kVersion = {spec.VERSION};" in h
+    for i, p in enumerate(spec.INPUTS):
+        assert f"k{p.name} = {i}" in h
+
+
+BAD = [  # (mutation, expected message fragment)
+    (lambda a: a.update(W2=a["W2"][:, :-1]), "W2 must have shape"),
+    (lambda a: a.update(B2=np.zeros(3, np.float32)), "B2 must have shape"),
+    (lambda a: a.update(router_b=np.zeros(2, np.float32)), "router_b must have shape"),
+    (lambda a: a.update(X=np.zeros((7, 5), np.float32)), "last dim of X"),
+    (lambda a: a.update(W1=a["W1"][0]), "W1 must be [E, m, d]"),
+    (lambda a: [a.pop("router_w"), a.pop("router_b")], "exactly one of router_w and router_scores"),
+    (lambda a: a.update(Bg=np.zeros((6, 5), np.float32)), "Bg needs Wg"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", BAD, ids=[m for _, m in BAD])
+@pytest.mark.parametrize("impl", ["reference", "numba", pytest.param("cpp", marks=requires_cpp)])
+def test_bad_shapes_get_the_same_clear_error(mutate, message, impl, rng):
+    a = make_inputs(rng)
+    mutate(a)
+    if impl == "cpp":
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=re.escape(message)):
+            run_cpp(a, top_k=2)
+    else:
+        fn = reference.sparse_expert_ffn if impl == "reference" else numba_kernels.sparse_expert_ffn
+        with pytest.raises(spec.SpecError, match=re.escape(message)):
+            fn(a, top_k=2)
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"top_k": 0}, r"top_k must be an integer in \[1, E=6\]"),
+    ({"top_k": 7}, r"top_k must be an integer in \[1, E=6\]"),
+    ({"top_k": 2, "activation": "tanh"}, "activation must be one of relu, gelu, gelu_tanh, silu"),
+])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=requires_cpp)])
+def test_bad_attributes(attrs, message, impl, rng):
+    a = make_inputs(rng)
+    if impl == "cpp":
+        with pytest.raises(Exception, match=message):
+            run_cpp(a, **attrs)
+    else:
+        with pytest.raises(spec.SpecError, match=message):
+            reference.sparse_expert_ffn(a, **attrs)
