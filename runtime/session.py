@@ -43,11 +43,14 @@ class InferenceSession:
         backend: ``"cpp"`` (the custom-op library inside ONNX Runtime), ``"numba"`` (the graph
             cut at each sparse FFN, Numba kernels in between) or ``"auto"`` (cpp if built, else numba).
         threads: intra-op threads for ONNX Runtime (default: all cores).
-        sess_options: ONNX Runtime options to start from (cpp backend).
+        spinning: let idle ONNX Runtime threads spin (default: on for cpp, always off for numba). Turn
+            it off when other sessions or engines share the cores.
+        sess_options: ONNX Runtime options to start from (cpp backend; overrides threads and spinning).
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, backend: str = "auto", *,
-                 threads: int | None = None, sess_options: ort.SessionOptions | None = None):
+                 threads: int | None = None, spinning: bool = True,
+                 sess_options: ort.SessionOptions | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "auto":
@@ -61,7 +64,7 @@ class InferenceSession:
             model = onnx.load(os.fspath(path_or_bytes))
         self.moe_config = _read_moe_config(model)
         if backend == "cpp":
-            so = sess_options or default_options(threads)
+            so = sess_options or default_options(threads, spinning=spinning)
             so.register_custom_ops_library(library_path())
             self._ort = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
             self._numba = None

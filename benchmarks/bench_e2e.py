@@ -1,0 +1,141 @@
+"""End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's C++ and
+Numba backends, side by side in one process. Batch 1, real text cut to each sequence length; the
+backends take turns every iteration so machine noise hits all of them alike; medians after warm-up.
+
+    python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx --out out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import runtime
+from runtime import numba_kernels
+from runtime.session import default_options
+
+
+def dense_export(model_dir: Path, out_dir: Path) -> Path:
+    """The dense baseline: optimum's own ONNX export of the same model (cached)."""
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        from optimum.exporters.onnx import main_export
+        print(f"exporting the dense baseline with optimum to {out_dir}", file=sys.stderr)
+        main_export(str(model_dir), output=str(out_dir), task="feature-extraction", do_validation=False)
+    return path
+
+
+def text_feed(model_dir: Path, length: int) -> dict:
+    """Real text (the exporter's sample sentences, repeated) tokenized to exactly ``length`` tokens."""
+    from transformers import AutoTokenizer
+
+    from exporter.text import SAMPLE_TEXTS
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(" ".join(SAMPLE_TEXTS * 8), truncation=True, max_length=length, return_tensors="np")["input_ids"]
+    ids = ids.astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def interleaved(fns: dict, warmup: int, iters: int, min_seconds: float) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    while len(times[next(iter(fns))]) < iters or time.perf_counter() - start < min_seconds:
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def numba_overhead_us(threads: int) -> dict:
+    """What the Numba backend pays per sparse FFN beyond the math: the kernel call from Python on a
+    toy problem (validation, dispatch, allocation) and one extra ONNX Runtime session boundary."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    toy = {"X": rng.standard_normal((1, 16), np.float32), "W1": rng.standard_normal((2, 16, 16), np.float32),
+           "W2": rng.standard_normal((2, 16, 16), np.float32), "router_w": rng.standard_normal((2, 16), np.float32)}
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "boundary",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 384])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    sess = ort.InferenceSession(helper.make_model(g).SerializeToString(), default_options(threads, spinning=False),
+                                providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 128, 384), np.float32)
+    t = interleaved({"kernel_call": lambda: numba_kernels.sparse_expert_ffn(toy, top_k=1),
+                     "session_boundary": lambda: sess.run(None, {"x": x})}, 20, 500, 0.5)
+    out = {k: float(np.median(v) * 1e6) for k, v in t.items()}
+    out["per_sparse_ffn"] = out["kernel_call"] + out["session_boundary"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--moe", required=True, help="MoEfied ONNX model (moe-export output)")
+    ap.add_argument("--model-dir", help="the dense Hugging Face model (default: the bundled all-MiniLM-L6-v2)")
+    ap.add_argument("--dense", help="dense ONNX model (default: optimum export into OUT/dense)")
+    ap.add_argument("--seq", type=int, nargs="+", default=[16, 128], help="sequence lengths (default 16 128)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (default: all cores)")
+    ap.add_argument("--warmup", type=int, default=10, help="warm-up runs per backend (default 10)")
+    ap.add_argument("--iters", type=int, default=30, help="minimum timed runs per backend (default 30)")
+    ap.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed duration per length (default 2)")
+    ap.add_argument("--out", default="out", help="directory for bench_e2e.json / bench_e2e.md (default out)")
+    args = ap.parse_args(argv)
+
+    from exporter.models import bundled_minilm_dir
+    model_dir = Path(args.model_dir) if args.model_dir else bundled_minilm_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dense_path = Path(args.dense) if args.dense else dense_export(model_dir, out / "dense")
+
+    # Every session shares the process and the cores, so none may spin: a spinning pool left by one
+    # session's run would steal the cores from the next one's.
+    sessions = {"dense ORT": ort.InferenceSession(str(dense_path), default_options(args.threads, spinning=False),
+                                                  providers=["CPUExecutionProvider"])}
+    backends = ["cpp", "numba"] if runtime.cpp_available() else ["numba"]
+    for b in backends:
+        sessions[f"moefy {b}"] = runtime.InferenceSession(args.moe, backend=b, threads=args.threads, spinning=False)
+    moe_cfg = sessions[f"moefy {backends[0]}"].moe_config or {}
+
+    rows = []
+    for length in args.seq:
+        feed = text_feed(model_dir, length)
+        print(f"benchmarking {length} tokens ({', '.join(sessions)})", file=sys.stderr, flush=True)
+        times = interleaved({k: (lambda s=s: s.run(["last_hidden_state"], feed)) for k, s in sessions.items()},
+                            args.warmup, args.iters, args.min_seconds)
+        dense_ms = float(np.median(times["dense ORT"]) * 1e3)
+        for name, ts in times.items():
+            ms = np.asarray(ts) * 1e3
+            rows.append({"backend": name, "tokens": int(feed["input_ids"].shape[1]), "batch": 1,
+                         "threads": args.threads, "runs": len(ms), "p50_ms": float(np.median(ms)),
+                         "p90_ms": float(np.percentile(ms, 90)), "speedup_vs_dense": dense_ms / float(np.median(ms))})
+    overhead = numba_overhead_us(args.threads)
+
+    header = "| tokens | backend | p50 ms | p90 ms | speed-up vs dense |\n|---:|---|---:|---:|---:|"
+    table = "\n".join([header] + [f"| {r['tokens']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                                  f"{r['speedup_vs_dense']:.2f}x |" for r in rows])
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
+              f"onnxruntime {ort.__version__}"
+    md = (f"MoEfied {model_dir}: {moe_cfg.get('experts')} experts, top-{moe_cfg.get('top_k')} "
+          f"({100 * moe_cfg.get('top_k', 0) / max(moe_cfg.get('experts', 1), 1):.1f}% of FFN parameters active); "
+          f"batch 1; {machine}\n\n{table}\n\nNumba backend overhead per sparse FFN: "
+          f"{overhead['per_sparse_ffn']:.0f} us (kernel call from Python {overhead['kernel_call']:.0f} us + "
+          f"one ONNX Runtime session boundary {overhead['session_boundary']:.0f} us)\n")
+    print(md)
+    (out / "bench_e2e.md").write_text(md)
+    (out / "bench_e2e.json").write_text(json.dumps({"machine": machine, "moe_config": moe_cfg, "rows": rows,
+                                                    "numba_overhead_us": overhead}, indent=2))
+    print(f"saved {out / 'bench_e2e.md'} and {out / 'bench_e2e.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
