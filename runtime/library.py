@@ -1,6 +1,7 @@
 """Where the C++ custom-op library is, for this package and for other ONNX Runtime hosts."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -19,12 +20,25 @@ def library_path() -> str:
     """
     override = os.environ.get(ENV_VAR)
     path = Path(override) if override else Path(__file__).with_name(LIBRARY_NAME)
+    if not override and not path.is_file():
+        path = _installed_copy() or path
     if not path.is_file():
         how = f"${ENV_VAR} points to {path}, which does not exist" if override else (
             f"{path} was not built at install time (no C++ compiler or ONNX Runtime headers were found; "
             "see cpp_ops/README.md); use backend='numba' or reinstall with ORT_INCLUDE_DIR set")
         raise FileNotFoundError(f"moefy C++ op library not available: {how}")
     return str(path)
+
+
+def _installed_copy() -> Path | None:
+    """The library installed with the moefy distribution, for when this module is imported from a
+    source checkout (e.g. Python started in the repository root) rather than from site-packages."""
+    try:
+        files = importlib.metadata.distribution("moefy").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [f for f in files if f.name == LIBRARY_NAME]
+    return Path(found[0].locate()) if found else None
 
 
 def cpp_available() -> bool:
