@@ -73,6 +73,10 @@ class FFNAdapter:
         """Replace the layer's FFN by ``moe`` (which includes the output bias)."""
         raise NotImplementedError
 
+    def ffn_module(self, layer) -> nn.Module:
+        """The module whose first positional input is the FFN's input (for calibration hooks)."""
+        raise NotImplementedError
+
 
 @register("bert")
 class BertAdapter(FFNAdapter):
@@ -97,6 +101,9 @@ class BertAdapter(FFNAdapter):
             up.weight.copy_(up.weight[p])
             up.bias.copy_(up.bias[p])
             down.weight.copy_(down.weight[:, p])
+
+    def ffn_module(self, layer):
+        return layer.intermediate
 
     def install(self, layer, moe):
         # BertOutput computes LayerNorm(dropout(dense(h)) + residual); with dense = Identity and

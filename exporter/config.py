@@ -26,6 +26,7 @@ class MoEConfig:
     intermediate_size: int
     split: str = "balanced_kmeans"
     router: str = "centroid"
+    correction: str = "none"  # "mean": skipped experts add their mean calibration output
     seed: int = 0
     op_domain: str = spec.DOMAIN
     op_version: int = spec.VERSION

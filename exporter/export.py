@@ -17,10 +17,11 @@ from torch import nn
 from runtime import spec
 
 from .config import METADATA_KEY, MoEConfig
-from .moefy import check_split, install_moe, last_hidden_state, load_model, moefy, save_moefied
-from .text import load_texts
+from .moefy import add_correction, check_split, install_moe, last_hidden_state, load_model, moefy, save_moefied
+from .text import SAMPLE_TEXTS, default_calibration_texts, load_texts
 
 TARGETS = ("custom", "standard")
+CORRECTIONS = ("none", "mean")
 OPSET = 18  # what optimum uses for BERT, so both graphs get the same ORT fusions
 
 
@@ -76,7 +77,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: int = 32, top_k: int = 8,
-           target: str = "custom", calib: str | os.PathLike | None = None,
+           target: str = "custom", correction: str = "none", calib: str | os.PathLike | None = None,
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
            rtol: float = 1e-4, progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
@@ -87,12 +88,15 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     t0 = time.perf_counter()
     if target not in TARGETS:
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"--correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
     if experts < 1 or not 1 <= top_k <= experts:
         raise ValueError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
     output = Path(output)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {output.parent} does not exist")
-    texts = load_texts(calib)
+    calib_texts = load_texts(calib) if calib is not None else None  # fail early on a bad file
+    texts = list(SAMPLE_TEXTS)  # validation text, never used for calibration
 
     log(f"loading {model_dir}")
     model, tokenizer, adapter, moe_cfg, routers = load_model(model_dir)
@@ -100,7 +104,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     if moe_cfg is None:
         moe_cfg = MoEConfig(experts=experts, top_k=top_k, activation=adapter.activation(hf),
                             model_type=hf.model_type, num_layers=len(adapter.layers(model)),
-                            intermediate_size=hf.intermediate_size, seed=seed)
+                            intermediate_size=hf.intermediate_size, seed=seed, correction=correction)
         check_split(moe_cfg)
     else:
         log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {top_k}")
@@ -108,13 +112,21 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         check_split(moe_cfg)
 
     max_length = min(128, getattr(hf, "max_position_embeddings", 128))
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    batch = {k: batch[k] for k in adapter.input_names if k in batch}  # optimum's input order
+
+    def tokenize(sample):
+        b = tokenizer(sample, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: b[k] for k in adapter.input_names if k in b}  # optimum's input order
+
+    batch = tokenize(texts)
     mask = batch["attention_mask"].numpy().astype(bool)
     dense = last_hidden_state(model, batch)
 
     if routers is None:
         routers = moefy(model, adapter, moe_cfg, progress=progress)
+        if moe_cfg.correction == "mean":
+            sample = calib_texts or default_calibration_texts()
+            log(f"calibrating on {len(sample)} texts ({'--calib' if calib_texts else 'standard-library docstrings'})")
+            add_correction(model, adapter, moe_cfg, routers, tokenize(sample), progress=progress)
         if save_moefied_dir:
             save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
             log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")

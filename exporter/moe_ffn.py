@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.onnx import symbolic_helper
 
 from runtime import spec
 
@@ -20,14 +21,16 @@ TORCH_ACTIVATIONS = {
 }
 
 
-def masked_dense(x, w1, b1, w2, b2, router_w, router_b, top_k: int, activation: str) -> torch.Tensor:
-    """Operator semantics computed densely: all experts, unselected ones masked to zero."""
+def masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k: int, activation: str) -> torch.Tensor:
+    """Operator semantics computed densely: all experts, unselected ones masked to zero (plus
+    their unselected_bias row, if any)."""
     E, m, d = w1.shape
     scores = x @ router_w.T + router_b
     mask = torch.zeros_like(scores).scatter(-1, scores.topk(top_k, dim=-1).indices, 1.0)
     h = TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
-    return h @ w2.reshape(E * m, d) + b2
+    y = h @ w2.reshape(E * m, d) + b2
+    return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
 
 
 class _SparseExpertFFNFunction(torch.autograd.Function):
@@ -38,20 +41,24 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
         return masked_dense(*args)
 
     @staticmethod
-    def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, top_k, activation):
-        given = {"X": x, "W1": w1, "B1": b1, "W2": w2, "B2": b2, "router_w": router_w, "router_b": router_b}
+    def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation):
+        given = {"X": x, "W1": w1, "B1": b1, "W2": w2, "B2": b2, "router_w": router_w, "router_b": router_b,
+                 "unselected_bias": unselected_bias}
+        given = {k: v for k, v in given.items() if v is not None and not symbolic_helper._is_none(v)}
         names = [p.name for p in spec.INPUTS]
         last = max(names.index(n) for n in given)
-        if any(n not in given for n in names[: last + 1]):
-            raise NotImplementedError("gaps between optional inputs are not exported yet")
-        return g.op(f"{spec.DOMAIN}::{spec.OP_TYPE}", *[given[n] for n in names[: last + 1]],
+        # Absent optional inputs before the last given one become empty names, as ONNX prescribes.
+        inputs = [given[n] if n in given else symbolic_helper._optional_input_placeholder_tensor(g)
+                  for n in names[: last + 1]]
+        return g.op(f"{spec.DOMAIN}::{spec.OP_TYPE}", *inputs,
                     top_k_i=top_k, activation_s=activation, expert_weighting_s="ones").setType(x.type())
 
 
 class MoEFFN(nn.Module):
-    """FFN(x) = B2 + sum over the top_k experts by router score of W2[e].T act(W1[e] x + B1[e])."""
+    """FFN(x) = B2 + sum over the top_k experts by router score of W2[e].T act(W1[e] x + B1[e])
+    (+ unselected_bias[e] for each expert not selected)."""
 
-    def __init__(self, w1, b1, w2, b2, router_w, router_b, *, top_k: int, activation: str,
+    def __init__(self, w1, b1, w2, b2, router_w, router_b, unselected_bias=None, *, top_k: int, activation: str,
                  target: str = "custom"):
         super().__init__()
         E, m, d = w1.shape
@@ -61,10 +68,13 @@ class MoEFFN(nn.Module):
             raise ValueError(f"activation must be one of {', '.join(TORCH_ACTIVATIONS)}, got {activation!r}")
         for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("router_w", router_w), ("router_b", router_b)):
             self.register_buffer(name, torch.as_tensor(t, dtype=torch.float32).contiguous())
+        self.unselected_bias = None if unselected_bias is None else nn.Buffer(
+            torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
         self.top_k, self.activation, self.target = top_k, activation, target
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.w1, self.b1, self.w2, self.b2, self.router_w, self.router_b, self.top_k, self.activation)
+        args = (x, self.w1, self.b1, self.w2, self.b2, self.router_w, self.router_b, self.unselected_bias,
+                self.top_k, self.activation)
         if self.target == "custom" and torch.onnx.is_in_onnx_export():
             return _SparseExpertFFNFunction.apply(*args)
         return masked_dense(*args)

@@ -76,6 +76,43 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, *, progress: bool = Tru
     return routers
 
 
+@torch.no_grad()
+def ffn_inputs(model, adapter: FFNAdapter, batch) -> list[np.ndarray]:
+    """Each layer's FFN input on the batch's real (unpadded) tokens: [N, d] per layer."""
+    mask = batch["attention_mask"].numpy().astype(bool)
+    captured = []
+    hooks = [adapter.ffn_module(layer).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+             for layer in adapter.layers(model)]
+    try:
+        model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [x.numpy()[mask] for x in captured]
+
+
+def mean_correction(ffn, router_w, router_b, x: np.ndarray, config: MoEConfig) -> np.ndarray:
+    """unselected_bias [E, d]: each expert's mean output over the calibration tokens that did *not*
+    select it (its mean over all tokens where none did). A skipped GELU/SiLU expert is not zero."""
+    from runtime.reference import ACTIVATION_FUNCTIONS, select_top_k
+    E, m = config.experts, config.expert_size
+    h = ACTIVATION_FUNCTIONS[config.activation](x.astype(np.float64) @ ffn.w1.T + ffn.b1).reshape(-1, E, m)
+    unselected = np.ones((len(x), E), bool)
+    np.put_along_axis(unselected, select_top_k(x @ router_w.T + router_b, config.top_k), False, axis=1)
+    weights = np.where(unselected.any(0), unselected, True).astype(np.float64)  # [N, E]
+    mean_h = np.einsum("ne,nem->em", weights, h) / weights.sum(0)[:, None]
+    return np.einsum("em,emd->ed", mean_h, ffn.w2.reshape(E, m, -1)).astype(np.float32)
+
+
+def add_correction(model, adapter: FFNAdapter, config: MoEConfig, routers, calib_batch, *, progress=True) -> None:
+    """Adds layer.i.unselected_bias to ``routers`` (config.correction == "mean")."""
+    xs = ffn_inputs(model, adapter, calib_batch)
+    for i, layer in enumerate(tqdm(adapter.layers(model), desc="calibrating skipped-expert means",
+                                   disable=not progress)):
+        routers[f"layer.{i}.unselected_bias"] = mean_correction(
+            adapter.read(layer), routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"], xs[i], config)
+
+
 def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:
     """A Hugging Face directory (permuted weights: still the dense model) plus the MoE config and routers."""
     directory = Path(directory)
@@ -94,7 +131,7 @@ def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, targe
         d = ffn.w1.shape[1]
         moe = MoEFFN(ffn.w1.reshape(E, m, d), ffn.b1.reshape(E, m), ffn.w2.reshape(E, m, d), ffn.b2,
                      routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
-                     top_k=config.top_k, activation=config.activation, target=target)
+                     routers.get(f"layer.{i}.unselected_bias"), top_k=config.top_k, activation=config.activation, target=target)
         adapter.install(layer, moe)
 
 

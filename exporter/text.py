@@ -20,6 +20,37 @@ SAMPLE_TEXTS = (
 )
 
 
+# Standard-library modules whose docstrings serve as the default calibration text: real English prose
+# that every Python installation carries, so calibration needs no download and no committed corpus.
+_DOC_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email", "fractions", "functools",
+                "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib", "pickle",
+                "random", "re", "shutil", "socket", "statistics", "string", "subprocess", "tarfile",
+                "textwrap", "threading", "typing", "unittest", "urllib.request", "zipfile")
+
+
+def default_calibration_texts(limit: int = 512) -> list[str]:
+    """Sentences from standard-library docstrings (deterministic for a Python version)."""
+    import importlib
+    import inspect
+    import re
+
+    texts: list[str] = []
+    for name in _DOC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod)] + [inspect.getdoc(obj) for _, obj in sorted(vars(mod).items())
+                                        if (inspect.isfunction(obj) or inspect.isclass(obj))
+                                        and getattr(obj, "__module__", None) == name]
+        for doc in filter(None, docs):
+            for para in re.split(r"\n\s*\n", doc):
+                line = " ".join(para.split())
+                if len(line.split()) >= 6 and not line.startswith((">>>", "...")) and line[:1].isupper():
+                    texts.append(line[:400])
+    return texts[:limit]
+
+
 def load_texts(path: str | Path | None, *, limit: int = 256) -> list[str]:
     """Non-empty lines of a UTF-8 text file (at most ``limit``), or the built-in sentences."""
     if path is None:

@@ -97,3 +97,23 @@ def test_minilm_round_trip(minilm_dir, tmp_path, target):
                 for b in (["numba", "cpp"] if runtime.cpp_available() else ["numba"])]
         for o in outs[1:]:
             np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_mean_correction_exports_unselected_bias(tiny_bert_dir, tmp_path):
+    """--correction mean: the op gets an unselected_bias input (empty names fill the gap before it),
+    and ONNX still matches PyTorch on every backend."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the cat is on a mat\nit is for you\na dog and a cat\n")
+    out = tmp_path / "corr.onnx"
+    report = export(tiny_bert_dir, out, experts=8, top_k=2, correction="mean", calib=calib, backend="numba",
+                    progress=False, log=lambda *a: None)
+    assert report.config.correction == "mean" and report.max_rel_diff <= 1e-4
+    node = next(n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN)
+    names = [p.name for p in spec.INPUTS]
+    assert len(node.input) == len(names) and node.input[names.index("unselected_bias")]
+    assert all(node.input[names.index(n)] == "" for n in ("router_scores", "Wg", "Bg"))
+    feed = feed_for(tiny_bert_dir)
+    outs = [runtime.InferenceSession(out, backend=b).run(None, feed)[0]
+            for b in (["numba", "cpp"] if runtime.cpp_available() else ["numba"])]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-5)
