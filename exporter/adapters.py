@@ -4,6 +4,7 @@ One adapter class per FFN family, registered by the Hugging Face ``model_type`` 
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Callable
 
@@ -47,7 +48,7 @@ class DenseFFN:
     b2: np.ndarray
 
 
-class FFNAdapter:
+class FFNAdapter(abc.ABC):
     task = "feature-extraction"
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
@@ -59,23 +60,25 @@ class FFNAdapter:
                                         f"{', '.join(sorted(HF_ACTIVATIONS))}")
         return HF_ACTIVATIONS[act]
 
+    @abc.abstractmethod
     def layers(self, model) -> list[nn.Module]:
-        raise NotImplementedError
+        """The model's transformer layers, in order."""
 
+    @abc.abstractmethod
     def read(self, layer) -> DenseFFN:
-        raise NotImplementedError
+        """The layer's FFN weights in operator layout."""
 
+    @abc.abstractmethod
     def permute(self, layer, perm: np.ndarray) -> None:
         """Reorder the FFN's neurons in place (the dense function is unchanged)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def install(self, layer, moe: MoEFFN) -> None:
         """Replace the layer's FFN by ``moe`` (which includes the output bias)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ffn_module(self, layer) -> nn.Module:
         """The module whose first positional input is the FFN's input (for calibration hooks)."""
-        raise NotImplementedError
 
 
 @register("bert")
