@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
-                        correction=args.correction, calib=args.calib, save_moefied_dir=args.save_moefied_dir, seed=args.seed,
-                        backend=args.backend, rtol=args.rtol, progress=not args.quiet, log=log)
+                        correction=args.correction, calib=args.calib, save_moefied_dir=args.save_moefied_dir,
+                        seed=args.seed, backend=args.backend, rtol=args.rtol, progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from runtime import spec
-from runtime.session import METADATA_KEY  # noqa: F401  (ONNX metadata key, read back by the runtime)
 
 FORMAT = "moefy.moe"
 FORMAT_VERSION = 1

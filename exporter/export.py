@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from runtime import spec
+from runtime.session import METADATA_KEY
 
-from .config import METADATA_KEY, MoEConfig
+from .config import MoEConfig
 from .moefy import add_correction, check_split, install_moe, last_hidden_state, load_model, moefy, save_moefied
 from .text import SAMPLE_TEXTS, default_calibration_texts, load_texts
 
@@ -90,8 +91,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if correction not in CORRECTIONS:
         raise ValueError(f"--correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
-    if experts < 1 or not 1 <= top_k <= experts:
-        raise ValueError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
+    check_split(experts, top_k)  # before the (slow) model load; the width is checked once it is known
     output = Path(output)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {output.parent} does not exist")
@@ -105,11 +105,10 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         moe_cfg = MoEConfig(experts=experts, top_k=top_k, activation=adapter.activation(hf),
                             model_type=hf.model_type, num_layers=len(adapter.layers(model)),
                             intermediate_size=hf.intermediate_size, seed=seed, correction=correction)
-        check_split(moe_cfg)
     else:
         log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {top_k}")
         moe_cfg.top_k = top_k
-        check_split(moe_cfg)
+    check_split(moe_cfg.experts, moe_cfg.top_k, moe_cfg.intermediate_size)
 
     max_length = min(128, getattr(hf, "max_position_embeddings", 128))
 

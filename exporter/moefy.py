@@ -56,17 +56,18 @@ def load_model(model_dir: str | Path):
     return model, tokenizer, adapter, None, None
 
 
-def check_split(config: MoEConfig) -> None:
-    if not 1 <= config.top_k <= config.experts:
-        raise ValueError(f"--top-k must be between 1 and --experts ({config.experts}), got {config.top_k}")
-    if config.experts < 1 or config.intermediate_size % config.experts:
-        raise ValueError(f"--experts must divide the FFN width {config.intermediate_size}, got {config.experts}")
+def check_split(experts: int, top_k: int, width: int | None = None) -> None:
+    """1 <= top_k <= experts, and experts divides the FFN width (when known)."""
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise ValueError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
+    if width is not None and width % experts:
+        raise ValueError(f"--experts must divide the FFN width {width}, got {experts}")
 
 
 def moefy(model, adapter: FFNAdapter, config: MoEConfig, *, progress: bool = True) -> dict[str, np.ndarray]:
     """Permute each FFN's neurons into contiguous expert blocks (in place; the dense model's function
     is unchanged) and return the routers {layer.i.router_w: [E, d], layer.i.router_b: [E]}."""
-    check_split(config)
+    check_split(config.experts, config.top_k, config.intermediate_size)
     routers = {}
     for i, layer in enumerate(tqdm(adapter.layers(model), desc="splitting FFNs into experts", disable=not progress)):
         perm, centroids = parameter_clustering(adapter.read(layer).w1, config.experts, seed=config.seed)

@@ -138,8 +138,7 @@ def _experts(x, w1, b1, w2, wg, bg, ub, gated, has_ub, act, tokens, blocks, acc)
 
 def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.ndarray:
     """Evaluate the operator with the Numba kernels; same contract as reference.sparse_expert_ffn."""
-    attrs = {**spec.ATTRIBUTE_DEFAULTS, **attrs}
-    dims = spec.check({n: None if inputs.get(n) is None else np.shape(inputs[n]) for n in spec.INPUT_INDEX}, attrs)
+    attrs, dims = spec.check_arrays(inputs, attrs)
     T, d, E, m = dims.tokens, dims.d, dims.experts, dims.m
     f32 = lambda n, empty: empty if inputs.get(n) is None else np.ascontiguousarray(inputs[n], np.float32)  # noqa
     x = np.ascontiguousarray(inputs["X"], np.float32).reshape(T, d)

@@ -37,8 +37,7 @@ def select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.ndarray:
     """Evaluate the operator; ``inputs`` maps spec input names to arrays (missing or None = absent)."""
-    attrs = {**spec.ATTRIBUTE_DEFAULTS, **attrs}
-    dims = spec.check({n: None if inputs.get(n) is None else np.shape(inputs[n]) for n in spec.INPUT_INDEX}, attrs)
+    attrs, dims = spec.check_arrays(inputs, attrs)
     T, d, E, m = dims.tokens, dims.d, dims.experts, dims.m
     f64 = lambda name, shape: (np.zeros(shape) if inputs.get(name) is None  # noqa: E731
                                else np.asarray(inputs[name], np.float64))

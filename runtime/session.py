@@ -16,8 +16,6 @@ from .numba_backend import NumbaGraphSession, is_sparse_ffn
 
 BACKENDS = ("auto", "cpp", "numba")
 METADATA_KEY = "moefy.config"
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
 
 
 class InvalidInputError(ValueError):
@@ -71,13 +69,12 @@ class InferenceSession:
         else:
             self._ort = None
             self._numba = NumbaGraphSession(model, lambda: default_options(threads, spinning=False))
-        self._inputs = [(i.name, i.type.tensor_type) for i in model.graph.input]
-        self._input_meta = {i.name: i for i in model.graph.input}
+        self._inputs = list(model.graph.input)
         self._outputs = [o.name for o in model.graph.output]
         self.num_sparse_ffn = sum(is_sparse_ffn(n) for n in model.graph.node)
 
     def get_inputs(self) -> list[onnx.ValueInfoProto]:
-        return list(self._input_meta.values())
+        return list(self._inputs)
 
     def get_output_names(self) -> list[str]:
         return list(self._outputs)
@@ -93,12 +90,13 @@ class InferenceSession:
         return self._numba.run(names, input_feed)
 
     def _check_feed(self, feed: dict) -> None:
-        expected = [n for n, _ in self._inputs]
+        expected = [i.name for i in self._inputs]
         missing = [n for n in expected if n not in feed]
         extra = [n for n in feed if n not in expected]
         if missing or extra:
             raise InvalidInputError(f"the model takes inputs {expected}; missing {missing}, unexpected {extra}")
-        for name, t in self._inputs:
+        for i in self._inputs:
+            name, t = i.name, i.type.tensor_type
             value = feed[name]
             dims = [d.dim_param or d.dim_value for d in t.shape.dim]
             want = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)

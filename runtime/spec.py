@@ -141,6 +141,14 @@ def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object
     return Dims(tokens=math.prod(x[:-1]), d=d, experts=E, m=m)
 
 
+def check_arrays(inputs: Mapping[str, object], attrs: Mapping[str, object]) -> tuple[dict, Dims]:
+    """``check`` for a mapping of input name -> array (anything with ``.shape``) or None; returns the
+    attributes with defaults filled in, and the problem sizes."""
+    attrs = {**ATTRIBUTE_DEFAULTS, **attrs}
+    shapes = {n: None if inputs.get(n) is None else tuple(inputs[n].shape) for n in INPUT_INDEX}
+    return attrs, check(shapes, attrs)
+
+
 def cpp_header() -> str:
     """C++ constants for cpp_ops, generated so that the C++ op cannot drift from this file."""
     q = lambda s: '"' + s + '"'  # noqa: E731

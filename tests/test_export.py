@@ -11,7 +11,7 @@ from conftest import requires_cpp
 
 import runtime
 from exporter import export
-from exporter.config import METADATA_KEY
+from runtime.session import METADATA_KEY
 from runtime import spec
 
 BACKENDS = ["numba", pytest.param("cpp", marks=requires_cpp)]

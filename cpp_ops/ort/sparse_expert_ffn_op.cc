@@ -70,21 +70,21 @@ Kernel::Kernel(const OrtKernelInfo* info) {
 
   // Prepack once when W1 (and Wg, if used) are constant initializers; otherwise pack per call.
   Ort::ConstKernelInfo ki(info);
-  auto constant = [&](size_t i) -> const float* {
-    if (i >= ki.GetInputCount()) return nullptr;
+  auto constant = [&](size_t i) -> Ort::ConstValue {
     int is_constant = 0;
+    if (i >= ki.GetInputCount()) return Ort::ConstValue{nullptr};
     Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_constant);
-    return is_constant && v != nullptr ? v.GetTensorData<float>() : nullptr;
+    return is_constant ? v : Ort::ConstValue{nullptr};
   };
-  const float* w1 = constant(spec::kW1);
+  Ort::ConstValue w1 = constant(spec::kW1);
   const bool gated = ki.GetInputCount() > spec::kWg && !ki.GetInputName(spec::kWg).empty();
-  const float* wg = gated ? constant(spec::kWg) : nullptr;
-  if (w1 && (!gated || wg)) {
-    int is_constant = 0;
-    Shape s = ki.GetTensorConstantInput(spec::kW1, &is_constant).GetTensorTypeAndShapeInfo().GetShape();
+  Ort::ConstValue wg = gated ? constant(spec::kWg) : Ort::ConstValue{nullptr};
+  if (w1 != nullptr && (!gated || wg != nullptr)) {
+    Shape s = w1.GetTensorTypeAndShapeInfo().GetShape();
     if (s.size() == 3) {
       SparseFFNProblem p;
-      p.experts = s[0], p.m = s[1], p.d = s[2], p.w1 = w1, p.wg = wg;
+      p.experts = s[0], p.m = s[1], p.d = s[2];
+      p.w1 = w1.GetTensorData<float>(), p.wg = gated ? wg.GetTensorData<float>() : nullptr;
       packed_ = std::make_unique<PackedWeights>(pack_weights(p));
       packed_shape_ = s;
     }
