@@ -114,81 +114,68 @@ void dot_rows(const float* x, int64_t n, const float* w, const float* bias, int6
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
-inline v16f splat16(float s) { return v16f{} + s; }
+inline v16f splat16(float s) { return v16f{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 
-// Layer 1, outer-product form on a packed [d, mp] block (neurons contiguous):
-// h[a, j] = bias[j] + sum_i x[a, i] * wt[i, j], for TB tokens and V vectors of 16 neurons.
+// Both layers are the same product on packed panels: out[t][0:w] (+)= sum_r a[t][r] * P[r][0:w], with P a
+// contiguous [rows, w] panel (w = 48 or 16), a[t][r] broadcast. Layer 1: rows = d, a = x, w = a chunk of
+// neurons. Layer 2: rows = m, a = h, w = a chunk of output columns. Contiguous panels stream from memory
+// (no page-sized strides) and stay in cache while every token group of the expert uses them.
 template <int TB, int V>
-inline void up_block(const float* const* x, const float* wt, int64_t d, int64_t mp, float* h, int64_t ldh) {
-  v16f acc[TB][V] = {};
-  for (int64_t i = 0; i < d; ++i) {
-    v16f w[V];
-    for (int v = 0; v < V; ++v) w[v] = load16(wt + i * mp + 16 * v);
-    for (int a = 0; a < TB; ++a) {
-      v16f xv = splat16(x[a][i]);
-      for (int v = 0; v < V; ++v) acc[a][v] += xv * w[v];
-    }
-  }
-  for (int a = 0; a < TB; ++a)
-    for (int v = 0; v < V; ++v) store16(h + a * ldh + 16 * v, acc[a][v]);
-}
-
-template <int TB>
-void up_tokens(const float* const* x, const float* wt, int64_t d, int64_t mp, float* h) {
-  int64_t j = 0;
-  for (; j + 48 <= mp; j += 48) up_block<TB, 3>(x, wt + j, d, mp, h + j, mp);
-  for (; j < mp; j += 16) up_block<TB, 1>(x, wt + j, d, mp, h + j, mp);
-}
-
-// h[n, mp] = x_rows . wt + bias (bias over the first m neurons; padding columns stay junk-free zeros)
-void up_rows(const float* const* x, int64_t n, const float* wt, const float* bias, int64_t d, int64_t m,
-             int64_t mp, float* h) {
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) up_tokens<8>(x + t, wt, d, mp, h + t * mp);
-  for (; t + 4 <= n; t += 4) up_tokens<4>(x + t, wt, d, mp, h + t * mp);
-  for (; t < n; ++t) up_tokens<1>(x + t, wt, d, mp, h + t * mp);
-  if (bias)
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < m; ++j) h[r * mp + j] += bias[j];
-}
-
-// Layer 2, axpy form: ys[a][:] += sum_j h[a, j] * w[j, :] (w rows contiguous along d).
-template <int TB, int V>
-inline void down_block(float* const* ys, int64_t off, const float* h, int64_t ldh, int64_t m, const float* w,
-                       int64_t d) {
+inline void panel_block(const float* const* a, int64_t rows, const float* panel, float* const* out, bool accumulate) {
   v16f acc[TB][V];
-  for (int a = 0; a < TB; ++a)
-    for (int v = 0; v < V; ++v) acc[a][v] = load16(ys[a] + off + 16 * v);
-  for (int64_t j = 0; j < m; ++j) {
-    v16f wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = load16(w + j * d + off + 16 * v);
-    for (int a = 0; a < TB; ++a) {
-      v16f hv = splat16(h[a * ldh + j]);
-      for (int v = 0; v < V; ++v) acc[a][v] += hv * wv[v];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < V; ++v) acc[t][v] = accumulate ? load16(out[t] + 16 * v) : v16f{};
+  for (int64_t r = 0; r < rows; ++r) {
+    v16f w[V];
+    for (int v = 0; v < V; ++v) w[v] = load16(panel + r * 16 * V + 16 * v);
+    for (int t = 0; t < TB; ++t) {
+      v16f av = splat16(a[t][r]);
+      for (int v = 0; v < V; ++v) acc[t][v] += av * w[v];
     }
   }
-  for (int a = 0; a < TB; ++a)
-    for (int v = 0; v < V; ++v) store16(ys[a] + off + 16 * v, acc[a][v]);
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < V; ++v) store16(out[t] + 16 * v, acc[t][v]);
 }
 
-template <int TB>
-void down_tokens(float* const* ys, const float* h, int64_t ldh, int64_t m, const float* w, int64_t d) {
-  int64_t i = 0;
-  for (; i + 48 <= d; i += 48) down_block<TB, 3>(ys, i, h, ldh, m, w, d);
-  for (; i + 16 <= d; i += 16) down_block<TB, 1>(ys, i, h, ldh, m, w, d);
-  for (; i < d; ++i)
-    for (int a = 0; a < TB; ++a) {
-      float s = ys[a][i];
-      for (int64_t j = 0; j < m; ++j) s += h[a * ldh + j] * w[j * d + i];
-      ys[a][i] = s;
-    }
-}
-
-void down_rows(float* const* ys, int64_t n, const float* h, int64_t ldh, int64_t m, const float* w, int64_t d) {
+template <int V>
+void panel_tokens(const float* const* a, int64_t n, int64_t rows, const float* panel, float* const* out,
+                  bool accumulate) {
   int64_t t = 0;
-  for (; t + 8 <= n; t += 8) down_tokens<8>(ys + t, h + t * ldh, ldh, m, w, d);
-  for (; t + 4 <= n; t += 4) down_tokens<4>(ys + t, h + t * ldh, ldh, m, w, d);
-  for (; t < n; ++t) down_tokens<1>(ys + t, h + t * ldh, ldh, m, w, d);
+  for (; t + 8 <= n; t += 8) panel_block<8, V>(a + t, rows, panel, out + t, accumulate);
+  for (; t + 4 <= n; t += 4) panel_block<4, V>(a + t, rows, panel, out + t, accumulate);
+  for (; t < n; ++t) panel_block<1, V>(a + t, rows, panel, out + t, accumulate);
+}
+
+// Panel widths over `cols` columns (a multiple of 16): 48 while they fit, then 16.
+inline int64_t panel_width(int64_t c, int64_t cols) { return c + 48 <= cols ? 48 : 16; }
+
+// out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols; `packed` holds the panels back to back.
+// `out` rows are shifted per panel through `shifted` (scratch of n pointers).
+void apply_panels(const float* const* a, int64_t n, int64_t rows, const float* packed, int64_t cols,
+                  float* const* out, bool accumulate, std::vector<float*>& shifted) {
+  shifted.resize(n);
+  for (int64_t c = 0; c < cols;) {
+    const int64_t w = panel_width(c, cols);
+    for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
+    if (w == 48)
+      panel_tokens<3>(a, n, rows, packed + rows * c, shifted.data(), accumulate);
+    else
+      panel_tokens<1>(a, n, rows, packed + rows * c, shifted.data(), accumulate);
+    c += w;
+  }
+}
+
+// Packs src (element (col, row) at src[col * src_col_stride + row * src_row_stride]) into panels of
+// `cols` columns (zero beyond `valid_cols`) and `rows` rows.
+void pack_panels(const float* src, int64_t rows, int64_t cols, int64_t valid_cols, int64_t src_row_stride,
+                 int64_t src_col_stride, float* dst) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t w = panel_width(c, cols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < w; ++k)
+        dst[rows * c + r * w + k] = c + k < valid_cols ? src[(c + k) * src_col_stride + r * src_row_stride] : 0.f;
+    c += w;
+  }
 }
 
 // NaN ranks below every number; equal scores keep the lower index (callers scan upwards).
@@ -196,8 +183,8 @@ inline bool better(float a, float b) { return std::isnan(b) ? !std::isnan(a) : a
 
 struct Scratch {
   std::vector<float> up, gate;
-  std::vector<const float*> xrows;
-  std::vector<float*> rows;
+  std::vector<const float*> xrows, hrows;
+  std::vector<float*> rows, shifted;
 };
 
 // Tokens per expert block: bounds scratch memory and gives workers balanced pieces.
@@ -206,18 +193,39 @@ constexpr int64_t kTokenBlock = 64;
 void run_expert_block(const SparseFFNProblem& p, const PackedWeights& pk, int64_t e, const int32_t* tokens,
                       int64_t n, float* out, Scratch& s) {
   const int64_t d = p.d, m = p.m, mp = pk.mp;
-  s.up.resize(n * mp), s.rows.resize(n), s.xrows.resize(n);
-  for (int64_t r = 0; r < n; ++r) s.xrows[r] = p.x + tokens[r] * d, s.rows[r] = out + tokens[r] * d;
-  up_rows(s.xrows.data(), n, pk.w1t + e * d * mp, p.b1 ? p.b1 + e * m : nullptr, d, m, mp, s.up.data());
+  s.up.resize(n * mp), s.rows.resize(n), s.xrows.resize(n), s.hrows.resize(n);
+  std::vector<float*> hout(n);
+  for (int64_t r = 0; r < n; ++r) {
+    s.xrows[r] = p.x + tokens[r] * d;
+    s.rows[r] = out + tokens[r] * d;
+    hout[r] = s.up.data() + r * mp;
+    s.hrows[r] = hout[r];
+  }
+  auto first_layer = [&](const float* packed, const float* bias, std::vector<float>& h) {
+    for (int64_t r = 0; r < n; ++r) hout[r] = h.data() + r * mp;
+    apply_panels(s.xrows.data(), n, d, packed + e * d * mp, mp, hout.data(), false, s.shifted);
+    if (bias)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < m; ++j) h[r * mp + j] += bias[j];
+  };
+  first_layer(pk.w1p, p.b1 ? p.b1 + e * m : nullptr, s.up);
   if (p.wg) {
     s.gate.resize(n * mp);
-    up_rows(s.xrows.data(), n, pk.wgt + e * d * mp, p.bg ? p.bg + e * m : nullptr, d, m, mp, s.gate.data());
+    first_layer(pk.wgp, p.bg ? p.bg + e * m : nullptr, s.gate);
     activate(p.activation, s.gate.data(), n * mp);
     for (int64_t i = 0; i < n * mp; ++i) s.up[i] *= s.gate[i];
   } else {
-    activate(p.activation, s.up.data(), n * mp);
+    activate(p.activation, s.up.data(), n * mp);  // padding neurons stay act(0) = 0
   }
-  down_rows(s.rows.data(), n, s.up.data(), mp, m, p.w2 + e * m * d, d);
+  // Second layer: packed panels over the first d16 output columns, plain rows for the (< 16) rest.
+  apply_panels(s.hrows.data(), n, m, pk.w2p + e * m * pk.d16, pk.d16, s.rows.data(), true, s.shifted);
+  const float* w2 = p.w2 + e * m * d;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = pk.d16; i < d; ++i) {
+      float acc = s.rows[r][i];
+      for (int64_t j = 0; j < m; ++j) acc += s.up[r * mp + j] * w2[j * d + i];
+      s.rows[r][i] = acc;
+    }
   if (p.unselected_bias) {
     const float* u = p.unselected_bias + e * d;
     for (int64_t r = 0; r < n; ++r)
@@ -242,11 +250,11 @@ void activate(Activation a, float* v, std::size_t n) {
   }
 }
 
-void select_top_k(const SparseFFNProblem& p, int32_t* selected) {
+void select_top_k(const SparseFFNProblem& p, int64_t t_begin, int64_t t_end, int32_t* selected) {
   const int64_t E = p.experts, k = p.top_k, d = p.d;
   std::vector<float> scores(E);
   std::vector<char> taken(E);
-  for (int64_t t = 0; t < p.tokens; ++t) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     if (p.router_scores) {
       std::memcpy(scores.data(), p.router_scores + t * E, E * sizeof(float));
     } else {
@@ -265,19 +273,25 @@ void select_top_k(const SparseFFNProblem& p, int32_t* selected) {
 
 PackedWeights pack_weights(const SparseFFNProblem& p) {
   PackedWeights pk;
-  pk.mp = (p.m + 15) / 16 * 16;
-  auto pack = [&](const float* w, std::vector<float>& out) {
-    out.assign(p.experts * p.d * pk.mp, 0.f);
-    for (int64_t e = 0; e < p.experts; ++e)
-      for (int64_t j = 0; j < p.m; ++j)
-        for (int64_t i = 0; i < p.d; ++i) out[(e * p.d + i) * pk.mp + j] = w[(e * p.m + j) * p.d + i];
+  const int64_t E = p.experts, m = p.m, d = p.d;
+  pk.mp = (m + 15) / 16 * 16;
+  pk.d16 = d / 16 * 16;
+  // First layer: W[e] is [m, d]; panels run over neurons (columns), rows over d.
+  auto pack_first = [&](const float* w, std::vector<float>& out) {
+    out.resize(E * d * pk.mp);
+    for (int64_t e = 0; e < E; ++e) pack_panels(w + e * m * d, d, pk.mp, m, 1, d, out.data() + e * d * pk.mp);
   };
-  pack(p.w1, pk.w1t_storage);
-  pk.w1t = pk.w1t_storage.data();
+  pack_first(p.w1, pk.w1p_storage);
+  pk.w1p = pk.w1p_storage.data();
   if (p.wg) {
-    pack(p.wg, pk.wgt_storage);
-    pk.wgt = pk.wgt_storage.data();
+    pack_first(p.wg, pk.wgp_storage);
+    pk.wgp = pk.wgp_storage.data();
   }
+  // Second layer: W2[e] is [m, d]; panels run over output columns, rows over m.
+  pk.w2p_storage.resize(E * m * pk.d16);
+  for (int64_t e = 0; e < E; ++e)
+    pack_panels(p.w2 + e * m * d, m, pk.d16, pk.d16, d, 1, pk.w2p_storage.data() + e * m * pk.d16);
+  pk.w2p = pk.w2p_storage.data();
   return pk;
 }
 
@@ -297,8 +311,12 @@ void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const Parall
       for (int64_t i = 0; i < d; ++i) base[i] += p.unselected_bias[e * d + i];
   for (int64_t t = 0; t < T; ++t) std::memcpy(p.y + t * d, base.data(), d * sizeof(float));
 
+  // Routing, parallel over token ranges (router_w · x is T x E x d work: not negligible for wide models).
   std::vector<int32_t> selected(T * k);
-  select_top_k(p, selected.data());
+  const std::size_t route_parts = std::max<std::size_t>(1, std::min<std::size_t>(workers, T));
+  pfor(route_parts, [&](std::size_t w) {
+    select_top_k(p, T * w / route_parts, T * (w + 1) / route_parts, selected.data());
+  });
 
   // Counting sort of (token, expert) pairs by expert.
   std::vector<int64_t> start(E + 1, 0);

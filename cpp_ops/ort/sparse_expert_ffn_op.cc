@@ -68,7 +68,7 @@ Kernel::Kernel(const OrtKernelInfo* info) {
   if (index_of(weighting, spec::kExpertWeightings) < 0)
     fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
 
-  // Prepack once when W1 (and Wg, if used) are constant initializers; otherwise pack per call.
+  // Prepack once when the expert weights are constant initializers; otherwise pack per call.
   Ort::ConstKernelInfo ki(info);
   auto constant = [&](size_t i) -> Ort::ConstValue {
     int is_constant = 0;
@@ -76,15 +76,18 @@ Kernel::Kernel(const OrtKernelInfo* info) {
     Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_constant);
     return is_constant ? v : Ort::ConstValue{nullptr};
   };
-  Ort::ConstValue w1 = constant(spec::kW1);
+  Ort::ConstValue w1 = constant(spec::kW1), w2 = constant(spec::kW2);
   const bool gated = ki.GetInputCount() > spec::kWg && !ki.GetInputName(spec::kWg).empty();
   Ort::ConstValue wg = gated ? constant(spec::kWg) : Ort::ConstValue{nullptr};
-  if (w1 != nullptr && (!gated || wg != nullptr)) {
+  if (w1 != nullptr && w2 != nullptr && (!gated || wg != nullptr)) {
     Shape s = w1.GetTensorTypeAndShapeInfo().GetShape();
-    if (s.size() == 3) {
+    // Mis-shaped weights are left unpacked: Compute reports them with the spec's message.
+    if (s.size() == 3 && w2.GetTensorTypeAndShapeInfo().GetShape() == s &&
+        (!gated || wg.GetTensorTypeAndShapeInfo().GetShape() == s)) {
       SparseFFNProblem p;
       p.experts = s[0], p.m = s[1], p.d = s[2];
-      p.w1 = w1.GetTensorData<float>(), p.wg = gated ? wg.GetTensorData<float>() : nullptr;
+      p.w1 = w1.GetTensorData<float>(), p.w2 = w2.GetTensorData<float>();
+      p.wg = gated ? wg.GetTensorData<float>() : nullptr;
       packed_ = std::make_unique<PackedWeights>(pack_weights(p));
       packed_shape_ = s;
     }
