@@ -1,6 +1,6 @@
 """End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's C++ and
-Numba backends, side by side in one process. Batch 1, real text cut to each sequence length; the
-backends take turns every iteration so machine noise hits all of them alike; medians after warm-up.
+Numba backends, side by side in one process. Batch 1, real text cut to each sequence length; backends
+timed in rotating blocks (benchmarks/timing.py); medians after warm-up.
 
     python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx --out out
 """
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import onnxruntime as ort
 import runtime
 from runtime import numba_kernels
 from runtime.session import default_options
+from timing import p50_p90, time_blocks
 
 
 def dense_export(model_dir: Path, out_dir: Path) -> Path:
@@ -43,20 +43,6 @@ def text_feed(model_dir: Path, length: int) -> dict:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
-def interleaved(fns: dict, warmup: int, iters: int, min_seconds: float) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    start = time.perf_counter()
-    while len(times[next(iter(fns))]) < iters or time.perf_counter() - start < min_seconds:
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
 def numba_overhead_us(threads: int) -> dict:
     """What the Numba backend pays per sparse FFN beyond the math: the kernel call from Python on a
     toy problem (validation, dispatch, allocation) and one extra ONNX Runtime session boundary."""
@@ -70,9 +56,9 @@ def numba_overhead_us(threads: int) -> dict:
     sess = ort.InferenceSession(helper.make_model(g).SerializeToString(), default_options(threads, spinning=False),
                                 providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, 128, 384), np.float32)
-    t = interleaved({"kernel_call": lambda: numba_kernels.sparse_expert_ffn(toy, top_k=1),
-                     "session_boundary": lambda: sess.run(None, {"x": x})}, 20, 500, 0.5)
-    out = {k: float(np.median(v) * 1e6) for k, v in t.items()}
+    t = time_blocks({"kernel_call": lambda: numba_kernels.sparse_expert_ffn(toy, top_k=1),
+                     "session_boundary": lambda: sess.run(None, {"x": x})}, warmup=20, iters=500, min_seconds=0.5)
+    out = {k: p50_p90(v)[0] for k, v in t.items()}
     out["per_sparse_ffn"] = out["kernel_call"] + out["session_boundary"]
     return out
 
@@ -96,27 +82,27 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dense_path = Path(args.dense) if args.dense else dense_export(model_dir, out / "dense")
 
-    # Every session shares the process and the cores, so none may spin: a spinning pool left by one
-    # session's run would steal the cores from the next one's.
-    sessions = {"dense ORT": ort.InferenceSession(str(dense_path), default_options(args.threads, spinning=False),
+    # Each backend with its best settings (ONNX Runtime spinning on; the Numba backend turns it off itself);
+    # timing.py lets spinning pools settle between blocks so they do not steal each other's cores.
+    sessions = {"dense ORT": ort.InferenceSession(str(dense_path), default_options(args.threads),
                                                   providers=["CPUExecutionProvider"])}
     backends = ["cpp", "numba"] if runtime.cpp_available() else ["numba"]
     for b in backends:
-        sessions[f"moefy {b}"] = runtime.InferenceSession(args.moe, backend=b, threads=args.threads, spinning=False)
+        sessions[f"moefy {b}"] = runtime.InferenceSession(args.moe, backend=b, threads=args.threads)
     moe_cfg = sessions[f"moefy {backends[0]}"].moe_config or {}
 
     rows = []
     for length in args.seq:
         feed = text_feed(model_dir, length)
         print(f"benchmarking {length} tokens ({', '.join(sessions)})", file=sys.stderr, flush=True)
-        times = interleaved({k: (lambda s=s: s.run(["last_hidden_state"], feed)) for k, s in sessions.items()},
-                            args.warmup, args.iters, args.min_seconds)
-        dense_ms = float(np.median(times["dense ORT"]) * 1e3)
-        for name, ts in times.items():
-            ms = np.asarray(ts) * 1e3
+        times = time_blocks({k: (lambda s=s: s.run(["last_hidden_state"], feed)) for k, s in sessions.items()},
+                            warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
+        dense_ms = p50_p90(times["dense ORT"])[0] / 1e3
+        for name, us in times.items():
+            p50, p90 = (v / 1e3 for v in p50_p90(us))
             rows.append({"backend": name, "tokens": int(feed["input_ids"].shape[1]), "batch": 1,
-                         "threads": args.threads, "runs": len(ms), "p50_ms": float(np.median(ms)),
-                         "p90_ms": float(np.percentile(ms, 90)), "speedup_vs_dense": dense_ms / float(np.median(ms))})
+                         "threads": args.threads, "runs": len(us), "p50_ms": p50, "p90_ms": p90,
+                         "speedup_vs_dense": dense_ms / p50})
     overhead = numba_overhead_us(args.threads)
 
     header = "| tokens | backend | p50 ms | p90 ms | speed-up vs dense |\n|---:|---|---:|---:|---:|"

@@ -17,6 +17,9 @@ def single_op_model(arrays: Mapping[str, np.ndarray | None], *, feeds: Iterable[
     Absent optional inputs (missing or None) become empty names, as ONNX prescribes.
     """
     feeds = set(feeds)
+    missing = [p.name for p in spec.INPUTS if not p.optional and arrays.get(p.name) is None]
+    if missing:
+        raise ValueError(f"{spec.OP_TYPE} needs inputs {missing} (for graph inputs, pass an array of the right width)")
     last = max(i for i, p in enumerate(spec.INPUTS) if arrays.get(p.name) is not None)
     names, graph_inputs, inits = [], [], []
     for p in spec.INPUTS[: last + 1]:

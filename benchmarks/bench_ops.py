@@ -1,0 +1,228 @@
+"""The sparse FFN operator alone against the dense FFN, side by side in one process.
+
+Backends (same experts, same router, one process, timed in rotating blocks: benchmarks/timing.py):
+  dense ORT     MatMul + Add + Gelu + MatMul + Add in ONNX Runtime (fused to BiasGelu by ORT)
+  moefy cpp     SparseExpertFFN through the C++ custom-op library
+  moefy numba   SparseExpertFFN through runtime.InferenceSession(backend="numba")
+  moefy std     the standard-ONNX export (TopK + masked dense; portable, computes every expert)
+  ORT MoE       ONNX Runtime's com.microsoft::MoE fed the same experts and router scores (it weights the
+                selected experts by softmax: timing comparison only)
+  torch eager   a per-expert index_select loop in PyTorch
+
+Methodology after optimum-benchmark: >= 10 warm-up runs, >= 10 timed runs and >= --min-seconds per case,
+p50/p90, thread count per row, machine described in the output. Writes bench_ops.json, bench_ops.md and
+bench_ops.png into --out.
+
+    python benchmarks/bench_ops.py --out out            # full sweep (a few minutes)
+    python benchmarks/bench_ops.py --shapes minilm --tokens 1 128 --threads 2 --shares 0.25
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import runtime
+from runtime.session import default_options
+from runtime.single_op import single_op_model
+from timing import p50_p90, time_blocks
+
+SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "4096x11008": (4096, 11008)}
+EXPERTS = 32
+TORCH_GELU = torch.nn.functional.gelu
+
+
+def ffn_flops(tokens: int, d: int, width: int) -> float:
+    """Multiply-adds x 2 of a dense FFN over ``tokens`` tokens (the op does share x this)."""
+    return 4.0 * tokens * d * width
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    except OSError:
+        isa = "?"
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, onnxruntime {ort.__version__}, torch {torch.__version__}"
+
+
+def make_weights(d: int, width: int, seed: int = 0) -> dict:
+    """Seeded random FFN in operator layout, scaled so activations stay O(1)."""
+    rng = np.random.default_rng(seed)
+    m = width // EXPERTS
+    f = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    w = {"W1": f(EXPERTS, m, d) / np.sqrt(d), "B1": f(EXPERTS, m) * 0.1, "W2": f(EXPERTS, m, d) / np.sqrt(width),
+         "B2": f(d) * 0.1, "router_w": f(EXPERTS, d) / np.sqrt(d), "router_b": np.zeros(EXPERTS)}
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def _model(nodes, inits, inputs=("X",), domains=()):
+    g = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)] +
+                             [helper.make_opsetid(dom, 1) for dom in domains]).SerializeToString()
+
+
+def dense_model(w: dict) -> bytes:
+    E, m, d = w["W1"].shape
+    init = lambda a, n: numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n)  # noqa: E731
+    return _model([helper.make_node("MatMul", ["X", "W1t"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+                   helper.make_node("Gelu", ["h1"], ["h2"], domain="com.microsoft"),
+                   helper.make_node("MatMul", ["h2", "W2"], ["y0"]), helper.make_node("Add", ["y0", "b2"], ["Y"])],
+                  [init(w["W1"].reshape(E * m, d).T, "W1t"), init(w["B1"].reshape(-1), "b1"),
+                   init(w["W2"].reshape(E * m, d), "W2"), init(w["B2"], "b2")], domains=["com.microsoft"])
+
+
+def ort_moe_model(w: dict, k: int) -> bytes:
+    """com.microsoft::MoE: fc1 [E, m, d], fc2 [E, d, m]; router scores computed in the graph."""
+    init = lambda a, n: numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n)  # noqa: E731
+    return _model([helper.make_node("MatMul", ["X", "Rt"], ["s"]),
+                   helper.make_node("MoE", ["X", "s", "fc1", "fc1_b", "fc2", "fc2_b"], ["Y"], domain="com.microsoft",
+                                    k=k, activation_type="gelu", normalize_routing_weights=0)],
+                  [init(w["router_w"].T, "Rt"), init(w["W1"], "fc1"), init(w["B1"], "fc1_b"),
+                   init(w["W2"].transpose(0, 2, 1), "fc2"),
+                   init(np.tile(w["B2"] / k, (EXPERTS, 1)), "fc2_b")], domains=["com.microsoft"])
+
+
+def standard_model(w: dict, k: int) -> bytes:
+    """The exporter's standard target for one FFN: the same MoEFFN module traced to standard ops."""
+    import io
+    import warnings
+
+    from exporter.moe_ffn import MoEFFN
+    mod = MoEFFN(w["W1"], w["B1"], w["W2"], w["B2"], w["router_w"], w["router_b"], top_k=k, activation="gelu",
+                 target="standard")
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(mod, (torch.zeros(2, w["W1"].shape[2]),), buf, dynamo=False, input_names=["X"],
+                          output_names=["Y"], dynamic_axes={"X": {0: "T"}, "Y": {0: "T"}}, opset_version=17)
+    return buf.getvalue()
+
+
+def torch_sparse(w: dict, k: int):
+    """What one would write in PyTorch: route, then per expert gather its tokens, two matmuls, scatter-add."""
+    t = {n: torch.from_numpy(a) for n, a in w.items()}
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        sel = (x @ t["router_w"].T + t["router_b"]).topk(k, dim=-1).indices
+        y = t["B2"].expand(x.shape[0], -1).clone()
+        for e in sel.unique().tolist():
+            rows = (sel == e).any(-1).nonzero().squeeze(-1)
+            h = TORCH_GELU(x[rows] @ t["W1"][e].T + t["B1"][e])
+            y.index_add_(0, rows, h @ t["W2"][e])
+        return y
+    return run
+
+
+def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
+    so = lambda: default_options(threads)  # noqa: E731  (spinning on: timing.py lets pools settle between blocks)
+    sessions = {"dense ORT": ort.InferenceSession(dense_model(w), so(), providers=["CPUExecutionProvider"])}
+    x_shape = np.zeros((1, w["W1"].shape[2]), np.float32)  # X is a graph input; only its width matters
+    op_model = single_op_model({"X": x_shape, **w}, top_k=k, activation="gelu").SerializeToString()
+    if runtime.cpp_available():
+        sessions["moefy cpp"] = runtime.InferenceSession(op_model, backend="cpp", sess_options=so())
+    sessions["moefy numba"] = runtime.InferenceSession(op_model, backend="numba", threads=threads)
+    sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
+    sessions["ORT MoE"] = ort.InferenceSession(ort_moe_model(w, k), so(), providers=["CPUExecutionProvider"])
+    eager = torch_sparse(w, k)
+    rng = np.random.default_rng(1)
+    rows = []
+    for T in tokens_list:
+        x = rng.standard_normal((T, w["W1"].shape[2]), dtype=np.float32)
+        xt = torch.from_numpy(x)
+        fns = {name: (lambda s=s: s.run(None, {"X": x})) for name, s in sessions.items()}
+        fns["torch eager"] = lambda: eager(xt)
+        t = time_blocks(fns, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
+        dense = p50_p90(t["dense ORT"])[0]
+        for name, us in t.items():
+            p50, p90 = p50_p90(us)
+            rows.append({"backend": name, "tokens": T, "threads": threads, "p50_us": p50, "p90_us": p90,
+                         "runs": int(us.size), "speedup_vs_dense": dense / p50})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    share = 0.25 if any(r["share"] == 0.25 for r in rows) else rows[0]["share"]
+    threads = max(r["threads"] for r in rows)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in rows if r["shape"] == shape and r["share"] == share and r["threads"] == threads]
+        for b in dict.fromkeys(r["backend"] for r in sub):
+            pts = sorted((r["tokens"], r["speedup_vs_dense"]) for r in sub if r["backend"] == b)
+            ax.plot(*zip(*pts), marker="o", label=b)
+        ax.axhline(1 / share, ls=":", c="gray", label=f"ceiling 1/f = {1 / share:.0f}x")
+        ax.set(xscale="log", yscale="log", title=f"{shape}, {share:.1%} active, {threads} threads",
+               xlabel="tokens", ylabel="speed-up vs dense ORT FFN")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.125, 0.25, 0.5],
+                    help=f"shares of FFN parameters active (top_k = share x {EXPERTS})")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128])
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--min-seconds", type=float, default=0.5)
+    ap.add_argument("--out", default="out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import numba
+
+    rows = []
+    for shape in args.shapes:
+        d, width = SHAPES[shape]
+        w = make_weights(d, width)
+        for share in args.shares:
+            k = max(1, round(share * EXPERTS))
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                print(f"{shape} d={d} FFN={width}, {EXPERTS} experts top-{k}, {threads} threads",
+                      file=sys.stderr, flush=True)
+                for r in run_case(w, k, args.tokens, threads, args):
+                    rows.append({"shape": shape, "d": d, "ffn": width, "experts": EXPERTS, "top_k": k,
+                                 "share": k / EXPERTS, **r})
+    header = ("| shape | active | threads | tokens | backend | p50 µs | p90 µs | vs dense | of ceiling 1/f |\n"
+              "|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    lines = [f"| {r['shape']} | {r['share']:.1%} | {r['threads']} | {r['tokens']} | {r['backend']} | "
+             f"{r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['speedup_vs_dense']:.2f}x | "
+             f"{r['speedup_vs_dense'] * r['share']:.0%} |" for r in rows]
+    md = f"Op alone vs the dense FFN; {machine()}.\n\n" + "\n".join([header] + lines)
+    print(md)
+    (out / "bench_ops.md").write_text(md + "\n")
+    (out / "bench_ops.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    plot(rows, out / "bench_ops.png")
+    print(f"saved {out / 'bench_ops.md'}, {out / 'bench_ops.json'}, {out / 'bench_ops.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
