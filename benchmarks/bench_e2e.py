@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,30 @@ def text_feed(model_dir: Path, length: int) -> dict:
     ids = tok(" ".join(SAMPLE_TEXTS * 8), truncation=True, max_length=length, return_tensors="np")["input_ids"]
     ids = ids.astype(np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+FFN_NODE = re.compile(r"/intermediate/|layer\.\d+/output/dense/")  # optimum's BERT node names
+
+
+def ffn_share(dense_path: Path, feed: dict, threads: int, runs: int = 20) -> float:
+    """phi: the FFN's share of the dense model's node time, from ONNX Runtime's profiler."""
+    so = default_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "moefy_dense_profile")
+    sess = ort.InferenceSession(str(dense_path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, feed)
+    path = sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    os.unlink(path)
+    nodes = [(e["name"], e["dur"]) for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    total = sum(d for _, d in nodes)
+    return sum(d for n, d in nodes if FFN_NODE.search(n)) / total
+
+
+def amdahl_ceiling(phi: float, f: float) -> float:
+    """End-to-end speed-up if the FFN (share phi of time) did only the fraction f of its work, for free."""
+    return 1.0 / ((1.0 - phi) + phi * f)
 
 
 def numba_overhead_us(threads: int) -> dict:
@@ -98,16 +124,22 @@ def main(argv=None) -> int:
         times = time_blocks({k: (lambda s=s: s.run(["last_hidden_state"], feed)) for k, s in sessions.items()},
                             warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
         dense_ms = p50_p90(times["dense ORT"])[0] / 1e3
+        phi = ffn_share(dense_path, feed, args.threads)
+        ceiling = amdahl_ceiling(phi, moe_cfg.get("top_k", 1) / moe_cfg.get("experts", 1))
         for name, us in times.items():
             p50, p90 = (v / 1e3 for v in p50_p90(us))
             rows.append({"backend": name, "tokens": int(feed["input_ids"].shape[1]), "batch": 1,
                          "threads": args.threads, "runs": len(us), "p50_ms": p50, "p90_ms": p90,
-                         "speedup_vs_dense": dense_ms / p50})
+                         "speedup_vs_dense": dense_ms / p50, "ffn_share_phi": phi, "amdahl_ceiling": ceiling,
+                         "share_of_ceiling": dense_ms / p50 / ceiling})
     overhead = numba_overhead_us(args.threads)
 
-    header = "| tokens | backend | p50 ms | p90 ms | speed-up vs dense |\n|---:|---|---:|---:|---:|"
-    table = "\n".join([header] + [f"| {r['tokens']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                                  f"{r['speedup_vs_dense']:.2f}x |" for r in rows])
+    header = ("| tokens | backend | p50 ms | p90 ms | speed-up vs dense | FFN share φ | Amdahl ceiling | of ceiling |\n"
+              "|---:|---|---:|---:|---:|---:|---:|---:|")
+    table = "\n".join([header] + [
+        f"| {r['tokens']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_dense']:.2f}x | "
+        f"{r['ffn_share_phi']:.2f} | {r['amdahl_ceiling']:.2f}x | "
+        f"{'—' if r['backend'] == 'dense ORT' else format(r['share_of_ceiling'], '.0%')} |" for r in rows])
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
               f"onnxruntime {ort.__version__}"
     md = (f"MoEfied {model_dir}: {moe_cfg.get('experts')} experts, top-{moe_cfg.get('top_k')} "

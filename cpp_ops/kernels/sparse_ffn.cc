@@ -19,62 +19,67 @@ typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
 
 inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-inline v8f splat(float s) { return v8f{s, s, s, s, s, s, s, s}; }
+// 16 floats: one AVX-512 register, two AVX2 or four NEON registers.
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+inline v16f splat16(float s) { return v16f{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
 inline float hsum(v8f v) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += v[i];
   return s;
 }
 
-// exp for 8 lanes (Cephes polynomial, ~1 ulp on the clamped range).
-inline v8f exp8(v8f x) {
-  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-  x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
-  v8f fx = x * splat(1.44269504088896341f) + splat(0.5f);
-  v8i n = __builtin_convertvector(fx, v8i);
-  n += (__builtin_convertvector(n, v8f) > fx);  // truncation -> floor (true lanes are -1)
-  v8f nf = __builtin_convertvector(n, v8f);
-  v8f r = x - nf * splat(0.693359375f) + nf * splat(2.12194440e-4f);
-  v8f p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.f);
-  v8i bits = (n + 127) << 23;
-  v8f scale;
+// exp for 16 lanes (Cephes polynomial, ~1 ulp on the clamped range).
+inline v16f exp16(v16f x) {
+  x = x < splat16(88.3762626647949f) ? x : splat16(88.3762626647949f);
+  x = x > splat16(-87.3365478515625f) ? x : splat16(-87.3365478515625f);
+  v16f fx = x * splat16(1.44269504088896341f) + splat16(0.5f);
+  v16i n = __builtin_convertvector(fx, v16i);
+  n += (__builtin_convertvector(n, v16f) > fx);  // truncation -> floor (true lanes are -1)
+  v16f nf = __builtin_convertvector(n, v16f);
+  v16f r = x - nf * splat16(0.693359375f) + nf * splat16(2.12194440e-4f);
+  v16f p = splat16(1.9875691500e-4f);
+  p = p * r + splat16(1.3981999507e-3f);
+  p = p * r + splat16(8.3334519073e-3f);
+  p = p * r + splat16(4.1665795894e-2f);
+  p = p * r + splat16(1.6666665459e-1f);
+  p = p * r + splat16(5.0000001201e-1f);
+  p = p * r * r + r + splat16(1.f);
+  v16i bits = (n + 127) << 23;
+  v16f scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7).
-inline v8f erf8(v8f x) {
-  v8f ax = x < splat(0.f) ? -x : x;
-  v8f t = splat(1.f) / (splat(1.f) + splat(0.3275911f) * ax);
-  v8f poly = splat(1.061405429f);
-  poly = poly * t + splat(-1.453152027f);
-  poly = poly * t + splat(1.421413741f);
-  poly = poly * t + splat(-0.284496736f);
-  poly = poly * t + splat(0.254829592f);
-  v8f e = splat(1.f) - poly * t * exp8(-ax * ax);
-  return x < splat(0.f) ? -e : e;
+inline v16f erf16(v16f x) {
+  v16f ax = x < splat16(0.f) ? -x : x;
+  v16f t = splat16(1.f) / (splat16(1.f) + splat16(0.3275911f) * ax);
+  v16f poly = splat16(1.061405429f);
+  poly = poly * t + splat16(-1.453152027f);
+  poly = poly * t + splat16(1.421413741f);
+  poly = poly * t + splat16(-0.284496736f);
+  poly = poly * t + splat16(0.254829592f);
+  v16f e = splat16(1.f) - poly * t * exp16(-ax * ax);
+  return x < splat16(0.f) ? -e : e;
 }
 
-inline v8f activate8(Activation a, v8f z) {
+inline v16f activate16(Activation a, v16f z) {
   switch (a) {
     case Activation::kRelu:
-      return z > splat(0.f) ? z : splat(0.f);
+      return z > splat16(0.f) ? z : splat16(0.f);
     case Activation::kGelu:
-      return splat(0.5f) * z * (splat(1.f) + erf8(z * splat(0.70710678118654752f)));
+      return splat16(0.5f) * z * (splat16(1.f) + erf16(z * splat16(0.70710678118654752f)));
     case Activation::kGeluTanh: {
-      v8f u = splat(0.7978845608028654f) * (z + splat(0.044715f) * z * z * z);
-      v8f tanh_u = splat(1.f) - splat(2.f) / (exp8(u + u) + splat(1.f));
-      return splat(0.5f) * z * (splat(1.f) + tanh_u);
+      v16f u = splat16(0.7978845608028654f) * (z + splat16(0.044715f) * z * z * z);
+      v16f tanh_u = splat16(1.f) - splat16(2.f) / (exp16(u + u) + splat16(1.f));
+      return splat16(0.5f) * z * (splat16(1.f) + tanh_u);
     }
     case Activation::kSilu:
-      return z / (splat(1.f) + exp8(-z));
+      return z / (splat16(1.f) + exp16(-z));
   }
   return z;
 }
@@ -109,12 +114,6 @@ void dot_rows(const float* x, int64_t n, const float* w, const float* bias, int6
     for (; j < m; ++j) dot_block<1, 1>(x + t * d, w + j * d, bias ? bias + j : nullptr, d, h + t * m + j, m);
   }
 }
-
-// 16 floats: one AVX-512 register, two AVX2 or four NEON registers.
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
-inline v16f splat16(float s) { return v16f{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 
 // Both layers are the same product on packed panels: out[t][0:w] (+)= sum_r a[t][r] * P[r][0:w], with P a
 // contiguous [rows, w] panel (w = 48 or 16), a[t][r] broadcast. Layer 1: rows = d, a = x, w = a chunk of
@@ -241,32 +240,50 @@ void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn) {
 
 void activate(Activation a, float* v, std::size_t n) {
   std::size_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(v + i, activate8(a, load8(v + i)));
+  for (; i + 16 <= n; i += 16) store16(v + i, activate16(a, load16(v + i)));
   if (i < n) {
-    float tail[8] = {};
+    float tail[16] = {};
     std::memcpy(tail, v + i, (n - i) * sizeof(float));
-    store8(tail, activate8(a, load8(tail)));
+    store16(tail, activate16(a, load16(tail)));
     std::memcpy(v + i, tail, (n - i) * sizeof(float));
   }
 }
 
-void select_top_k(const SparseFFNProblem& p, int64_t t_begin, int64_t t_end, int32_t* selected) {
-  const int64_t E = p.experts, k = p.top_k, d = p.d;
-  std::vector<float> scores(E);
+void select_top_k(const SparseFFNProblem& p, const PackedWeights& pk, int64_t t_begin, int64_t t_end,
+                  int32_t* selected) {
+  const int64_t E = p.experts, k = p.top_k, d = p.d, n = t_end - t_begin;
+  if (n <= 0) return;
+  // Scores for the whole token range: given, one panel GEMM on the packed router, or plain dot products.
+  const int64_t ld = pk.routerp ? pk.ep : E;
+  std::vector<float> scores;
+  const float* s = nullptr;
+  if (p.router_scores) {
+    s = p.router_scores + t_begin * E;
+  } else if (pk.routerp) {
+    scores.resize(n * ld);
+    std::vector<const float*> xs(n);
+    std::vector<float*> outs(n), shifted;
+    for (int64_t r = 0; r < n; ++r) xs[r] = p.x + (t_begin + r) * d, outs[r] = scores.data() + r * ld;
+    apply_panels(xs.data(), n, d, pk.routerp, ld, outs.data(), false, shifted);
+    if (p.router_b)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t e = 0; e < E; ++e) scores[r * ld + e] += p.router_b[e];
+    s = scores.data();
+  } else {
+    scores.resize(n * ld);
+    dot_rows(p.x + t_begin * d, n, p.router_w, p.router_b, d, E, scores.data());
+    s = scores.data();
+  }
   std::vector<char> taken(E);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    if (p.router_scores) {
-      std::memcpy(scores.data(), p.router_scores + t * E, E * sizeof(float));
-    } else {
-      dot_rows(p.x + t * d, 1, p.router_w, p.router_b, d, E, scores.data());
-    }
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = s + r * ld;
     std::fill(taken.begin(), taken.end(), 0);
     for (int64_t j = 0; j < k; ++j) {
       int64_t best = -1;
       for (int64_t e = 0; e < E; ++e)
-        if (!taken[e] && (best < 0 || better(scores[e], scores[best]))) best = e;
+        if (!taken[e] && (best < 0 || better(row[e], row[best]))) best = e;
       taken[best] = 1;
-      selected[t * k + j] = static_cast<int32_t>(best);
+      selected[(t_begin + r) * k + j] = static_cast<int32_t>(best);
     }
   }
 }
@@ -292,6 +309,13 @@ PackedWeights pack_weights(const SparseFFNProblem& p) {
   for (int64_t e = 0; e < E; ++e)
     pack_panels(p.w2 + e * m * d, m, pk.d16, pk.d16, d, 1, pk.w2p_storage.data() + e * m * pk.d16);
   pk.w2p = pk.w2p_storage.data();
+  // Router: router_w [E, d] as panels over experts (columns), rows over d.
+  if (p.router_w) {
+    pk.ep = (E + 15) / 16 * 16;
+    pk.routerp_storage.resize(d * pk.ep);
+    pack_panels(p.router_w, d, pk.ep, E, 1, d, pk.routerp_storage.data());
+    pk.routerp = pk.routerp_storage.data();
+  }
   return pk;
 }
 
@@ -315,7 +339,7 @@ void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const Parall
   std::vector<int32_t> selected(T * k);
   const std::size_t route_parts = std::max<std::size_t>(1, std::min<std::size_t>(workers, T));
   pfor(route_parts, [&](std::size_t w) {
-    select_top_k(p, T * w / route_parts, T * (w + 1) / route_parts, selected.data());
+    select_top_k(p, pk, T * w / route_parts, T * (w + 1) / route_parts, selected.data());
   });
 
   // Counting sort of (token, expert) pairs by expert.

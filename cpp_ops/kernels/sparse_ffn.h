@@ -36,22 +36,25 @@ using ParallelFor = std::function<void(std::size_t n, const std::function<void(s
 // Serial fallback (tests, hosts without a thread pool).
 void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn);
 
-// Top-k expert indices of tokens [t_begin, t_end) into selected[t * k ...]: larger score first, ties to
-// the lower index, NaN ranks below every number.
-void select_top_k(const SparseFFNProblem& p, int64_t t_begin, int64_t t_end, int32_t* selected);
 
 // Expert blocks repacked once per session (for constant weights) into contiguous panels of 48 or 16
 // columns, so both layers stream memory sequentially: first layer (and gate) [E][d x mp] with panels
 // over neurons (mp = m rounded up to 16, zero padded); second layer [E][m x d16] with panels over the
 // first d16 = 16 * floor(d / 16) output columns (the rest is read from W2 directly).
 struct PackedWeights {
-  int64_t mp = 0, d16 = 0;
+  int64_t mp = 0, d16 = 0, ep = 0;  // ep: experts rounded up to 16 (router panels)
+  const float* routerp = nullptr;
   const float* w1p = nullptr;
   const float* wgp = nullptr;
   const float* w2p = nullptr;
-  std::vector<float> w1p_storage, wgp_storage, w2p_storage;
+  std::vector<float> w1p_storage, wgp_storage, w2p_storage, routerp_storage;
 };
-PackedWeights pack_weights(const SparseFFNProblem& p);  // reads p.w1, p.wg, p.w2, E, m, d
+PackedWeights pack_weights(const SparseFFNProblem& p);  // reads p.w1, p.wg, p.w2, p.router_w, E, m, d
+
+// Top-k expert indices of tokens [t_begin, t_end) into selected[t * k ...]: larger score first, ties to
+// the lower index, NaN ranks below every number. Uses the packed router when `packed` has one.
+void select_top_k(const SparseFFNProblem& p, const PackedWeights& packed, int64_t t_begin, int64_t t_end,
+                  int32_t* selected);
 
 // y = SparseExpertFFN(p). Shapes must already be validated; `workers` bounds the number of
 // per-worker output accumulators (use the thread count of the pool behind `pfor`).

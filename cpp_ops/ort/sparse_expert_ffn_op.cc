@@ -88,6 +88,9 @@ Kernel::Kernel(const OrtKernelInfo* info) {
       p.experts = s[0], p.m = s[1], p.d = s[2];
       p.w1 = w1.GetTensorData<float>(), p.w2 = w2.GetTensorData<float>();
       p.wg = gated ? wg.GetTensorData<float>() : nullptr;
+      Ort::ConstValue rw = constant(spec::krouter_w);
+      if (rw != nullptr && rw.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[0], s[2]})
+        p.router_w = rw.GetTensorData<float>();
       packed_ = std::make_unique<PackedWeights>(pack_weights(p));
       packed_shape_ = s;
     }
