@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace moefy {
@@ -120,15 +121,17 @@ void dot_rows(const float* x, int64_t n, const float* w, const float* bias, int6
 // neurons. Layer 2: rows = m, a = h, w = a chunk of output columns. Contiguous panels stream from memory
 // (no page-sized strides) and stay in cache while every token group of the expert uses them.
 template <int TB, int V>
-inline void panel_block(const float* const* a, int64_t rows, const float* panel, float* const* out, bool accumulate) {
+inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const float* panel, float* const* out,
+                        bool accumulate, const char* prefetch, int64_t prefetch_per_row) {
   v16f acc[TB][V];
   for (int t = 0; t < TB; ++t)
     for (int v = 0; v < V; ++v) acc[t][v] = accumulate ? load16(out[t] + 16 * v) : v16f{};
   for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < prefetch_per_row; ++q) __builtin_prefetch(prefetch + (r * prefetch_per_row + q) * 64);
     v16f w[V];
     for (int v = 0; v < V; ++v) w[v] = load16(panel + r * 16 * V + 16 * v);
     for (int t = 0; t < TB; ++t) {
-      v16f av = splat16(a[t][r]);
+      v16f av = splat16(a[t][r0 + r]);
       for (int v = 0; v < V; ++v) acc[t][v] += av * w[v];
     }
   }
@@ -136,30 +139,51 @@ inline void panel_block(const float* const* a, int64_t rows, const float* panel,
     for (int v = 0; v < V; ++v) store16(out[t] + 16 * v, acc[t][v]);
 }
 
+// Rows per step. Panels stream from memory once per expert; while the token groups compute on one step's
+// rows they prefetch the next step's, spread over the groups, so memory traffic overlaps the math.
+constexpr int64_t kRowStep = 64;
+
 template <int V>
-void panel_tokens(const float* const* a, int64_t n, int64_t rows, const float* panel, float* const* out,
-                  bool accumulate) {
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) panel_block<8, V>(a + t, rows, panel, out + t, accumulate);
-  for (; t + 4 <= n; t += 4) panel_block<4, V>(a + t, rows, panel, out + t, accumulate);
-  for (; t < n; ++t) panel_block<1, V>(a + t, rows, panel, out + t, accumulate);
+void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, const float* panel,
+                  float* const* out, bool accumulate, const char* next, int64_t next_lines) {
+  const int64_t groups = n / 8 + (n % 8) / 4 + n % 4;
+  const int64_t per_row = (next_lines + groups * rows - 1) / (groups * rows);  // cache lines per row
+  int64_t t = 0, g = 0;
+  auto run = [&](auto tb) {
+    constexpr int TB = decltype(tb)::value;
+    const int64_t first = g * rows * per_row;
+    const int64_t count = first < next_lines ? per_row : 0;
+    panel_block<TB, V>(a + t, r0, rows, panel, out + t, accumulate, next + first * 64, count);
+    t += TB, ++g;
+  };
+  while (t + 8 <= n) run(std::integral_constant<int, 8>{});
+  while (t + 4 <= n) run(std::integral_constant<int, 4>{});
+  while (t < n) run(std::integral_constant<int, 1>{});
 }
 
 // Panel widths over `cols` columns (a multiple of 16): 48 while they fit, then 16.
 inline int64_t panel_width(int64_t c, int64_t cols) { return c + 48 <= cols ? 48 : 16; }
 
-// out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols; `packed` holds the panels back to back.
-// `out` rows are shifted per panel through `shifted` (scratch of n pointers).
+// out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols; `packed` holds the panels back to back
+// ([rows, w] each). `out` rows are shifted per panel through `shifted` (scratch of n pointers).
 void apply_panels(const float* const* a, int64_t n, int64_t rows, const float* packed, int64_t cols,
                   float* const* out, bool accumulate, std::vector<float*>& shifted) {
   shifted.resize(n);
   for (int64_t c = 0; c < cols;) {
     const int64_t w = panel_width(c, cols);
+    const float* panel = packed + rows * c;
     for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
-    if (w == 48)
-      panel_tokens<3>(a, n, rows, packed + rows * c, shifted.data(), accumulate);
-    else
-      panel_tokens<1>(a, n, rows, packed + rows * c, shifted.data(), accumulate);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowStep) {
+      const int64_t step = std::min(kRowStep, rows - r0);
+      const float* chunk = panel + r0 * w;
+      // The next bytes of the packed stream: this panel's next step, else the next panel or expert.
+      const char* next = reinterpret_cast<const char*>(chunk + step * w);
+      const int64_t next_lines = kRowStep * w / 16;
+      if (w == 48)
+        panel_tokens<3>(a, n, r0, step, chunk, shifted.data(), accumulate || r0 > 0, next, next_lines);
+      else
+        panel_tokens<1>(a, n, r0, step, chunk, shifted.data(), accumulate || r0 > 0, next, next_lines);
+    }
     c += w;
   }
 }
