@@ -29,6 +29,10 @@ demo: setup
 		$(OUT)/minilm-moe.onnx --experts 32 --top-k 8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx --out $(OUT)
 
+# The operator alone vs the dense FFN: shapes x active share x tokens x threads (several minutes).
+bench: setup
+	$(BIN)/python benchmarks/bench_ops.py --out $(OUT)
+
 test: setup
 	cd tests && ../$(BIN)/python -m pytest -q
 

@@ -31,7 +31,7 @@ def make_inputs(rng, *, lead=(7,), d=24, E=6, m=5, gated=False, router="weights"
         a["Wg"], a["Bg"] = f(E, m, d) / np.sqrt(d), f(E, m) * 0.1
     if unselected:
         a["unselected_bias"] = f(E, d) * 0.1
-    return a
+    return {k: v.astype(np.float32) for k, v in a.items()}  # numpy scalars would promote to float64
 
 
 def near_tie_tokens(a, k, gap=1e-4):

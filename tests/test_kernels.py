@@ -88,3 +88,13 @@ def test_reference_equals_dense_ffn_when_k_is_e(rng):
     w1, w2 = a["W1"].reshape(-1, 16), a["W2"].reshape(-1, 16)
     dense = reference.ACTIVATION_FUNCTIONS["gelu"](x @ w1.T + a["B1"].reshape(-1)) @ w2 + a["B2"]
     np.testing.assert_allclose(reference.sparse_expert_ffn(a, top_k=4), dense, rtol=1e-5, atol=1e-5)
+
+
+@requires_cpp
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_cpp_weights_fed_at_run_time(gated, rng):
+    """Weights that are graph inputs (not initializers) are packed per call, and a router_w input is not
+    packed at all: both paths must give the reference's answer."""
+    a = make_inputs(rng, lead=(37,), d=40, E=8, m=20, gated=gated, unselected=True)
+    got = run_cpp(a, feeds=[p.name for p in spec.INPUTS], top_k=3, activation="silu")
+    assert_matches_reference(got, a, top_k=3, activation="silu")
