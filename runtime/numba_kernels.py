@@ -1,82 +1,344 @@
-"""Numba kernels of ``SparseExpertFFN`` (same algorithm as cpp_ops/kernels/sparse_ffn.cc).
+"""Numba kernels of ``SparseExpertFFN`` (same contract as runtime/reference.py).
 
-Tokens are grouped by expert (counting sort), experts are processed in parallel, and each
-thread accumulates into its own output buffer (``numba.get_thread_id``), so no two threads
-write the same row. Compiled once and cached on disk (``cache=True``).
+Same plan as cpp_ops/kernels/sparse_ffn.cc: tokens are grouped by expert (counting sort) into blocks
+of <= 64 tokens, so each expert's weights are read once per block rather than once per token; blocks
+are dealt to the workers heaviest first (static longest-processing-time schedule); every worker
+accumulates into its own output buffer (worker 0 straight into Y), summed at the end.
+
+What differs from the C++ kernel is the shape of the inner loops, chosen for what Numba/LLVM
+vectorizes well (Numba has no SIMD types, but LLVM vectorizes a reduction loop with many scalar
+accumulators under fastmath):
+
+* both layers are "dot blocks": 4 tokens x 4 weight rows, 16 scalar accumulators, one loop along the
+  contiguous dimension -> 16 vector accumulators, 8 vector loads per 16 FMAs;
+* layer 1 reads W1 / Wg as given ([E, m, d], rows contiguous along d) in chunks of d so the current
+  rows stay in L1/L2 while every token group of the block uses them;
+* layer 2 runs as axpy over the original W2: 4 tokens x 4 neurons per pass, in 512-column chunks
+  that stay in L2 (a variant on a transposed, packed W2 measured no faster end to end);
+* activations are branch-free rational approximations (Eigen's erf and tanh, |error| < 5e-7) that
+  vectorize, instead of scalar libm calls;
+* the whole call (router, top-k, sort, schedule, experts, reduction) is one compiled function, and
+  shape checking is memoized per (shapes, attributes), so small calls pay little Python overhead.
+
+Compiled once and cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
-import math
+import os
 from typing import Mapping
 
-import numba
+# Numba's default threading layer here is OpenMP (libgomp). With the default wait policy its idle
+# workers spin, and on a busy 2-core machine a 2-thread parallel region then costs ~8 ms instead of
+# ~5 us (measured). Passive waiting must be chosen before the OpenMP runtime starts; an explicit
+# setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numba  # noqa: E402
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange  # noqa: E402
 
 from . import spec
 
 ACTIVATION_CODES = {name: i for i, name in enumerate(spec.ACTIVATIONS)}
 _TOKEN_BLOCK = 64  # tokens per work item: bounds scratch and balances threads
+_D_CHUNK = 512
+_OUT_CHUNK = 512  # layer-2 (axpy) output chunk: W2[e][:, chunk] stays in L2 for all token groups  # layer-1 reduction chunk (floats): 4 weight rows + a token group's rows stay in L1/L2
+_EMPTY1 = np.zeros(0, np.float32)
 _EMPTY2 = np.zeros((0, 0), np.float32)
 _EMPTY3 = np.zeros((0, 0, 0), np.float32)
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _act(z, code):
-    """relu | gelu (erf) | gelu_tanh | silu, by spec.ACTIVATIONS index."""
+# ----------------------------------------------------------------------------------------- activations
+@njit(cache=True, error_model="numpy", fastmath=True, inline="always")
+def _erf(x):
+    """erf, Eigen's float rational approximation (|error| < 5e-7); vectorizes."""
+    lim = np.float32(4.0)
+    x = x if x < lim else lim
+    x = x if x > -lim else -lim
+    x2 = x * x
+    p = np.float32(-2.72614225801306e-10)
+    p = p * x2 + np.float32(2.77068142495902e-08)
+    p = p * x2 + np.float32(-2.10102402082508e-06)
+    p = p * x2 + np.float32(-5.69250639462346e-05)
+    p = p * x2 + np.float32(-7.34990630326855e-04)
+    p = p * x2 + np.float32(-2.95459980854025e-03)
+    p = p * x2 + np.float32(-1.60960333262415e-02)
+    q = np.float32(-1.45660718464996e-05)
+    q = q * x2 + np.float32(-2.13374055278905e-04)
+    q = q * x2 + np.float32(-1.68282697438203e-03)
+    q = q * x2 + np.float32(-7.37332916720468e-03)
+    q = q * x2 + np.float32(-1.42647390514189e-02)
+    return x * p / q
+
+
+@njit(cache=True, error_model="numpy", fastmath=True, inline="always")
+def _tanh(x):
+    """tanh, Eigen's float rational approximation (|error| < 5e-7); vectorizes."""
+    lim = np.float32(7.90531110763549805)
+    x = x if x < lim else lim
+    x = x if x > -lim else -lim
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return x * p / q
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _act_flat(z, code, out, gated):
+    """out[i] = act(z[i]) (plain) or act(z[i]) * out[i] (gated); 1-D contiguous, vectorizes."""
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    n = z.shape[0]
     if code == 0:
-        return max(z, 0.0)
-    if code == 1:
-        return 0.5 * z * (1.0 + math.erf(z * 0.7071067811865476))
-    if code == 2:
-        return 0.5 * z * (1.0 + math.tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    return z / (1.0 + math.exp(-z))
+        if gated:
+            for i in range(n):
+                v = z[i]
+                out[i] = (v if v > np.float32(0.0) else np.float32(0.0)) * out[i]
+        else:
+            for i in range(n):
+                v = z[i]
+                out[i] = v if v > np.float32(0.0) else np.float32(0.0)
+    elif code == 1:
+        if gated:
+            for i in range(n):
+                v = z[i]
+                out[i] = half * v * (one + _erf(v * np.float32(0.7071067811865476))) * out[i]
+        else:
+            for i in range(n):
+                v = z[i]
+                out[i] = half * v * (one + _erf(v * np.float32(0.7071067811865476)))
+    elif code == 2:
+        c0, c1 = np.float32(0.7978845608028654), np.float32(0.044715)
+        if gated:
+            for i in range(n):
+                v = z[i]
+                out[i] = half * v * (one + _tanh(c0 * (v + c1 * v * v * v))) * out[i]
+        else:
+            for i in range(n):
+                v = z[i]
+                out[i] = half * v * (one + _tanh(c0 * (v + c1 * v * v * v)))
+    else:  # silu(z) = z * sigmoid(z) = z/2 * (1 + tanh(z/2))
+        if gated:
+            for i in range(n):
+                v = z[i]
+                out[i] = half * v * (one + _tanh(half * v)) * out[i]
+        else:
+            for i in range(n):
+                v = z[i]
+                out[i] = half * v * (one + _tanh(half * v))
 
 
-@njit(cache=True)
-def _better(a, b):
-    """NaN ranks below every number; equal scores keep the earlier (lower) index."""
-    if math.isnan(b):
-        return not math.isnan(a)
-    return a > b
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _activate(h, n, code, gate):
+    """h[:n] = act(h[:n]) (plain) or act(gate[:n]) * h[:n] (gated: gate non-empty)."""
+    cols = h.shape[1]
+    hf = h.reshape(h.shape[0] * cols)[:n * cols]
+    if gate.shape[0] > 0:
+        _act_flat(gate.reshape(gate.shape[0] * cols)[:n * cols], code, hf, True)
+    else:
+        _act_flat(hf, code, hf, False)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _scores(x, router_w, router_b):
-    """s[t, e] = <x[t], router_w[e]> + router_b[e]"""
-    T, E = x.shape[0], router_w.shape[0]
-    s = np.empty((T, E), np.float32)
-    for t in prange(T):
-        for e in range(E):
-            acc = np.float32(0.0)
-            for i in range(x.shape[1]):
-                acc += x[t, i] * router_w[e, i]
-            s[t, e] = acc + router_b[e]
+# ------------------------------------------------------------------------------------------ dot blocks
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _dot44(a, r0, r1, r2, r3, b, c, i0, i1):
+    """The 16 dot products <a[r_p, i0:i1], b[c + q, i0:i1]>: one loop, 16 vector accumulators."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+    for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no wraparound check, so no gathers
+        w0, w1, w2, w3 = b[c, i], b[c + 1, i], b[c + 2, i], b[c + 3, i]
+        x = a[r0, i]
+        s00 += x * w0
+        s01 += x * w1
+        s02 += x * w2
+        s03 += x * w3
+        x = a[r1, i]
+        s10 += x * w0
+        s11 += x * w1
+        s12 += x * w2
+        s13 += x * w3
+        x = a[r2, i]
+        s20 += x * w0
+        s21 += x * w1
+        s22 += x * w2
+        s23 += x * w3
+        x = a[r3, i]
+        s30 += x * w0
+        s31 += x * w1
+        s32 += x * w2
+        s33 += x * w3
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _dot14(a, r0, b, c, i0, i1):
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no wraparound check, so no gathers
+        x = a[r0, i]
+        s0 += x * b[c, i]
+        s1 += x * b[c + 1, i]
+        s2 += x * b[c + 2, i]
+        s3 += x * b[c + 3, i]
+    return s0, s1, s2, s3
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _dot11(a, r0, b, c, i0, i1):
+    s = np.float32(0.0)
+    for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no wraparound check, so no gathers
+        s += a[r0, i] * b[c, i]
     return s
 
 
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _rows_dot(a, rows, n, w, i0, i1, out):
+    """out[r, c] += <a[rows[r], i0:i1], w[c, i0:i1]> for r < n, c < w.shape[0] (rows None-like: identity)."""
+    nc = w.shape[0]
+    n4, c4 = n - n % 4, nc - nc % 4
+    for c in range(0, c4, 4):
+        for r in range(0, n4, 4):
+            s = _dot44(a, rows[r], rows[r + 1], rows[r + 2], rows[r + 3], w, c, i0, i1)
+            for p in range(4):
+                o = out[r + p]
+                o[c] += s[4 * p]
+                o[c + 1] += s[4 * p + 1]
+                o[c + 2] += s[4 * p + 2]
+                o[c + 3] += s[4 * p + 3]
+        for r in range(n4, n):
+            s0, s1, s2, s3 = _dot14(a, rows[r], w, c, i0, i1)
+            out[r, c] += s0
+            out[r, c + 1] += s1
+            out[r, c + 2] += s2
+            out[r, c + 3] += s3
+    for c in range(c4, nc):
+        for r in range(n):
+            out[r, c] += _dot11(a, rows[r], w, c, i0, i1)
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _first_layer(x, rows, n, w, bias, h):
+    """h[r, :m] = bias + w @ x[rows[r]] (w [m, d]); h's padding columns stay 0."""
+    d = x.shape[1]
+    m = w.shape[0]
+    for r in range(n):
+        for j in range(m):
+            h[r, j] = bias[j]
+        for j in range(m, h.shape[1]):
+            h[r, j] = 0.0
+    for i0 in range(0, d, _D_CHUNK):
+        _rows_dot(x, rows, n, w, i0, min(d, i0 + _D_CHUNK), h)
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _second_layer_rows(h, n, m, w2, rows, out):
+    """out[rows[r], :] += sum_j h[r, j] * w2[j, :] (w2 [m, d] as given): axpy, 4 tokens per pass."""
+    d = w2.shape[1]
+    for i0 in range(0, d, _OUT_CHUNK):  # this W2 column chunk stays in L2 for all token groups
+        i1 = min(d, i0 + _OUT_CHUNK)
+        n4, m4 = n - n % 4, m - m % 4
+        for r in range(0, n4, 4):
+            o0, o1, o2, o3 = out[rows[r]], out[rows[r + 1]], out[rows[r + 2]], out[rows[r + 3]]
+            for j in range(0, m4, 4):
+                h00, h01, h02, h03 = h[r, j], h[r, j + 1], h[r, j + 2], h[r, j + 3]
+                h10, h11, h12, h13 = h[r + 1, j], h[r + 1, j + 1], h[r + 1, j + 2], h[r + 1, j + 3]
+                h20, h21, h22, h23 = h[r + 2, j], h[r + 2, j + 1], h[r + 2, j + 2], h[r + 2, j + 3]
+                h30, h31, h32, h33 = h[r + 3, j], h[r + 3, j + 1], h[r + 3, j + 2], h[r + 3, j + 3]
+                w0, w1, w2_, w3 = w2[j], w2[j + 1], w2[j + 2], w2[j + 3]
+                for i in range(np.uint64(i0), np.uint64(i1)):
+                    a, b, c, e = w0[i], w1[i], w2_[i], w3[i]
+                    o0[i] += h00 * a + h01 * b + h02 * c + h03 * e
+                    o1[i] += h10 * a + h11 * b + h12 * c + h13 * e
+                    o2[i] += h20 * a + h21 * b + h22 * c + h23 * e
+                    o3[i] += h30 * a + h31 * b + h32 * c + h33 * e
+            for j in range(m4, m):
+                h0, h1, h2, h3 = h[r, j], h[r + 1, j], h[r + 2, j], h[r + 3, j]
+                wj = w2[j]
+                for i in range(np.uint64(i0), np.uint64(i1)):
+                    v = wj[i]
+                    o0[i] += h0 * v
+                    o1[i] += h1 * v
+                    o2[i] += h2 * v
+                    o3[i] += h3 * v
+        for r in range(n4, n):
+            o0 = out[rows[r]]
+            for j in range(m):
+                h0 = h[r, j]
+                wj = w2[j]
+                for i in range(np.uint64(i0), np.uint64(i1)):
+                    o0[i] += h0 * wj[i]
+
+
+# --------------------------------------------------------------------------------------------- routing
 @njit(cache=True)
-def select_top_k(scores, k):
-    """Indices [T, k] of the k largest scores per row (ties to the lower index, NaN last)."""
-    T, E = scores.shape
+def _better(a, b):
+    """NaN ranks below every number; equal scores keep the earlier (lower) index."""
+    if np.isnan(b):
+        return not np.isnan(a)
+    return a > b
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _router_scores(x, router_w, router_b, t0, t1, s):
+    """s[t0:t1] = x[t0:t1] @ router_w.T + router_b."""
+    n = t1 - t0
+    iota = np.arange(t0, t1).astype(np.int32)
+    out = s[t0:t1]
+    for r in range(n):
+        for e in range(router_w.shape[0]):
+            out[r, e] = router_b[e]
+    _rows_dot(x, iota, n, router_w, 0, x.shape[1], out)
+
+
+@njit(cache=True)
+def _select(s, k, t, sel, taken):
+    E = s.shape[1]
+    taken[:] = False
+    for j in range(k):
+        best = -1
+        for e in range(E):
+            if not taken[e] and (best < 0 or _better(s[t, e], s[t, best])):
+                best = e
+        taken[best] = True
+        sel[t, j] = best
+
+
+# ---------------------------------------------------------------------------------------- whole call
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=True)
+def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, k, act, workers, y):
+    """y[T, d] = the operator. Arrays absent from the call are empty (bias arrays are always given)."""
+    T, d = x.shape
+    E, m = w1.shape[0], w1.shape[1]
+    gated = wg.shape[0] > 0
+    has_ub = ub.shape[0] > 0
+    mp = (m + 15) // 16 * 16
+
+    # ---- routing: scores (parallel over token ranges when computed), then top-k per token
+    if scores.shape[0] == 0:
+        s = np.empty((T, E), np.float32)
+        parts = min(workers, (T + 3) // 4)
+        for p in prange(parts):
+            t0 = (T * p // parts + 3) // 4 * 4 if p > 0 else 0
+            t1 = (T * (p + 1) // parts + 3) // 4 * 4 if p + 1 < parts else T
+            t1 = min(t1, T)
+            if t0 < t1:
+                _router_scores(x, router_w, router_b, t0, t1, s)
+    else:
+        s = scores
     sel = np.empty((T, k), np.int32)
     taken = np.zeros(E, np.bool_)
     for t in range(T):
-        taken[:] = False
-        for j in range(k):
-            best = -1
-            for e in range(E):
-                if not taken[e] and (best < 0 or _better(scores[t, e], scores[t, best])):
-                    best = e
-            taken[best] = True
-            sel[t, j] = best
-    return sel
+        _select(s, k, t, sel, taken)
 
-
-@njit(cache=True)
-def _blocks(sel, E, block):
-    """Counting sort of (token, expert) pairs by expert, cut into blocks of <= block tokens."""
-    T, k = sel.shape
+    # ---- counting sort of (token, expert) pairs by expert; blocks of <= _TOKEN_BLOCK tokens
     start = np.zeros(E + 1, np.int64)
     for t in range(T):
         for j in range(k):
@@ -90,79 +352,131 @@ def _blocks(sel, E, block):
             e = sel[t, j]
             tokens[fill[e]] = t
             fill[e] += 1
-    n_blocks = 0
+    nb = 0
     for e in range(E):
-        n_blocks += (start[e + 1] - start[e] + block - 1) // block
-    blocks = np.empty((n_blocks, 3), np.int64)  # expert, begin, count
+        nb += (start[e + 1] - start[e] + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK
+    b_e = np.empty(nb, np.int64)
+    b_begin = np.empty(nb, np.int64)
+    b_n = np.empty(nb, np.int64)
     b = 0
     for e in range(E):
         p = start[e]
         while p < start[e + 1]:
-            blocks[b, 0], blocks[b, 1], blocks[b, 2] = e, p, min(block, start[e + 1] - p)
-            p += block
+            b_e[b], b_begin[b], b_n[b] = e, p, min(_TOKEN_BLOCK, start[e + 1] - p)
+            p += _TOKEN_BLOCK
             b += 1
-    return tokens, blocks
 
+    # ---- static schedule: heaviest block first, to the least-loaded worker (cost ~ weights + tokens)
+    W = max(1, min(workers, nb))
+    order = np.argsort(-b_n, kind="mergesort")
+    owner = np.empty(nb, np.int64)
+    load = np.zeros(W, np.int64)
+    for q in range(nb):
+        bi = order[q]
+        w = 0
+        for v in range(1, W):
+            if load[v] < load[w]:
+                w = v
+        owner[bi] = w
+        load[w] += b_n[bi] + 4
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _experts(x, w1, b1, w2, wg, bg, ub, gated, has_ub, act, tokens, blocks, acc):
-    """acc[thread, t] += sum over the blocks of expert e holding t of (W2[e].T h_e(x_t) - U[e])."""
-    d, m = x.shape[1], w1.shape[1]
-    for bi in prange(blocks.shape[0]):
-        out = acc[numba.get_thread_id()]
-        e, begin, n = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2]
-        h = np.empty((n, m), np.float32)
-        for r in range(n):
-            xt = x[tokens[begin + r]]
-            for j in range(m):
-                up = b1[e, j]
-                for i in range(d):
-                    up += xt[i] * w1[e, j, i]
-                if gated:
-                    g = bg[e, j]
-                    for i in range(d):
-                        g += xt[i] * wg[e, j, i]
-                    h[r, j] = _act(g, act) * up
-                else:
-                    h[r, j] = _act(up, act)
-        for r in range(n):
-            yt = out[tokens[begin + r]]
-            for j in range(m):
-                hj = h[r, j]
-                for i in range(d):
-                    yt[i] += hj * w2[e, j, i]
+    # ---- output base: B2 + sum_e U[e]; selected experts add (their output - U[e])
+    base = np.zeros(d, np.float32)
+    for i in range(d):
+        base[i] = b2[i]
+    if has_ub:
+        for e in range(E):
+            for i in range(d):
+                base[i] += ub[e, i]
+    for t in range(T):
+        for i in range(d):
+            y[t, i] = base[i]
+    partial = np.zeros((W - 1, T, d), np.float32)
+
+    for w in prange(W):
+        out = y if w == 0 else partial[w - 1]
+        h = np.empty((_TOKEN_BLOCK, mp), np.float32)
+        g = np.empty((_TOKEN_BLOCK, mp), np.float32) if gated else np.empty((0, 0), np.float32)
+        for q in range(nb):
+            bi = order[q]
+            if owner[bi] != w:
+                continue
+            e, n = b_e[bi], b_n[bi]
+            rows = tokens[b_begin[bi]:b_begin[bi] + n]
+            _first_layer(x, rows, n, w1[e], b1[e], h)
+            if gated:
+                _first_layer(x, rows, n, wg[e], bg[e], g)
+            _activate(h, n, act, g)
+            _second_layer_rows(h, n, m, w2[e], rows, out)
             if has_ub:
+                for r in range(n):
+                    o = out[rows[r]]
+                    for i in range(d):
+                        o[i] -= ub[e, i]
+
+    if W > 1:
+        for t in prange(T):
+            for v in range(W - 1):
+                pv = partial[v, t]
                 for i in range(d):
-                    yt[i] -= ub[e, i]
+                    y[t, i] += pv[i]
+
+
+# ---------------------------------------------------------------------------------------------- Python
+_CHECKED: dict = {}
+
+
+def _check(inputs, attrs):
+    """spec.check_arrays, memoized on (shapes, attributes): the checks depend on nothing else."""
+    key = (tuple(None if inputs.get(n) is None else tuple(inputs[n].shape) for n in spec.INPUT_INDEX),
+           tuple(sorted(attrs.items())))
+    try:
+        return _CHECKED[key]
+    except (KeyError, TypeError):
+        pass
+    got = spec.check_arrays(inputs, attrs)
+    try:
+        if len(_CHECKED) > 256:
+            _CHECKED.clear()
+        _CHECKED[key] = got
+    except TypeError:  # unhashable attribute values: no memo
+        pass
+    return got
+
+
+def _f32(a):
+    return a if (type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous) \
+        else np.ascontiguousarray(a, np.float32)
 
 
 def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.ndarray:
-    """Evaluate the operator with the Numba kernels; same contract as reference.sparse_expert_ffn."""
-    attrs, dims = spec.check_arrays(inputs, attrs)
+    """Evaluate the operator with the Numba kernels; same contract as reference.sparse_expert_ffn.
+    """
+    attrs, dims = _check(inputs, attrs)
     T, d, E, m = dims.tokens, dims.d, dims.experts, dims.m
-    f32 = lambda n, empty: empty if inputs.get(n) is None else np.ascontiguousarray(inputs[n], np.float32)  # noqa
-    x = np.ascontiguousarray(inputs["X"], np.float32).reshape(T, d)
-    w1, w2 = f32("W1", _EMPTY3), f32("W2", _EMPTY3)
-    b1 = f32("B1", None)
-    b1 = np.zeros((E, m), np.float32) if b1 is None else b1
-    wg, bg = f32("Wg", _EMPTY3), f32("Bg", None)
-    gated = inputs.get("Wg") is not None
-    bg = np.zeros((E, m), np.float32) if bg is None else bg
-    ub = f32("unselected_bias", _EMPTY2)
-    has_ub = inputs.get("unselected_bias") is not None
-
-    if inputs.get("router_scores") is not None:
-        scores = f32("router_scores", None).reshape(T, E)
+    get = inputs.get
+    x = _f32(inputs["X"]).reshape(T, d)
+    w1 = _f32(inputs["W1"])
+    w2 = _f32(inputs["W2"])
+    b1 = get("B1")
+    b1 = np.zeros((E, m), np.float32) if b1 is None else _f32(b1)
+    wg = get("Wg")
+    wg = _EMPTY3 if wg is None else _f32(wg)
+    bg = get("Bg")
+    bg = np.zeros((E, m), np.float32) if bg is None else _f32(bg)
+    b2 = get("B2")
+    b2 = np.zeros(d, np.float32) if b2 is None else _f32(b2)
+    ub = get("unselected_bias")
+    ub = _EMPTY2 if ub is None else _f32(ub)
+    rs = get("router_scores")
+    if rs is not None:
+        scores, rw, rb = _f32(rs).reshape(T, E), _EMPTY2, _EMPTY1
     else:
-        rb = f32("router_b", None)
-        scores = _scores(x, f32("router_w", None), np.zeros(E, np.float32) if rb is None else rb)
-    sel = select_top_k(scores, int(attrs["top_k"]))
-    tokens, blocks = _blocks(sel, E, _TOKEN_BLOCK)
-    acc = np.zeros((numba.get_num_threads(), T, d), np.float32)
-    _experts(x, w1, b1, w2, wg, bg, ub, gated, has_ub, ACTIVATION_CODES[attrs["activation"]], tokens, blocks, acc)
-    y = acc.sum(axis=0)
-    if inputs.get("B2") is not None:
-        y += np.asarray(inputs["B2"], np.float32)
-    if has_ub:
-        y += ub.sum(axis=0)
+        rb = get("router_b")
+        scores, rw = _EMPTY2, _f32(get("router_w"))
+        rb = np.zeros(E, np.float32) if rb is None else _f32(rb)
+    y = np.empty((T, d), np.float32)
+    if T:
+        _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, rw, rb, int(attrs["top_k"]),
+             ACTIVATION_CODES[attrs["activation"]], numba.get_num_threads(), y)
     return y.reshape(np.shape(inputs["X"]))
