@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .export import TARGETS, export
+from .moefy import CORRECTIONS, ROUTERS, SPLITS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,11 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); "
                          "standard: standard ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX "
                          "Runtime but computes every expert (default custom)")
-    ap.add_argument("--correction", choices=("none", "mean"), default="none",
+    ap.add_argument("--split", choices=SPLITS, default="param",
+                    help="param: balanced k-means over normalised first-layer rows (MoEfication); coact: "
+                         "neurons whose output deviations move together on calibration text (default param)")
+    ap.add_argument("--router", choices=ROUTERS, default="centroid",
+                    help="centroid: similarity to each expert's mean first-layer row (MoEfication); ls: a linear "
+                         "router fitted by least squares to each expert's output deviation on calibration text "
+                         "(default centroid)")
+    ap.add_argument("--correction", choices=CORRECTIONS, default="none",
                     help="none: a skipped expert contributes nothing; mean: it contributes its mean output on "
-                         "calibration text, since skipped GELU/SiLU neurons are not zero. Experimental: it lowers "
-                         "each layer's FFN error, but with the centroid router it lowers all-MiniLM-L6-v2's "
-                         "end-to-end embedding cosine (0.68 -> 0.30) (default none)")
+                         "calibration text, since skipped GELU/SiLU neurons are not zero (default none)")
     ap.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text, one sample per line (default: "
                                                     "sentences from Python's standard-library docstrings); "
                                                     "validation always uses built-in held-out sentences")
@@ -47,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
-                        correction=args.correction, calib=args.calib, save_moefied_dir=args.save_moefied_dir,
-                        seed=args.seed, backend=args.backend, rtol=args.rtol, progress=not args.quiet, log=log)
+                        split=args.split, router=args.router, correction=args.correction, calib=args.calib,
+                        save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol, progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2

@@ -23,8 +23,8 @@ class MoEConfig:
     model_type: str
     num_layers: int
     intermediate_size: int
-    split: str = "balanced_kmeans"
-    router: str = "centroid"
+    split: str = "param"  # "param": balanced k-means on W1 rows; "coact": co-activation on calibration text
+    router: str = "centroid"  # "centroid": MoEfication's similarity router; "ls": least-squares fitted
     correction: str = "none"  # "mean": skipped experts add their mean calibration output
     seed: int = 0
     op_domain: str = spec.DOMAIN

@@ -33,6 +33,15 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k: 
     return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
 
 
+def routing_margin(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per token, (k-th best - (k+1)-th best score) / max |score|: how far the selection is from a tie.
+    Near zero, float32 rounding may pick either expert, legitimately, in another implementation."""
+    if top_k >= scores.shape[-1]:
+        return torch.full(scores.shape[:-1], float("inf"))
+    top = scores.topk(top_k + 1, dim=-1).values
+    return (top[..., top_k - 1] - top[..., top_k]) / scores.abs().amax(-1).clamp_min(1e-30)
+
+
 class _SparseExpertFFNFunction(torch.autograd.Function):
     """Carries the custom node through the TorchScript-based ONNX exporter."""
 
@@ -71,10 +80,14 @@ class MoEFFN(nn.Module):
         self.unselected_bias = None if unselected_bias is None else nn.Buffer(
             torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
         self.top_k, self.activation, self.target = top_k, activation, target
+        self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
+        self.gaps = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.w1, self.b1, self.w2, self.b2, self.router_w, self.router_b, self.unselected_bias,
                 self.top_k, self.activation)
         if self.target == "custom" and torch.onnx.is_in_onnx_export():
             return _SparseExpertFFNFunction.apply(*args)
+        if self.record_gaps:
+            self.gaps = routing_margin(x @ self.router_w.T + self.router_b, self.top_k)
         return masked_dense(*args)

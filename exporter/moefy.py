@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .adapters import FFNAdapter, adapter_for
 from .config import CONFIG_FILE, ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
-from .split import parameter_clustering
+from .routers import centroid_router, least_squares_router
+from .split import coactivation_split, parameter_clustering
 
 
 class ModelLoadError(ValueError):
@@ -64,16 +65,47 @@ def check_split(experts: int, top_k: int, width: int | None = None) -> None:
         raise ValueError(f"--experts must divide the FFN width {width}, got {experts}")
 
 
-def moefy(model, adapter: FFNAdapter, config: MoEConfig, *, progress: bool = True) -> dict[str, np.ndarray]:
-    """Permute each FFN's neurons into contiguous expert blocks (in place; the dense model's function
-    is unchanged) and return the routers {layer.i.router_w: [E, d], layer.i.router_b: [E]}."""
+SPLITS = ("param", "coact")
+ROUTERS = ("centroid", "ls")
+CORRECTIONS = ("none", "mean")
+
+
+def needs_calibration(config: MoEConfig) -> bool:
+    return config.split == "coact" or config.router == "ls" or config.correction == "mean"
+
+
+def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, progress: bool = True
+          ) -> dict[str, np.ndarray]:
+    """Split each FFN into experts (permuting its neurons in place into contiguous blocks; the dense
+    model's function is unchanged) and build the routers. Returns {layer.i.router_w [E, d],
+    layer.i.router_b [E], layer.i.unselected_bias [E, d] (correction "mean")}.
+
+    ``calib_batch`` (tokenized text) is needed for the co-activation split, the least-squares router
+    and the mean correction; FFN inputs are captured once, on the dense model.
+    """
+    from runtime.reference import ACTIVATION_FUNCTIONS
     check_split(config.experts, config.top_k, config.intermediate_size)
+    xs = ffn_inputs(model, adapter, calib_batch) if needs_calibration(config) else None
+    E, act = config.experts, ACTIVATION_FUNCTIONS[config.activation]
     routers = {}
     for i, layer in enumerate(tqdm(adapter.layers(model), desc="splitting FFNs into experts", disable=not progress)):
-        perm, centroids = parameter_clustering(adapter.read(layer).w1, config.experts, seed=config.seed)
+        ffn = adapter.read(layer)
+        x = None if xs is None else xs[i]
+        h = None if x is None else act(x @ ffn.w1.T + ffn.b1).astype(np.float32)
+        if config.split == "coact":
+            perm = coactivation_split(h, np.linalg.norm(ffn.w2, axis=1), E, seed=config.seed)
+        else:
+            perm = parameter_clustering(ffn.w1, E, seed=config.seed)
         adapter.permute(layer, perm)
-        routers[f"layer.{i}.router_w"] = centroids
-        routers[f"layer.{i}.router_b"] = np.zeros(config.experts, np.float32)
+        ffn = adapter.read(layer)
+        h = None if h is None else h[:, perm]
+        if config.router == "ls":
+            rw, rb = least_squares_router(x, h, ffn.w2, E)
+        else:
+            rw, rb = centroid_router(ffn.w1, E)
+        routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"] = rw, rb
+        if config.correction == "mean":
+            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, rw, rb, x, h, config)
     return routers
 
 
@@ -92,26 +124,16 @@ def ffn_inputs(model, adapter: FFNAdapter, batch) -> list[np.ndarray]:
     return [x.numpy()[mask] for x in captured]
 
 
-def mean_correction(ffn, router_w, router_b, x: np.ndarray, config: MoEConfig) -> np.ndarray:
+def mean_correction(ffn, router_w, router_b, x: np.ndarray, h: np.ndarray, config: MoEConfig) -> np.ndarray:
     """unselected_bias [E, d]: each expert's mean output over the calibration tokens that did *not*
     select it (its mean over all tokens where none did). A skipped GELU/SiLU expert is not zero."""
-    from runtime.reference import ACTIVATION_FUNCTIONS, select_top_k
+    from runtime.reference import select_top_k
     E, m = config.experts, config.expert_size
-    h = ACTIVATION_FUNCTIONS[config.activation](x.astype(np.float64) @ ffn.w1.T + ffn.b1).reshape(-1, E, m)
     unselected = np.ones((len(x), E), bool)
     np.put_along_axis(unselected, select_top_k(x @ router_w.T + router_b, config.top_k), False, axis=1)
     weights = np.where(unselected.any(0), unselected, True).astype(np.float64)  # [N, E]
-    mean_h = np.einsum("ne,nem->em", weights, h) / weights.sum(0)[:, None]
+    mean_h = np.einsum("ne,nem->em", weights, h.reshape(len(x), E, m)) / weights.sum(0)[:, None]
     return np.einsum("em,emd->ed", mean_h, ffn.w2.reshape(E, m, -1)).astype(np.float32)
-
-
-def add_correction(model, adapter: FFNAdapter, config: MoEConfig, routers, calib_batch, *, progress=True) -> None:
-    """Adds layer.i.unselected_bias to ``routers`` (config.correction == "mean")."""
-    xs = ffn_inputs(model, adapter, calib_batch)
-    for i, layer in enumerate(tqdm(adapter.layers(model), desc="calibrating skipped-expert means",
-                                   disable=not progress)):
-        routers[f"layer.{i}.unselected_bias"] = mean_correction(
-            adapter.read(layer), routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"], xs[i], config)
 
 
 def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:

@@ -99,15 +99,17 @@ def test_minilm_round_trip(minilm_dir, tmp_path, target):
             np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-4)
 
 
-def test_mean_correction_exports_unselected_bias(tiny_bert_dir, tmp_path):
-    """--correction mean: the op gets an unselected_bias input (empty names fill the gap before it),
-    and ONNX still matches PyTorch on every backend."""
+@pytest.mark.parametrize("split,router", [("param", "centroid"), ("coact", "ls")])
+def test_calibrated_recipes_export_and_match(tiny_bert_dir, tmp_path, split, router):
+    """--correction mean (with either split and router): the op gets an unselected_bias input (empty
+    names fill the gap before it), and ONNX still matches PyTorch on every backend."""
     calib = tmp_path / "calib.txt"
     calib.write_text("the cat is on a mat\nit is for you\na dog and a cat\n")
     out = tmp_path / "corr.onnx"
-    report = export(tiny_bert_dir, out, experts=8, top_k=2, correction="mean", calib=calib, backend="numba",
-                    progress=False, log=lambda *a: None)
-    assert report.config.correction == "mean" and report.max_rel_diff <= 1e-4
+    report = export(tiny_bert_dir, out, experts=8, top_k=2, split=split, router=router, correction="mean",
+                    calib=calib, backend="numba", progress=False, log=lambda *a: None)
+    assert (report.config.split, report.config.router, report.config.correction) == (split, router, "mean")
+    assert report.max_rel_diff <= 1e-4 and report.validated_on >= 1
     node = next(n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN)
     names = [p.name for p in spec.INPUTS]
     assert len(node.input) == len(names) and node.input[names.index("unselected_bias")]
@@ -117,3 +119,17 @@ def test_mean_correction_exports_unselected_bias(tiny_bert_dir, tmp_path):
             for b in (["numba", "cpp"] if runtime.cpp_available() else ["numba"])]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_least_squares_router_scores_stay_on_the_targets_scale(rng):
+    """A near-constant input dimension (as in real hidden states) must not blow the router up: plain
+    least squares gave biases of ~3e4 whose float32 scores cancelled to noise."""
+    from exporter.routers import expert_deviation, least_squares_router
+    x = rng.standard_normal((500, 16))
+    x[:, 3] = 7.0 + 1e-6 * rng.standard_normal(500)  # outlier-like, nearly constant
+    w1, w2 = rng.standard_normal((32, 16)), rng.standard_normal((32, 16))
+    h = np.maximum(x @ w1.T, 0)
+    rw, rb = least_squares_router(x, h, w2, n_experts=4)
+    target = expert_deviation(h, w2, 4)
+    assert np.abs(rb).max() < 10 * np.abs(target).max()
+    assert np.abs(x @ rw.T + rb - target).mean() < np.abs(target - target.mean(0)).mean()
