@@ -23,11 +23,9 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
