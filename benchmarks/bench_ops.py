@@ -4,14 +4,17 @@ Backends (same experts, same router, one process, timed in rotating blocks: benc
   dense ORT     MatMul + Add + Gelu + MatMul + Add in ONNX Runtime (fused to BiasGelu by ORT)
   moefy cpp     SparseExpertFFN through the C++ custom-op library
   moefy numba   SparseExpertFFN through runtime.InferenceSession(backend="numba")
+  ... int8      the same with int8 expert weights and row scales (moe-export --weights int8)
   moefy std     the standard-ONNX export (TopK + masked dense; portable, computes every expert)
   ORT MoE       ONNX Runtime's com.microsoft::MoE fed the same experts and router scores (it weights the
                 selected experts by softmax: timing comparison only)
   torch eager   a per-expert index_select loop in PyTorch
 
 Methodology after optimum-benchmark: >= 10 warm-up runs, >= 10 timed runs and >= --min-seconds per case,
-p50/p90, thread count per row, machine described in the output. Writes bench_ops.json, bench_ops.md and
-bench_ops.png into --out.
+p50/p90, thread count per row, machine described in the output. Every call takes the next of --inputs
+different inputs, so the experts chosen change from call to call as with real traffic; --cold also evicts
+the caches before every timed call (a layer of a real model finds its weights in DRAM, not in the last-level
+cache). Writes bench_ops.json, bench_ops.md and bench_ops.png into --out.
 
     python benchmarks/bench_ops.py --out out            # full sweep (a few minutes)
     python benchmarks/bench_ops.py --shapes minilm --tokens 1 128 --threads 2 --shares 0.25
@@ -33,7 +36,9 @@ from onnx import TensorProto, helper, numpy_helper
 import runtime
 from runtime.session import default_options
 from runtime.single_op import single_op_model
-from timing import p50_p90, time_blocks
+from timing import CacheEvictor, last_level_cache_bytes, p50_p90, time_blocks
+
+from exporter.quantize import quantize_rows
 
 SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "4096x11008": (4096, 11008)}
 EXPERTS = 32
@@ -67,6 +72,14 @@ def make_weights(d: int, width: int, seed: int = 0) -> dict:
     w = {"W1": f(EXPERTS, m, d) / np.sqrt(d), "B1": f(EXPERTS, m) * 0.1, "W2": f(EXPERTS, m, d) / np.sqrt(width),
          "B2": f(d) * 0.1, "router_w": f(EXPERTS, d) / np.sqrt(d), "router_b": np.zeros(EXPERTS)}
     return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def int8_weights(w: dict) -> dict:
+    """The exporter's int8 experts (row scales) of the same weights."""
+    q = dict(w)
+    for name in ("W1", "W2"):
+        q[name], q[name + "_scale"] = (t.numpy() for t in quantize_rows(torch.from_numpy(w[name])))
+    return q
 
 
 def _model(nodes, inits, inputs=("X",), domains=()):
@@ -137,21 +150,32 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
     if runtime.cpp_available():
         sessions["moefy cpp"] = runtime.InferenceSession(op_model, backend="cpp", sess_options=so())
     sessions["moefy numba"] = runtime.InferenceSession(op_model, backend="numba", threads=threads)
+    if "int8" in args.weights:
+        q_model = single_op_model({"X": x_shape, **int8_weights(w)}, top_k=k, activation="gelu").SerializeToString()
+        if runtime.cpp_available():
+            sessions["moefy cpp int8"] = runtime.InferenceSession(q_model, backend="cpp", sess_options=so())
+        sessions["moefy numba int8"] = runtime.InferenceSession(q_model, backend="numba", threads=threads)
     sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
     sessions["ORT MoE"] = ort.InferenceSession(ort_moe_model(w, k), so(), providers=["CPUExecutionProvider"])
     eager = torch_sparse(w, k)
     rng = np.random.default_rng(1)
+    before = CacheEvictor() if args.cold else None
     rows = []
     for T in tokens_list:
-        x = rng.standard_normal((T, w["W1"].shape[2]), dtype=np.float32)
-        xt = torch.from_numpy(x)
-        fns = {name: (lambda s=s: s.run(None, {"X": x})) for name, s in sessions.items()}
-        fns["torch eager"] = lambda: eager(xt)
-        t = time_blocks(fns, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
+        xs = [rng.standard_normal((T, w["W1"].shape[2]), dtype=np.float32) for _ in range(args.inputs)]
+        xts = [torch.from_numpy(x) for x in xs]
+
+        def rotating(run):  # each call takes the next input
+            calls = iter(range(1 << 62))
+            return lambda: run(next(calls) % len(xs))
+        fns = {name: rotating(lambda i, s=s: s.run(None, {"X": xs[i]})) for name, s in sessions.items()}
+        fns["torch eager"] = rotating(lambda i: eager(xts[i]))
+        t = time_blocks(fns, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds, before=before)
         dense = p50_p90(t["dense ORT"])[0]
         for name, us in t.items():
             p50, p90 = p50_p90(us)
-            rows.append({"backend": name, "tokens": T, "threads": threads, "p50_us": p50, "p90_us": p90,
+            rows.append({"backend": name, "tokens": T, "threads": threads, "cache": "cold" if args.cold else "warm",
+                         "p50_us": p50, "p90_us": p90,
                          "runs": int(us.size), "speedup_vs_dense": dense / p50})
     return rows
 
@@ -188,6 +212,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--min-seconds", type=float, default=0.5)
+    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
+                    help="expert weight types to time for the moefy backends (float32 always runs)")
+    ap.add_argument("--inputs", type=int, default=8, help="different inputs, taken in turn call by call")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the caches (write 2x the last-level cache) before every timed call")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -213,7 +242,10 @@ def main(argv=None) -> int:
     lines = [f"| {r['shape']} | {r['share']:.1%} | {r['threads']} | {r['tokens']} | {r['backend']} | "
              f"{r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['speedup_vs_dense']:.2f}x | "
              f"{r['speedup_vs_dense'] * r['share']:.0%} |" for r in rows]
-    md = f"Op alone vs the dense FFN; {machine()}.\n\n" + "\n".join([header] + lines)
+    cache = ("caches evicted before every call" if args.cold else
+             f"warm caches: weights that fit the {last_level_cache_bytes() >> 20} MiB last-level cache stay there")
+    md = (f"Op alone vs the dense FFN; {machine()}; {args.inputs} inputs in turn; {cache}.\n\n"
+          + "\n".join([header] + lines))
     print(md)
     (out / "bench_ops.md").write_text(md + "\n")
     (out / "bench_ops.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))

@@ -17,9 +17,11 @@ SETTLE_SECONDS = 0.02  # longer than ONNX Runtime's spin-wait before its threads
 
 
 def time_blocks(fns: dict[str, Callable[[], object]], *, warmup: int = 10, iters: int = 10,
-                min_seconds: float = 0.5, rounds: int = 3) -> dict[str, np.ndarray]:
+                min_seconds: float = 0.5, rounds: int = 3,
+                before: Callable[[], object] | None = None) -> dict[str, np.ndarray]:
     """Per backend: ``warmup`` untimed runs, then at least ``iters`` timed runs and ``min_seconds`` of
-    timed work, spread over ``rounds`` rotating blocks. Returns microseconds per run."""
+    timed work, spread over ``rounds`` rotating blocks. ``before`` (untimed) runs ahead of every timed
+    run, e.g. to evict the caches. Returns microseconds per run."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -32,11 +34,35 @@ def time_blocks(fns: dict[str, Callable[[], object]], *, warmup: int = 10, iters
             time.sleep(SETTLE_SECONDS)
             f, start, n = fns[name], time.perf_counter(), 0
             while n < per_round_runs or time.perf_counter() - start < per_round_seconds:
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 f()
                 times[name].append(time.perf_counter() - t0)
                 n += 1
     return {k: np.asarray(v) * 1e6 for k, v in times.items()}
+
+
+class CacheEvictor:
+    """Writes a buffer twice the size of the last-level cache, so the next run reads its weights from DRAM,
+    as a layer of a real model does (the other layers' weights have been through the cache since)."""
+
+    def __init__(self, factor: float = 2.0):
+        self.buf = np.ones(int(factor * last_level_cache_bytes()) // 8, np.float64)
+
+    def __call__(self) -> None:
+        self.buf += 1.0
+
+
+def last_level_cache_bytes(default: int = 64 << 20) -> int:
+    """Size of the largest CPU cache (Linux sysfs), or ``default``."""
+    import glob
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=default)
 
 
 def p50_p90(us: np.ndarray) -> tuple[float, float]:

@@ -6,6 +6,7 @@ import sys
 
 from .export import TARGETS, export
 from .moefy import CORRECTIONS, ROUTERS, SPLITS
+from .quantize import WEIGHT_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--correction", choices=CORRECTIONS, default="none",
                     help="none: a skipped expert contributes nothing; mean: it contributes its mean output on "
                          "calibration text, since skipped GELU/SiLU neurons are not zero (default none)")
+    ap.add_argument("--weights", choices=WEIGHT_TYPES, default="float32",
+                    help="element type of the exported expert weights: int8 stores each weight row as int8 with a "
+                         "float scale (a quarter of the bytes; few-token latency is bound by reading them); needs "
+                         "--target custom (default float32)")
     ap.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text, one sample per line (default: "
                                                     "sentences from Python's standard-library docstrings); "
                                                     "validation always uses built-in held-out sentences")
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
                         split=args.split, router=args.router, correction=args.correction, calib=args.calib,
-                        save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol, progress=not args.quiet, log=log)
+                        save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol, weights=args.weights,
+                        progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from .config import MoEConfig
 from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_split, install_moe, last_hidden_state, load_model, moefy,
                     needs_calibration, save_moefied)
 from .moe_ffn import MoEFFN
+from .quantize import WEIGHT_TYPES
 from .text import SAMPLE_TEXTS, default_calibration_texts, load_texts
 
 TARGETS = ("custom", "standard")
@@ -45,11 +46,12 @@ class ExportReport:
     tied_texts: int  # texts left out: a near-tied routing decision (see TIE_MARGIN)
     backend: str
     seconds: float
+    weights: str = "float32"
 
     def summary(self) -> str:
         c = self.config
         return "\n".join([
-            f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, target {self.target})",
+            f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, target {self.target}, {self.weights} experts)",
             f"  experts {c.experts} x {c.expert_size} neurons, top-k {c.top_k}: "
             f"{100 * c.active_share:.1f}% of FFN parameters active per token, {c.num_layers} layers",
             f"  vs PyTorch MoEfied model ({self.backend} backend, {self.validated_on} texts"
@@ -85,7 +87,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
            target: str = "custom", split: str = "param", router: str = "centroid", correction: str = "none",
            calib: str | os.PathLike | None = None,
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
-           rtol: float = 1e-4, progress: bool = True, log=print) -> ExportReport:
+           rtol: float = 1e-4, weights: str = "float32", progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
 
     The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
@@ -95,9 +97,11 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     if target not in TARGETS:
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     for flag, value, allowed in (("--split", split, SPLITS), ("--router", router, ROUTERS),
-                                 ("--correction", correction, CORRECTIONS)):
+                                 ("--correction", correction, CORRECTIONS), ("--weights", weights, WEIGHT_TYPES)):
         if value not in allowed:
             raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if weights == "int8" and target != "custom":
+        raise ValueError("--weights int8 needs --target custom (standard ONNX ops would compute with float weights)")
     check_split(experts, top_k)  # before the (slow) model load; the width is checked once it is known
     output = Path(output)
     if not output.parent.is_dir():
@@ -140,6 +144,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
             log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")
     install_moe(model, adapter, moe_cfg, routers, target=target)
     moe_modules = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    if weights == "int8":
+        for m in moe_modules:
+            m.quantize_int8()
     for m in moe_modules:
         m.record_gaps = True
     moe_torch = last_hidden_state(model, batch)
@@ -166,7 +173,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                               output_names=list(adapter.output_names), dynamic_axes=axes, opset_version=OPSET,
                               custom_opsets={spec.DOMAIN: spec.VERSION}, do_constant_folding=True)
         proto = onnx.load(tmp)
-        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(moe_cfg.to_dict()))
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps({**moe_cfg.to_dict(), "weights": weights}))
         onnx.save(proto, tmp)
         onnx.checker.check_model(tmp, full_check=False)
 
@@ -192,4 +199,4 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return ExportReport(str(output), target, moe_cfg, output.stat().st_size, max_abs, max_rel, cos,
-                        int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0)
+                        int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0, weights)

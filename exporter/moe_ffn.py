@@ -13,6 +13,8 @@ from torch.onnx import symbolic_helper
 
 from runtime import spec
 
+from .quantize import dequantize_rows, quantize_rows
+
 TORCH_ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -46,13 +48,15 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
     """Carries the custom node through the TorchScript-based ONNX exporter."""
 
     @staticmethod
-    def forward(ctx, *args):
-        return masked_dense(*args)
+    def forward(ctx, x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation, w1_scale, w2_scale):
+        if w1_scale is not None:  # int8 experts
+            w1, w2 = dequantize_rows(w1, w1_scale), dequantize_rows(w2, w2_scale)
+        return masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation)
 
     @staticmethod
-    def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation):
+    def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation, w1_scale, w2_scale):
         given = {"X": x, "W1": w1, "B1": b1, "W2": w2, "B2": b2, "router_w": router_w, "router_b": router_b,
-                 "unselected_bias": unselected_bias}
+                 "unselected_bias": unselected_bias, "W1_scale": w1_scale, "W2_scale": w2_scale}
         given = {k: v for k, v in given.items() if v is not None and not symbolic_helper._is_none(v)}
         names = [p.name for p in spec.INPUTS]
         last = max(names.index(n) for n in given)
@@ -82,12 +86,24 @@ class MoEFFN(nn.Module):
         self.top_k, self.activation, self.target = top_k, activation, target
         self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
         self.gaps = None
+        for name in ("w1_q", "w1_scale", "w2_q", "w2_scale"):  # set by quantize_int8
+            self.register_buffer(name, None)
+
+    def quantize_int8(self) -> None:
+        """Experts become int8 rows with float scales (exported as such); eager forward and the standard
+        target use the dequantized weights, so they still compute exactly what the exported graph does."""
+        self.w1_q, self.w1_scale = quantize_rows(self.w1)
+        self.w2_q, self.w2_scale = quantize_rows(self.w2)
+        self.w1 = dequantize_rows(self.w1_q, self.w1_scale)
+        self.w2 = dequantize_rows(self.w2_q, self.w2_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.w1, self.b1, self.w2, self.b2, self.router_w, self.router_b, self.unselected_bias,
                 self.top_k, self.activation)
         if self.target == "custom" and torch.onnx.is_in_onnx_export():
-            return _SparseExpertFFNFunction.apply(*args)
+            if self.w1_q is not None:
+                args = (x, self.w1_q, self.b1, self.w2_q) + args[4:]
+            return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale)
         if self.record_gaps:
             self.gaps = routing_margin(x @ self.router_w.T + self.router_b, self.top_k)
         return masked_dense(*args)

@@ -44,7 +44,7 @@ class _MoESegment:
             if not tensor:
                 continue
             if tensor in constants:
-                self.weights[name] = np.ascontiguousarray(constants[tensor], np.float32)
+                self.weights[name] = np.ascontiguousarray(constants[tensor])  # int8 weights stay int8
             else:
                 self.dynamic[name] = tensor
 

@@ -42,7 +42,6 @@ _D_CHUNK = 512
 _OUT_CHUNK = 512  # layer-2 (axpy) output chunk: W2[e][:, chunk] stays in L2 for all token groups  # layer-1 reduction chunk (floats): 4 weight rows + a token group's rows stay in L1/L2
 _EMPTY1 = np.zeros(0, np.float32)
 _EMPTY2 = np.zeros((0, 0), np.float32)
-_EMPTY3 = np.zeros((0, 0, 0), np.float32)
 
 
 # ----------------------------------------------------------------------------------------- activations
@@ -152,7 +151,8 @@ def _dot44(a, r0, r1, r2, r3, b, c, i0, i1):
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
     s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
     for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no wraparound check, so no gathers
-        w0, w1, w2, w3 = b[c, i], b[c + 1, i], b[c + 2, i], b[c + 3, i]
+        # float32(...) widens int8 weights and is a no-op on float32 ones
+        w0, w1, w2, w3 = np.float32(b[c, i]), np.float32(b[c + 1, i]), np.float32(b[c + 2, i]), np.float32(b[c + 3, i])
         x = a[r0, i]
         s00 += x * w0
         s01 += x * w1
@@ -181,10 +181,10 @@ def _dot14(a, r0, b, c, i0, i1):
     s0 = s1 = s2 = s3 = np.float32(0.0)
     for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no wraparound check, so no gathers
         x = a[r0, i]
-        s0 += x * b[c, i]
-        s1 += x * b[c + 1, i]
-        s2 += x * b[c + 2, i]
-        s3 += x * b[c + 3, i]
+        s0 += x * np.float32(b[c, i])
+        s1 += x * np.float32(b[c + 1, i])
+        s2 += x * np.float32(b[c + 2, i])
+        s3 += x * np.float32(b[c + 3, i])
     return s0, s1, s2, s3
 
 
@@ -192,7 +192,7 @@ def _dot14(a, r0, b, c, i0, i1):
 def _dot11(a, r0, b, c, i0, i1):
     s = np.float32(0.0)
     for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no wraparound check, so no gathers
-        s += a[r0, i] * b[c, i]
+        s += a[r0, i] * np.float32(b[c, i])
     return s
 
 
@@ -222,17 +222,21 @@ def _rows_dot(a, rows, n, w, i0, i1, out):
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
-def _first_layer(x, rows, n, w, bias, h):
-    """h[r, :m] = bias + w @ x[rows[r]] (w [m, d]); h's padding columns stay 0."""
+def _first_layer(x, rows, n, w, scales, e, bias, h):
+    """h[r, :m] = bias + scales[e] * (w @ x[rows[r]]) (w [m, d]; scales: int8 row scales [E, m], or empty);
+    h's padding columns stay 0."""
     d = x.shape[1]
     m = w.shape[0]
-    for r in range(n):
-        for j in range(m):
-            h[r, j] = bias[j]
-        for j in range(m, h.shape[1]):
-            h[r, j] = 0.0
+    h[:n] = 0.0
     for i0 in range(0, d, _D_CHUNK):
         _rows_dot(x, rows, n, w, i0, min(d, i0 + _D_CHUNK), h)
+    for r in range(n):
+        if scales.shape[0] > 0:
+            for j in range(m):
+                h[r, j] = h[r, j] * scales[e, j] + bias[j]
+        else:
+            for j in range(m):
+                h[r, j] += bias[j]
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
@@ -251,7 +255,7 @@ def _second_layer_rows(h, n, m, w2, rows, out):
                 h30, h31, h32, h33 = h[r + 3, j], h[r + 3, j + 1], h[r + 3, j + 2], h[r + 3, j + 3]
                 w0, w1, w2_, w3 = w2[j], w2[j + 1], w2[j + 2], w2[j + 3]
                 for i in range(np.uint64(i0), np.uint64(i1)):
-                    a, b, c, e = w0[i], w1[i], w2_[i], w3[i]
+                    a, b, c, e = np.float32(w0[i]), np.float32(w1[i]), np.float32(w2_[i]), np.float32(w3[i])
                     o0[i] += h00 * a + h01 * b + h02 * c + h03 * e
                     o1[i] += h10 * a + h11 * b + h12 * c + h13 * e
                     o2[i] += h20 * a + h21 * b + h22 * c + h23 * e
@@ -260,7 +264,7 @@ def _second_layer_rows(h, n, m, w2, rows, out):
                 h0, h1, h2, h3 = h[r, j], h[r + 1, j], h[r + 2, j], h[r + 3, j]
                 wj = w2[j]
                 for i in range(np.uint64(i0), np.uint64(i1)):
-                    v = wj[i]
+                    v = np.float32(wj[i])
                     o0[i] += h0 * v
                     o1[i] += h1 * v
                     o2[i] += h2 * v
@@ -271,7 +275,7 @@ def _second_layer_rows(h, n, m, w2, rows, out):
                 h0 = h[r, j]
                 wj = w2[j]
                 for i in range(np.uint64(i0), np.uint64(i1)):
-                    o0[i] += h0 * wj[i]
+                    o0[i] += h0 * np.float32(wj[i])
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -310,8 +314,9 @@ def _select(s, k, t, sel, taken):
 
 # ---------------------------------------------------------------------------------------- whole call
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=True)
-def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, k, act, workers, y):
-    """y[T, d] = the operator. Arrays absent from the call are empty (bias arrays are always given)."""
+def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wgs, k, act, workers, y):
+    """y[T, d] = the operator. Arrays absent from the call are empty (bias arrays are always given); the
+    scales are empty for float32 weights."""
     T, d = x.shape
     E, m = w1.shape[0], w1.shape[1]
     gated = wg.shape[0] > 0
@@ -400,10 +405,14 @@ def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, k, act, work
                 continue
             e, n = b_e[bi], b_n[bi]
             rows = tokens[b_begin[bi]:b_begin[bi] + n]
-            _first_layer(x, rows, n, w1[e], b1[e], h)
+            _first_layer(x, rows, n, w1[e], w1s, e, b1[e], h)
             if gated:
-                _first_layer(x, rows, n, wg[e], bg[e], g)
+                _first_layer(x, rows, n, wg[e], wgs, e, bg[e], g)
             _activate(h, n, act, g)
+            if w2s.shape[0] > 0:  # W2's row scales fold into h
+                for r in range(n):
+                    for j in range(m):
+                        h[r, j] *= w2s[e, j]
             _second_layer_rows(h, n, m, w2[e], rows, out)
             if has_ub:
                 for r in range(n):
@@ -446,6 +455,11 @@ def _f32(a):
         else np.ascontiguousarray(a, np.float32)
 
 
+def _weights(a):
+    """Expert weights as given (float32 or int8, already checked), C-contiguous."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.ndarray:
     """Evaluate the operator with the Numba kernels; same contract as reference.sparse_expert_ffn.
     """
@@ -453,12 +467,13 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
     T, d, E, m = dims.tokens, dims.d, dims.experts, dims.m
     get = inputs.get
     x = _f32(inputs["X"]).reshape(T, d)
-    w1 = _f32(inputs["W1"])
-    w2 = _f32(inputs["W2"])
+    w1 = _weights(inputs["W1"])
+    w2 = _weights(inputs["W2"])
     b1 = get("B1")
     b1 = np.zeros((E, m), np.float32) if b1 is None else _f32(b1)
     wg = get("Wg")
-    wg = _EMPTY3 if wg is None else _f32(wg)
+    wg = np.zeros((0, 0, 0), w1.dtype) if wg is None else _weights(wg)
+    w1s, w2s, wgs = (_EMPTY2 if get(n) is None else _f32(get(n)) for n in ("W1_scale", "W2_scale", "Wg_scale"))
     bg = get("Bg")
     bg = np.zeros((E, m), np.float32) if bg is None else _f32(bg)
     b2 = get("B2")
@@ -474,6 +489,6 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
         rb = np.zeros(E, np.float32) if rb is None else _f32(rb)
     y = np.empty((T, d), np.float32)
     if T:
-        _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, rw, rb, int(attrs["top_k"]),
+        _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, rw, rb, w1s, w2s, wgs, int(attrs["top_k"]),
              ACTIVATION_CODES[attrs["activation"]], numba.get_num_threads(), y)
     return y.reshape(np.shape(inputs["X"]))

@@ -30,6 +30,16 @@ def router_scores(inputs: Mapping[str, np.ndarray | None], d: int) -> np.ndarray
     return s
 
 
+def expert_weights(inputs: Mapping[str, np.ndarray | None], name: str) -> np.ndarray | None:
+    """W1 / W2 / Wg in float64, dequantized (row scale times int8 value) when given as int8."""
+    w = inputs.get(name)
+    if w is None:
+        return None
+    w = np.asarray(w, np.float64)
+    scale = inputs.get(spec.SCALES[name])
+    return w if scale is None else w * np.asarray(scale, np.float64)[..., None]
+
+
 def select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices [T, k] of the k largest scores per row; ties go to the lower index, NaN ranks last."""
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -42,9 +52,9 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
     f64 = lambda name, shape: (np.zeros(shape) if inputs.get(name) is None  # noqa: E731
                                else np.asarray(inputs[name], np.float64))
     x = np.asarray(inputs["X"], np.float64).reshape(T, d)
-    w1, b1, w2, b2 = f64("W1", 0), f64("B1", (E, m)), f64("W2", 0), f64("B2", (d,))
-    gated = inputs.get("Wg") is not None
-    wg, bg = f64("Wg", 0), f64("Bg", (E, m))
+    w1, w2, wg = (expert_weights(inputs, n) for n in ("W1", "W2", "Wg"))
+    b1, b2, bg = f64("B1", (E, m)), f64("B2", (d,)), f64("Bg", (E, m))
+    gated = wg is not None
     act = ACTIVATION_FUNCTIONS[attrs["activation"]]
 
     selected = select_top_k(router_scores(inputs, d), attrs["top_k"])

@@ -11,10 +11,11 @@ from . import spec
 
 
 def single_op_model(arrays: Mapping[str, np.ndarray | None], *, feeds: Iterable[str] = ("X",),
-                    opset: int = 17, **attrs) -> onnx.ModelProto:
+                    opset: int = 17, cast: bool = True, **attrs) -> onnx.ModelProto:
     """One SparseExpertFFN node; inputs named in ``feeds`` are graph inputs, the rest initializers.
 
-    Absent optional inputs (missing or None) become empty names, as ONNX prescribes.
+    Absent optional inputs (missing or None) become empty names, as ONNX prescribes. With ``cast``, arrays
+    of a type the input does not accept become float32; without, every array keeps its type (tests).
     """
     feeds = set(feeds)
     missing = [p.name for p in spec.INPUTS if not p.optional and arrays.get(p.name) is None]
@@ -28,11 +29,13 @@ def single_op_model(arrays: Mapping[str, np.ndarray | None], *, feeds: Iterable[
             names.append("")
             continue
         names.append(p.name)
-        a = np.ascontiguousarray(a, np.float32)
+        # Keep an accepted element type (int8 weights); anything else becomes float32.
+        a = np.ascontiguousarray(a, a.dtype if str(a.dtype) in p.types or not cast else np.float32)
         if p.name in feeds:
             dims = ["batch"] * (a.ndim - 1) + [a.shape[-1]] if p.name in ("X", "router_scores") else list(a.shape)
             dims = [f"lead{i}" if s == "batch" else s for i, s in enumerate(dims)]
-            graph_inputs.append(helper.make_tensor_value_info(p.name, TensorProto.FLOAT, dims))
+            elem = helper.np_dtype_to_tensor_dtype(a.dtype)
+            graph_inputs.append(helper.make_tensor_value_info(p.name, elem, dims))
         else:
             inits.append(numpy_helper.from_array(a, p.name))
     node = helper.make_node(spec.OP_TYPE, names, ["Y"], domain=spec.DOMAIN,

@@ -19,6 +19,10 @@ Semantics (version 1), per token ``x`` of width ``d``, ``E`` experts of ``m`` ne
 
 with every selected expert weighted 1 (MoEfication); ``U`` (``unselected_bias``)
 lets a model replace a skipped expert by a constant, e.g. its mean output.
+
+Expert weights may be int8 with one float scale per row (weight-only quantization, since reading
+the weights bounds few-token latency): W1, W2 and Wg then all are int8 and each comes with its
+``*_scale`` [E, m], meaning ``W[e, j, :] = W_scale[e, j] * W_int8[e, j, :]``.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ VERSION = 1
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 EXPERT_WEIGHTINGS = ("ones",)
+WEIGHT_TYPES = ("float32", "int8")  # of the expert weights W1, W2, Wg (one type for all three)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Port:
     shape: str
     optional: bool
     doc: str
+    types: tuple[str, ...] = ("float32",)  # NumPy dtype names accepted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +61,21 @@ class Attribute:
 
 INPUTS: tuple[Port, ...] = (
     Port("X", "[..., d]", False, "hidden states, any leading shape"),
-    Port("W1", "[E, m, d]", False, "first-layer (up) rows, one contiguous block per expert"),
+    Port("W1", "[E, m, d]", False, "first-layer (up) rows, one contiguous block per expert", WEIGHT_TYPES),
     Port("B1", "[E, m]", True, "first-layer bias (zeros if absent)"),
-    Port("W2", "[E, m, d]", False, "second-layer (down) rows: W2[e, j] is neuron j's output vector"),
+    Port("W2", "[E, m, d]", False, "second-layer (down) rows: W2[e, j] is neuron j's output vector", WEIGHT_TYPES),
     Port("B2", "[d]", True, "output bias (zeros if absent)"),
     Port("router_w", "[E, d]", True, "router weights; give this or router_scores"),
     Port("router_b", "[E]", True, "router bias (zeros if absent; only with router_w)"),
     Port("router_scores", "[..., E]", True, "precomputed router scores, same leading shape as X"),
-    Port("Wg", "[E, m, d]", True, "gate rows of the gated form; the activation applies to the gate"),
+    Port("Wg", "[E, m, d]", True, "gate rows of the gated form; the activation applies to the gate", WEIGHT_TYPES),
     Port("Bg", "[E, m]", True, "gate bias (only with Wg)"),
     Port("unselected_bias", "[E, d]", True, "added to the output for every expert a token did not select"),
+    Port("W1_scale", "[E, m]", True, "row scales of an int8 W1 (required then, absent for float32 W1)"),
+    Port("W2_scale", "[E, m]", True, "row scales of an int8 W2"),
+    Port("Wg_scale", "[E, m]", True, "row scales of an int8 Wg"),
 )
+SCALES = {"W1": "W1_scale", "W2": "W2_scale", "Wg": "Wg_scale"}  # int8 weight -> its row scales
 OUTPUTS: tuple[Port, ...] = (Port("Y", "[..., d]", False, "FFN output, same shape as X"),)
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("top_k", "int", None, (), "experts computed per token, 1 <= top_k <= E"),
@@ -94,11 +104,15 @@ def _fmt(shape: Sequence[int] | None) -> str:
     return "absent" if shape is None else "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
-def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object]) -> Dims:
-    """Validate input shapes (name -> shape or None) and attributes; return the problem sizes.
+def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object],
+          dtypes: Mapping[str, str] | None = None) -> Dims:
+    """Validate input shapes (name -> shape or None), attributes and, when given, element types
+    (name -> NumPy dtype name); return the problem sizes.
 
     The C++ kernel enforces the same rules with the same wording (cpp_ops/ort/).
     """
+    if dtypes is not None:
+        check_types(dtypes)
     get = lambda n: None if shapes.get(n) is None else tuple(int(s) for s in shapes[n])  # noqa: E731
     x, w1, w2 = get("X"), get("W1"), get("W2")
     for name, s in (("X", x), ("W1", w1), ("W2", w2)):
@@ -115,6 +129,7 @@ def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object
         "W2": (E, m, d), "B1": (E, m), "B2": (d,), "router_w": (E, d), "router_b": (E,),
         "Wg": (E, m, d), "Bg": (E, m), "unselected_bias": (E, d),
         "router_scores": tuple(x[:-1]) + (E,),
+        "W1_scale": (E, m), "W2_scale": (E, m), "Wg_scale": (E, m),
     }
     for name, want in expect.items():
         got = get(name)
@@ -141,12 +156,30 @@ def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object
     return Dims(tokens=math.prod(x[:-1]), d=d, experts=E, m=m)
 
 
+def check_types(dtypes: Mapping[str, str | None]) -> None:
+    """Element types of the present inputs (name -> NumPy dtype name, None if absent)."""
+    for p in INPUTS:
+        t = dtypes.get(p.name)
+        if t is not None and t not in p.types:
+            raise SpecError(f"{OP_TYPE}: {p.name} must be {' or '.join(p.types)}, got {t}")
+    w = dtypes.get("W1")
+    for name, scale in SCALES.items():
+        t = dtypes.get(name)
+        if t is not None and t != w:
+            raise SpecError(f"{OP_TYPE}: W1, W2 and Wg must have one element type, got W1 {w} and {name} {t}")
+        if t == "int8" and dtypes.get(scale) is None:
+            raise SpecError(f"{OP_TYPE}: int8 {name} needs {scale} (one float scale per row)")
+        if t != "int8" and dtypes.get(scale) is not None:
+            raise SpecError(f"{OP_TYPE}: {scale} is only for an int8 {name}")
+
+
 def check_arrays(inputs: Mapping[str, object], attrs: Mapping[str, object]) -> tuple[dict, Dims]:
     """``check`` for a mapping of input name -> array (anything with ``.shape``) or None; returns the
     attributes with defaults filled in, and the problem sizes."""
     attrs = {**ATTRIBUTE_DEFAULTS, **attrs}
     shapes = {n: None if inputs.get(n) is None else tuple(inputs[n].shape) for n in INPUT_INDEX}
-    return attrs, check(shapes, attrs)
+    dtypes = {n: None if inputs.get(n) is None else str(inputs[n].dtype) for n in INPUT_INDEX}
+    return attrs, check(shapes, attrs, dtypes)
 
 
 def cpp_header() -> str:
@@ -165,6 +198,7 @@ def cpp_header() -> str:
         "enum Input : int { " + ", ".join(f"k{p.name} = {i}" for i, p in enumerate(INPUTS)) + " };",
         "inline constexpr const char* kInputNames[] = {" + ", ".join(q(p.name) for p in INPUTS) + "};",
         "inline constexpr bool kInputOptional[] = {" + ", ".join(str(p.optional).lower() for p in INPUTS) + "};",
+        "inline constexpr bool kInputAcceptsInt8[] = {" + ", ".join(str("int8" in p.types).lower() for p in INPUTS) + "};",
         "inline constexpr const char* kOutputNames[] = {" + ", ".join(q(p.name) for p in OUTPUTS) + "};",
         "inline constexpr const char* kAttributeNames[] = {" + ", ".join(q(a.name) for a in ATTRIBUTES) + "};",
         "inline constexpr const char* kActivations[] = {" + ", ".join(q(a) for a in ACTIVATIONS) + "};",
@@ -179,8 +213,8 @@ def cpp_header() -> str:
 
 def markdown_table() -> str:
     """The operator's inputs and attributes as Markdown (README / docs/OPS.md)."""
-    rows = ["| # | input | shape | optional | meaning |", "|---|---|---|---|---|"]
-    rows += [f"| {i} | `{p.name}` | `{p.shape}` | {'yes' if p.optional else 'no'} | {p.doc} |"
+    rows = ["| # | input | shape | type | optional | meaning |", "|---|---|---|---|---|---|"]
+    rows += [f"| {i} | `{p.name}` | `{p.shape}` | {' or '.join(p.types)} | {'yes' if p.optional else 'no'} | {p.doc} |"
              for i, p in enumerate(INPUTS)]
     rows += ["", "| attribute | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     rows += [f"| `{a.name}` | {a.type} | {'required' if a.default is None else repr(a.default)} | "

@@ -14,11 +14,11 @@ from runtime.single_op import single_op_model
 RTOL = 2e-5
 
 
-def run_cpp(a, feeds=("X",), **attrs):
+def run_cpp(a, feeds=("X",), cast=True, **attrs):
     so = ort.SessionOptions()
     so.register_custom_ops_library(runtime.library_path())
     feeds = [f for f in feeds if a.get(f) is not None]
-    model = single_op_model(a, feeds=feeds, **attrs)
+    model = single_op_model(a, feeds=feeds, cast=cast, **attrs)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {f: a[f] for f in feeds})[0]
 

@@ -12,6 +12,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace moefy {
 namespace {
 
@@ -26,6 +30,25 @@ inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); retur
 inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
 inline v16f splat16(float s) { return v16f{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+// 16 int8 weights widened to floats: int8 panels cost a quarter of the memory traffic for two extra
+// instructions per 16 weights. Intrinsics, because GCC 12 lowers a vector-extension int8 -> float
+// conversion to scalar ones.
+inline v16f load16(const int8_t* p) {
+  v16f out;
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&out, &f, sizeof out);
+#elif defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  std::memcpy(&out, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof lo, &hi, sizeof hi);
+#else
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(p[i]);
+#endif
+  return out;
+}
 
 inline float hsum(v8f v) {
   float s = 0.f;
@@ -120,8 +143,8 @@ void dot_rows(const float* x, int64_t n, const float* w, const float* bias, int6
 // contiguous [rows, w] panel (w = 48 or 16), a[t][r] broadcast. Layer 1: rows = d, a = x, w = a chunk of
 // neurons. Layer 2: rows = m, a = h, w = a chunk of output columns. Contiguous panels stream from memory
 // (no page-sized strides) and stay in cache while every token group of the expert uses them.
-template <int TB, int V>
-inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const float* panel, float* const* out,
+template <int TB, int V, typename Wt>
+inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const Wt* panel, float* const* out,
                         bool accumulate, const char* prefetch, int64_t prefetch_per_row) {
   v16f acc[TB][V];
   for (int t = 0; t < TB; ++t)
@@ -143,8 +166,8 @@ inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const f
 // rows they prefetch the next step's, spread over the groups, so memory traffic overlaps the math.
 constexpr int64_t kRowStep = 64;
 
-template <int V>
-void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, const float* panel,
+template <int V, typename Wt>
+void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, const Wt* panel,
                   float* const* out, bool accumulate, const char* next, int64_t next_lines) {
   const int64_t groups = n / 8 + (n % 8) / 4 + n % 4;
   const int64_t per_row = (next_lines + groups * rows - 1) / (groups * rows);  // cache lines per row
@@ -166,19 +189,20 @@ inline int64_t panel_width(int64_t c, int64_t cols) { return c + 48 <= cols ? 48
 
 // out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols; `packed` holds the panels back to back
 // ([rows, w] each). `out` rows are shifted per panel through `shifted` (scratch of n pointers).
-void apply_panels(const float* const* a, int64_t n, int64_t rows, const float* packed, int64_t cols,
+template <typename Wt>
+void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* packed, int64_t cols,
                   float* const* out, bool accumulate, std::vector<float*>& shifted) {
   shifted.resize(n);
   for (int64_t c = 0; c < cols;) {
     const int64_t w = panel_width(c, cols);
-    const float* panel = packed + rows * c;
+    const Wt* panel = packed + rows * c;
     for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowStep) {
       const int64_t step = std::min(kRowStep, rows - r0);
-      const float* chunk = panel + r0 * w;
+      const Wt* chunk = panel + r0 * w;
       // The next bytes of the packed stream: this panel's next step, else the next panel or expert.
       const char* next = reinterpret_cast<const char*>(chunk + step * w);
-      const int64_t next_lines = kRowStep * w / 16;
+      const int64_t next_lines = kRowStep * w * static_cast<int64_t>(sizeof(Wt)) / 64;
       if (w == 48)
         panel_tokens<3>(a, n, r0, step, chunk, shifted.data(), accumulate || r0 > 0, next, next_lines);
       else
@@ -190,13 +214,14 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const float* p
 
 // Packs src (element (col, row) at src[col * src_col_stride + row * src_row_stride]) into panels of
 // `cols` columns (zero beyond `valid_cols`) and `rows` rows.
-void pack_panels(const float* src, int64_t rows, int64_t cols, int64_t valid_cols, int64_t src_row_stride,
-                 int64_t src_col_stride, float* dst) {
+template <typename Wt>
+void pack_panels(const Wt* src, int64_t rows, int64_t cols, int64_t valid_cols, int64_t src_row_stride,
+                 int64_t src_col_stride, Wt* dst) {
   for (int64_t c = 0; c < cols;) {
     const int64_t w = panel_width(c, cols);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < w; ++k)
-        dst[rows * c + r * w + k] = c + k < valid_cols ? src[(c + k) * src_col_stride + r * src_row_stride] : 0.f;
+        dst[rows * c + r * w + k] = c + k < valid_cols ? src[(c + k) * src_col_stride + r * src_row_stride] : Wt{};
     c += w;
   }
 }
@@ -213,6 +238,7 @@ struct Scratch {
 // Tokens per expert block: bounds scratch memory and gives workers balanced pieces.
 constexpr int64_t kTokenBlock = 64;
 
+template <typename Wt>
 void run_expert_block(const SparseFFNProblem& p, const PackedWeights& pk, int64_t e, const int32_t* tokens,
                       int64_t n, float* out, Scratch& s) {
   const int64_t d = p.d, m = p.m, mp = pk.mp;
@@ -224,29 +250,39 @@ void run_expert_block(const SparseFFNProblem& p, const PackedWeights& pk, int64_
     hout[r] = s.up.data() + r * mp;
     s.hrows[r] = hout[r];
   }
-  auto first_layer = [&](const float* packed, const float* bias, std::vector<float>& h) {
+  // h = scale * (W x) + bias (scale: int8 row scales, else none).
+  auto first_layer = [&](const void* packed, const float* scale, const float* bias, std::vector<float>& h) {
     for (int64_t r = 0; r < n; ++r) hout[r] = h.data() + r * mp;
-    apply_panels(s.xrows.data(), n, d, packed + e * d * mp, mp, hout.data(), false, s.shifted);
+    apply_panels(s.xrows.data(), n, d, static_cast<const Wt*>(packed) + e * d * mp, mp, hout.data(), false,
+                 s.shifted);
+    if (scale)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < m; ++j) h[r * mp + j] *= scale[e * m + j];
     if (bias)
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < m; ++j) h[r * mp + j] += bias[j];
   };
-  first_layer(pk.w1p, p.b1 ? p.b1 + e * m : nullptr, s.up);
+  first_layer(pk.w1p, p.w1_scale, p.b1 ? p.b1 + e * m : nullptr, s.up);
   if (p.wg) {
     s.gate.resize(n * mp);
-    first_layer(pk.wgp, p.bg ? p.bg + e * m : nullptr, s.gate);
+    first_layer(pk.wgp, p.wg_scale, p.bg ? p.bg + e * m : nullptr, s.gate);
     activate(p.activation, s.gate.data(), n * mp);
     for (int64_t i = 0; i < n * mp; ++i) s.up[i] *= s.gate[i];
   } else {
     activate(p.activation, s.up.data(), n * mp);  // padding neurons stay act(0) = 0
   }
-  // Second layer: packed panels over the first d16 output columns, plain rows for the (< 16) rest.
-  apply_panels(s.hrows.data(), n, m, pk.w2p + e * m * pk.d16, pk.d16, s.rows.data(), true, s.shifted);
-  const float* w2 = p.w2 + e * m * d;
+  // Second layer: W2's row scales fold into h; packed panels over the first d16 output columns, plain
+  // rows for the (< 16) rest.
+  if (p.w2_scale)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < m; ++j) s.up[r * mp + j] *= p.w2_scale[e * m + j];
+  apply_panels(s.hrows.data(), n, m, static_cast<const Wt*>(pk.w2p) + e * m * pk.d16, pk.d16, s.rows.data(), true,
+               s.shifted);
+  const Wt* w2 = static_cast<const Wt*>(p.w2) + e * m * d;
   for (int64_t r = 0; r < n; ++r)
     for (int64_t i = pk.d16; i < d; ++i) {
       float acc = s.rows[r][i];
-      for (int64_t j = 0; j < m; ++j) acc += s.up[r * mp + j] * w2[j * d + i];
+      for (int64_t j = 0; j < m; ++j) acc += s.up[r * mp + j] * static_cast<float>(w2[j * d + i]);
       s.rows[r][i] = acc;
     }
   if (p.unselected_bias) {
@@ -254,6 +290,26 @@ void run_expert_block(const SparseFFNProblem& p, const PackedWeights& pk, int64_
     for (int64_t r = 0; r < n; ++r)
       for (int64_t i = 0; i < d; ++i) s.rows[r][i] -= u[i];
   }
+}
+
+template <typename Wt>
+void pack_experts(const SparseFFNProblem& p, PackedWeights& pk, std::vector<Wt>& w1p, std::vector<Wt>& wgp,
+                  std::vector<Wt>& w2p) {
+  const int64_t E = p.experts, m = p.m, d = p.d;
+  // First layer: W[e] is [m, d]; panels run over neurons (columns), rows over d.
+  auto pack_first = [&](const void* w, std::vector<Wt>& out) {
+    out.resize(E * d * pk.mp);
+    for (int64_t e = 0; e < E; ++e)
+      pack_panels(static_cast<const Wt*>(w) + e * m * d, d, pk.mp, m, 1, d, out.data() + e * d * pk.mp);
+    return out.data();
+  };
+  pk.w1p = pack_first(p.w1, w1p);
+  if (p.wg) pk.wgp = pack_first(p.wg, wgp);
+  // Second layer: W2[e] is [m, d]; panels run over output columns, rows over m.
+  w2p.resize(E * m * pk.d16);
+  for (int64_t e = 0; e < E; ++e)
+    pack_panels(static_cast<const Wt*>(p.w2) + e * m * d, m, pk.d16, pk.d16, d, 1, w2p.data() + e * m * pk.d16);
+  pk.w2p = w2p.data();
 }
 
 }  // namespace
@@ -314,25 +370,14 @@ void select_top_k(const SparseFFNProblem& p, const PackedWeights& pk, int64_t t_
 
 PackedWeights pack_weights(const SparseFFNProblem& p) {
   PackedWeights pk;
-  const int64_t E = p.experts, m = p.m, d = p.d;
-  pk.mp = (m + 15) / 16 * 16;
+  const int64_t E = p.experts, d = p.d;
+  pk.mp = (p.m + 15) / 16 * 16;
   pk.d16 = d / 16 * 16;
-  // First layer: W[e] is [m, d]; panels run over neurons (columns), rows over d.
-  auto pack_first = [&](const float* w, std::vector<float>& out) {
-    out.resize(E * d * pk.mp);
-    for (int64_t e = 0; e < E; ++e) pack_panels(w + e * m * d, d, pk.mp, m, 1, d, out.data() + e * d * pk.mp);
-  };
-  pack_first(p.w1, pk.w1p_storage);
-  pk.w1p = pk.w1p_storage.data();
-  if (p.wg) {
-    pack_first(p.wg, pk.wgp_storage);
-    pk.wgp = pk.wgp_storage.data();
-  }
-  // Second layer: W2[e] is [m, d]; panels run over output columns, rows over m.
-  pk.w2p_storage.resize(E * m * pk.d16);
-  for (int64_t e = 0; e < E; ++e)
-    pack_panels(p.w2 + e * m * d, m, pk.d16, pk.d16, d, 1, pk.w2p_storage.data() + e * m * pk.d16);
-  pk.w2p = pk.w2p_storage.data();
+  pk.weight_type = p.weight_type;
+  if (p.weight_type == WeightType::kInt8)
+    pack_experts<int8_t>(p, pk, pk.w1q, pk.wgq, pk.w2q);
+  else
+    pack_experts<float>(p, pk, pk.w1f, pk.wgf, pk.w2f);
   // Router: router_w [E, d] as panels over experts (columns), rows over d.
   if (p.router_w) {
     pk.ep = (E + 15) / 16 * 16;
@@ -391,8 +436,9 @@ void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const Parall
   pfor(workers, [&](std::size_t w) {
     float* out = w == 0 ? p.y : partial[w - 1].data();
     Scratch s;
+    const auto run = pk.weight_type == WeightType::kInt8 ? run_expert_block<int8_t> : run_expert_block<float>;
     for (std::size_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks.size();)
-      run_expert_block(p, pk, blocks[b].expert, tokens.data() + blocks[b].begin, blocks[b].count, out, s);
+      run(p, pk, blocks[b].expert, tokens.data() + blocks[b].begin, blocks[b].count, out, s);
   });
   for (auto& buf : partial)
     for (int64_t i = 0; i < T * d; ++i) p.y[i] += buf[i];

@@ -12,19 +12,26 @@ namespace moefy {
 // Same order as runtime/spec.py ACTIVATIONS (checked by the ORT binding at load time).
 enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
+// Element type of the expert weights W1, W2, Wg (one for all three). int8 rows carry a float scale each.
+enum class WeightType : int { kFloat32 = 0, kInt8 = 1 };
+
 struct SparseFFNProblem {
   int64_t tokens = 0, d = 0, experts = 0, m = 0, top_k = 0;
+  WeightType weight_type = WeightType::kFloat32;
   const float* x = nullptr;               // [T, d]
-  const float* w1 = nullptr;              // [E, m, d]
+  const void* w1 = nullptr;               // [E, m, d] of weight_type
   const float* b1 = nullptr;              // [E, m] or null
-  const float* w2 = nullptr;              // [E, m, d]
+  const void* w2 = nullptr;               // [E, m, d] of weight_type
   const float* b2 = nullptr;              // [d] or null
   const float* router_w = nullptr;        // [E, d] or null (then router_scores)
   const float* router_b = nullptr;        // [E] or null
   const float* router_scores = nullptr;   // [T, E] or null
-  const float* wg = nullptr;              // [E, m, d] or null (plain form)
+  const void* wg = nullptr;               // [E, m, d] of weight_type or null (plain form)
   const float* bg = nullptr;              // [E, m] or null
   const float* unselected_bias = nullptr; // [E, d] or null
+  const float* w1_scale = nullptr;        // [E, m] row scales, int8 weights only
+  const float* w2_scale = nullptr;
+  const float* wg_scale = nullptr;
   Activation activation = Activation::kGelu;
   float* y = nullptr;                     // [T, d]
 };
@@ -40,14 +47,17 @@ void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn);
 // Expert blocks repacked once per session (for constant weights) into contiguous panels of 48 or 16
 // columns, so both layers stream memory sequentially: first layer (and gate) [E][d x mp] with panels
 // over neurons (mp = m rounded up to 16, zero padded); second layer [E][m x d16] with panels over the
-// first d16 = 16 * floor(d / 16) output columns (the rest is read from W2 directly).
+// first d16 = 16 * floor(d / 16) output columns (the rest is read from W2 directly). Panels keep the
+// weights' element type (int8 panels are a quarter of the bytes); scales apply outside the panels.
 struct PackedWeights {
   int64_t mp = 0, d16 = 0, ep = 0;  // ep: experts rounded up to 16 (router panels)
+  WeightType weight_type = WeightType::kFloat32;
   const float* routerp = nullptr;
-  const float* w1p = nullptr;
-  const float* wgp = nullptr;
-  const float* w2p = nullptr;
-  std::vector<float> w1p_storage, wgp_storage, w2p_storage, routerp_storage;
+  const void* w1p = nullptr;  // of weight_type
+  const void* wgp = nullptr;
+  const void* w2p = nullptr;
+  std::vector<float> routerp_storage, w1f, wgf, w2f;
+  std::vector<int8_t> w1q, wgq, w2q;
 };
 PackedWeights pack_weights(const SparseFFNProblem& p);  // reads p.w1, p.wg, p.w2, p.router_w, E, m, d
 

@@ -51,6 +51,20 @@ std::string string_attr(const OrtKernelInfo* info, const char* name, const char*
   }
 }
 
+// NumPy's names, as runtime/spec.py words its messages.
+std::string type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    default: return "ONNX element type " + std::to_string(static_cast<int>(t));
+  }
+}
+
 struct ParallelForThunk {
   const std::function<void(std::size_t)>* fn;
   static void call(void* self, size_t i) { (*static_cast<ParallelForThunk*>(self)->fn)(i); }
@@ -82,17 +96,24 @@ Kernel::Kernel(const OrtKernelInfo* info) {
   if (w1 != nullptr && w2 != nullptr && (!gated || wg != nullptr)) {
     Shape s = w1.GetTensorTypeAndShapeInfo().GetShape();
     // Mis-shaped weights are left unpacked: Compute reports them with the spec's message.
-    if (s.size() == 3 && w2.GetTensorTypeAndShapeInfo().GetShape() == s &&
-        (!gated || wg.GetTensorTypeAndShapeInfo().GetShape() == s)) {
+    const auto type = w1.GetTensorTypeAndShapeInfo().GetElementType();
+    auto same = [&](const Ort::ConstValue& v) {
+      auto info = v.GetTensorTypeAndShapeInfo();
+      return info.GetShape() == s && info.GetElementType() == type;
+    };
+    const bool known = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    if (s.size() == 3 && known && same(w2) && (!gated || same(wg))) {
       SparseFFNProblem p;
       p.experts = s[0], p.m = s[1], p.d = s[2];
-      p.w1 = w1.GetTensorData<float>(), p.w2 = w2.GetTensorData<float>();
-      p.wg = gated ? wg.GetTensorData<float>() : nullptr;
+      p.weight_type = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? WeightType::kInt8 : WeightType::kFloat32;
+      p.w1 = w1.GetTensorRawData(), p.w2 = w2.GetTensorRawData();
+      p.wg = gated ? wg.GetTensorRawData() : nullptr;
       Ort::ConstValue rw = constant(spec::krouter_w);
       if (rw != nullptr && rw.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[0], s[2]})
         p.router_w = rw.GetTensorData<float>();
       packed_ = std::make_unique<PackedWeights>(pack_weights(p));
       packed_shape_ = s;
+      packed_type_ = p.weight_type;
     }
   }
 }
@@ -113,14 +134,35 @@ void Kernel::Compute(OrtKernelContext* context) {
   const size_t n_in = ctx.GetInputCount();
   Shape shapes[spec::kNumInputs];
   bool present[spec::kNumInputs] = {};
-  const float* data[spec::kNumInputs] = {};
+  const void* raw[spec::kNumInputs] = {};
+  ONNXTensorElementDataType types[spec::kNumInputs] = {};
   for (size_t i = 0; i < spec::kNumInputs && i < n_in; ++i) {
     Ort::ConstValue v = ctx.GetInput(i);
     if (v == nullptr) continue;
     present[i] = true;
-    shapes[i] = v.GetTensorTypeAndShapeInfo().GetShape();
-    data[i] = v.GetTensorData<float>();
+    auto info = v.GetTensorTypeAndShapeInfo();
+    shapes[i] = info.GetShape();
+    types[i] = info.GetElementType();
+    raw[i] = v.GetTensorRawData();
   }
+  // Element types, with runtime/spec.py:check_types's rules and words (before any data is read).
+  constexpr auto kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kInt8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  for (size_t i = 0; i < spec::kNumInputs; ++i)
+    if (present[i] && types[i] != kFloat && !(spec::kInputAcceptsInt8[i] && types[i] == kInt8))
+      fail(std::string(spec::kInputNames[i]) + " must be float32" + (spec::kInputAcceptsInt8[i] ? " or int8" : "") +
+           ", got " + type_name(types[i]));
+  const std::pair<int, int> scaled[] = {{spec::kW1, spec::kW1_scale}, {spec::kW2, spec::kW2_scale},
+                                        {spec::kWg, spec::kWg_scale}};
+  for (const auto& [w, scale] : scaled) {
+    const std::string wn = spec::kInputNames[w], sn = spec::kInputNames[scale];
+    if (present[w] && present[spec::kW1] && types[w] != types[spec::kW1])
+      fail("W1, W2 and Wg must have one element type, got W1 " + type_name(types[spec::kW1]) + " and " + wn + " " +
+           type_name(types[w]));
+    const bool int8 = present[w] && types[w] == kInt8;
+    if (int8 && !present[scale]) fail("int8 " + wn + " needs " + sn + " (one float scale per row)");
+    if (!int8 && present[scale]) fail(sn + " is only for an int8 " + wn);
+  }
+  auto data = [&](int i) { return static_cast<const float*>(raw[i]); };
   auto shape = [&](int i) -> const Shape* { return present[i] ? &shapes[i] : nullptr; };
   for (int i : {spec::kX, spec::kW1, spec::kW2})
     if (!present[i]) fail(std::string("input ") + spec::kInputNames[i] + " is required");
@@ -136,7 +178,8 @@ void Kernel::Compute(OrtKernelContext* context) {
   const std::pair<int, Shape> expect[] = {
       {spec::kW2, {E, m, d}}, {spec::kB1, {E, m}},  {spec::kB2, {d}},         {spec::krouter_w, {E, d}},
       {spec::krouter_b, {E}}, {spec::kWg, {E, m, d}}, {spec::kBg, {E, m}},      {spec::kunselected_bias, {E, d}},
-      {spec::krouter_scores, scores_shape}};
+      {spec::krouter_scores, scores_shape}, {spec::kW1_scale, {E, m}}, {spec::kW2_scale, {E, m}},
+      {spec::kWg_scale, {E, m}}};
   for (const auto& [i, want] : expect)
     if (present[i] && shapes[i] != want)
       fail(std::string(spec::kInputNames[i]) + " must have shape " + fmt(&want) + " (from X " + fmt(&x) +
@@ -156,10 +199,12 @@ void Kernel::Compute(OrtKernelContext* context) {
 
   SparseFFNProblem p;
   p.tokens = tokens, p.d = d, p.experts = E, p.m = m, p.top_k = top_k_;
-  p.x = data[spec::kX], p.w1 = data[spec::kW1], p.b1 = data[spec::kB1], p.w2 = data[spec::kW2];
-  p.b2 = data[spec::kB2], p.router_w = data[spec::krouter_w], p.router_b = data[spec::krouter_b];
-  p.router_scores = data[spec::krouter_scores], p.wg = data[spec::kWg], p.bg = data[spec::kBg];
-  p.unselected_bias = data[spec::kunselected_bias];
+  p.weight_type = types[spec::kW1] == kInt8 ? WeightType::kInt8 : WeightType::kFloat32;
+  p.x = data(spec::kX), p.w1 = raw[spec::kW1], p.b1 = data(spec::kB1), p.w2 = raw[spec::kW2];
+  p.b2 = data(spec::kB2), p.router_w = data(spec::krouter_w), p.router_b = data(spec::krouter_b);
+  p.router_scores = data(spec::krouter_scores), p.wg = raw[spec::kWg], p.bg = data(spec::kBg);
+  p.unselected_bias = data(spec::kunselected_bias);
+  p.w1_scale = data(spec::kW1_scale), p.w2_scale = data(spec::kW2_scale), p.wg_scale = data(spec::kWg_scale);
   p.activation = static_cast<Activation>(activation_);
   p.y = out.GetTensorMutableData<float>();
 
@@ -168,7 +213,7 @@ void Kernel::Compute(OrtKernelContext* context) {
     ctx.ParallelFor(&ParallelForThunk::call, n, n, &thunk);
   };
   const std::size_t workers = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16);
-  if (packed_ && packed_shape_ == w1)
+  if (packed_ && packed_shape_ == w1 && packed_type_ == p.weight_type)
     sparse_ffn(p, *packed_, ort_pool, workers);
   else
     sparse_ffn(p, ort_pool, workers);

@@ -32,6 +32,7 @@ class Kernel {
   // First-layer (and gate) weights repacked at session creation when they are initializers.
   std::unique_ptr<PackedWeights> packed_;
   std::vector<int64_t> packed_shape_;
+  WeightType packed_type_ = WeightType::kFloat32;
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
@@ -40,7 +41,10 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   const char* GetName() const { return spec::kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return spec::kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  // Expert weights may be float or int8 (UNDEFINED: ORT accepts any type; Compute checks it).
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return spec::kInputAcceptsInt8[i] ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const;
   size_t GetOutputTypeCount() const { return spec::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
