@@ -27,7 +27,9 @@ demo: setup
 	@mkdir -p $(OUT)
 	$(BIN)/moe-export "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')" \
 		$(OUT)/minilm-moe.onnx --experts 32 --top-k 8
-	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx --out $(OUT)
+	$(BIN)/moe-export "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')" \
+		$(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
+	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
 
 # The operator alone vs the dense FFN: shapes x active share x tokens x threads (several minutes).
 bench: setup

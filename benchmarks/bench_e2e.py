@@ -2,7 +2,7 @@
 Numba backends, side by side in one process. Batch 1, real text cut to each sequence length; backends
 timed in rotating blocks (benchmarks/timing.py); medians after warm-up.
 
-    python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx --out out
+    python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx [out/minilm-moe-int8.onnx ...] --out out
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def numba_overhead_us(threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--moe", required=True, help="MoEfied ONNX model (moe-export output)")
+    ap.add_argument("--moe", required=True, nargs="+",
+                    help="MoEfied ONNX models (moe-export output), e.g. float32 and --weights int8 exports")
     ap.add_argument("--model-dir", help="the dense Hugging Face model (default: the bundled all-MiniLM-L6-v2)")
     ap.add_argument("--dense", help="dense ONNX model (default: optimum export into OUT/dense)")
     ap.add_argument("--seq", type=int, nargs="+", default=[16, 128], help="sequence lengths (default 16 128)")
@@ -113,9 +114,16 @@ def main(argv=None) -> int:
     sessions = {"dense ORT": ort.InferenceSession(str(dense_path), default_options(args.threads),
                                                   providers=["CPUExecutionProvider"])}
     backends = ["cpp", "numba"] if runtime.cpp_available() else ["numba"]
-    for b in backends:
-        sessions[f"moefy {b}"] = runtime.InferenceSession(args.moe, backend=b, threads=args.threads)
-    moe_cfg = sessions[f"moefy {backends[0]}"].moe_config or {}
+    configs = []
+    for path in args.moe:
+        for b in backends:
+            sess = runtime.InferenceSession(path, backend=b, threads=args.threads)
+            cfg = sess.moe_config or {}
+            sessions[f"moefy {b}" + (" int8" if cfg.get("weights") == "int8" else "")] = sess
+        configs.append(cfg)
+    moe_cfg = configs[0]
+    if any((c.get("experts"), c.get("top_k")) != (moe_cfg.get("experts"), moe_cfg.get("top_k")) for c in configs):
+        ap.error("--moe models must share experts and top-k (one Amdahl ceiling per row)")
 
     rows = []
     for length in args.seq:

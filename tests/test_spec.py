@@ -87,3 +87,11 @@ def test_bad_attributes(attrs, message, impl, rng):
     else:
         with pytest.raises(spec.SpecError, match=message):
             reference.sparse_expert_ffn(a, **attrs)
+
+
+def test_docs_show_the_specs_table():
+    """README and docs/OPS.md carry the operator table generated from the spec, not a hand-kept copy."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "docs/OPS.md"):
+        assert spec.markdown_table() in (root / doc).read_text(), f"{doc}: paste `python runtime/spec.py --markdown`"
