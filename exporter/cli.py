@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none: a skipped expert contributes nothing; mean: it contributes its mean output on "
                          "calibration text, since skipped GELU/SiLU neurons are not zero (default none)")
     ap.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text, one sample per line (default: "
+                                                    "1,000 Debian fortunes once `make data` fetched them, else "
                                                     "sentences from Python's standard-library docstrings); "
                                                     "validation always uses built-in held-out sentences")
     ap.add_argument("--save-moefied", metavar="DIR", dest="save_moefied_dir",
