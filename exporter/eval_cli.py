@@ -9,6 +9,7 @@ from pathlib import Path
 from runtime import BACKENDS
 
 from .evaluate import TASKS, Evaluator, markdown_table, plot_curve, quality_curve, read_moe_onnx
+from .text import load_texts
 
 # moe-export flags the curve sets itself, or that make no sense for it.
 CURVE_OWNS = ("--top-k", "--target", "--save-moefied", "--rtol")
@@ -59,6 +60,8 @@ def _export_kwargs(args, rest: list[str]) -> dict:
         raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
                          "--router, --correction, --calib, --seed")
     ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
+    if ns.calib:
+        load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
     return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction, calib=ns.calib,
                 seed=ns.seed)
 

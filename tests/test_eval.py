@@ -134,6 +134,17 @@ def test_curve_exports_evaluates_and_plots(tiny_bert_dir, tmp_path, capsys, with
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_fetch_is_idempotent(data_dir, monkeypatch):
+    import subprocess
+
+    from exporter import fetch_data
+
+    def no_download(*a, **k):
+        raise AssertionError("fetched although the data is there")
+    monkeypatch.setattr(subprocess, "run", no_download)
+    assert fetch_data.fetch_all(data_dir, log=no_download) == data_dir
+
+
 def test_help_documents_every_flag():
     for action in build_parser()._actions:
         assert action.help, f"{action.dest} has no help"
@@ -184,6 +195,7 @@ def test_flag_errors(capsys, tiny_bert_dir, tmp_path):
     _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--top-k", "2"], "--curve sets --top-k itself")
     _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--experts", "4", "--shares", "0.3"],
            "not a whole number of experts")
+    _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--calib", tmp_path / "none.txt"], "calibration file")
     _fails(capsys, [tiny_bert_dir, tmp_path / "x.onnx", "--tasks", "glue"], "unknown task(s) ['glue']")
     with pytest.raises(SystemExit) as e:
         main([str(tiny_bert_dir), str(tmp_path / "x.onnx"), "--router", "ls"])
