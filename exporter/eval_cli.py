@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, backend=args.backend, log=log,
                                     **export_kwargs)
             recipe = " ".join(rest) or "default recipe"
-            plot_curve(reports, Path(args.curve) / "curve.png", f"{Path(args.dense_dir).name}: {recipe}")
+            name = "/".join(Path(args.dense_dir).resolve().parts[-2:])  # HF directories are often just "model"
+            plot_curve(reports, Path(args.curve) / "curve.png", f"{name}: {recipe}")
             payload = {"dense": str(args.dense_dir), "recipe": export_kwargs, "reports": [r.to_dict() for r in reports]}
             (Path(args.curve) / "curve.json").write_text(json.dumps(payload, indent=2) + "\n")
             log(f"wrote {Path(args.curve) / 'curve.json'} and {Path(args.curve) / 'curve.png'}")

@@ -383,14 +383,14 @@ def plot_curve(reports: list[EvalReport], path: str | os.PathLike, title: str = 
     for t in TASKS:
         if all(t in r.tasks for r in reports):
             series[f"{TASK_NAMES[t]} / dense"] = [r.tasks[t].ratio for r in reports]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for label, y in series.items():
         ax.plot(x, y, marker="o", label=label)
     ax.set_xlabel("FFN parameters active per token (%)")
     ax.set_ylabel("fidelity to the dense model")
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: lines cross everywhere
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
