@@ -7,9 +7,21 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup data demo eval test bench clean
 
+MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
+RECIPE  ?=
+SHARES  ?= 0.125,0.25,0.5
+
+# Setup also fetches the data (about 30 MB, seconds; a no-op once there), but a failure there does not
+# stop it: tests that need the data skip, and moe-eval says to run `make data`.
 setup: $(STAMP)
+	@$(BIN)/python -m exporter.fetch_data || echo "make setup: evaluation data not fetched; run 'make data' later" >&2
+
+# Calibration and evaluation data from the package registries (Debian fortunes, wordnet-base; the
+# gensim wheel's WordSim-353 / SimLex-999) into ${XDG_CACHE_HOME:-~/.cache}/moefy/data.
+data: $(STAMP)
+	$(BIN)/python -m exporter.fetch_data
 
 $(STAMP): $(SOURCES)
 	$(PY) -m venv $(VENV)
@@ -25,11 +37,14 @@ $(STAMP): $(SOURCES)
 # The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime.
 demo: setup
 	@mkdir -p $(OUT)
-	$(BIN)/moe-export "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')" \
-		$(OUT)/minilm-moe.onnx --experts 32 --top-k 8
-	$(BIN)/moe-export "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')" \
-		$(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
+	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8
+	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
+
+# Quality vs active share: export MiniLM at each of SHARES with RECIPE (moe-export flags, e.g.
+# RECIPE="--router ls --correction mean"), evaluate each against the dense model (several minutes).
+eval: data
+	$(BIN)/moe-eval $(MINILM) --curve $(OUT)/curve --shares $(SHARES) $(RECIPE)
 
 # The operator alone vs the dense FFN: shapes x active share x tokens x threads (several minutes).
 bench: setup

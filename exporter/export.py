@@ -21,12 +21,14 @@ from .config import MoEConfig
 from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_split, install_moe, last_hidden_state, load_model, moefy,
                     needs_calibration, save_moefied)
 from .moe_ffn import MoEFFN
+from .datasets import calibration_texts
 from .quantize import WEIGHT_TYPES
-from .text import SAMPLE_TEXTS, default_calibration_texts, load_texts
+from .text import SAMPLE_TEXTS, load_texts
 
 TARGETS = ("custom", "standard")
 OPSET = 18  # what optimum uses for BERT, so both graphs get the same ORT fusions
 TIE_MARGIN = 1e-5  # routing margins below this (relative to the largest score) count as ties
+CALIBRATION_KEY = "moefy.calibration"  # metadata: which text calibrated the model (moe-eval reports it)
 
 
 class ValidationError(RuntimeError):
@@ -132,11 +134,14 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     mask = batch["attention_mask"].numpy().astype(bool)
     dense = last_hidden_state(model, batch)
 
+    calibration = {"source": "none (not needed by this recipe)" if routers is None
+                   else f"as when {model_dir} was MoEfied (--save-moefied)"}
     if routers is None:
         calib_batch = None
         if needs_calibration(moe_cfg):
-            sample = calib_texts or default_calibration_texts()
-            log(f"calibrating on {len(sample)} texts ({'--calib' if calib_texts else 'standard-library docstrings'})")
+            sample, source = (calib_texts, f"--calib {calib}") if calib_texts else calibration_texts()
+            calibration = {"source": source, "texts": len(sample)}
+            log(f"calibrating on {len(sample)} texts ({source})")
             calib_batch = tokenize(sample)
         routers = moefy(model, adapter, moe_cfg, calib_batch, progress=progress)
         if save_moefied_dir:
@@ -174,6 +179,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                               custom_opsets={spec.DOMAIN: spec.VERSION}, do_constant_folding=True)
         proto = onnx.load(tmp)
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps({**moe_cfg.to_dict(), "weights": weights}))
+        proto.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(calibration))
         onnx.save(proto, tmp)
         onnx.checker.check_model(tmp, full_check=False)
 

@@ -1,0 +1,118 @@
+"""``moe-eval``: how faithful a MoEfied ONNX model is to its dense source (see docs/QUALITY.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime import BACKENDS
+
+from .evaluate import TASKS, Evaluator, markdown_table, plot_curve, quality_curve, read_moe_onnx
+from .text import load_texts
+
+# moe-export flags the curve sets itself, or that make no sense for it.
+CURVE_OWNS = ("--top-k", "--target", "--save-moefied", "--rtol")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="moe-eval", allow_abbrev=False,
+        description="Measure MoEfied ONNX models (run by the moefy runtime) against their dense Hugging Face "
+                    "source: held-out embedding cosine and nearest-neighbour agreement, per-layer router recall "
+                    "and FFN error on the exported operators, and labelled tasks as ratios to dense.",
+        epilog="With --curve, the other flags are moe-export's recipe flags (e.g. --experts 32 --router ls "
+               "--correction mean); the labelled tasks need `make data`.")
+    ap.add_argument("dense_dir", help="the dense Hugging Face model directory the ONNX models were exported from")
+    ap.add_argument("models", nargs="*", metavar="MOE.onnx", help="MoEfied ONNX files written by moe-export")
+    ap.add_argument("--curve", metavar="OUT_DIR",
+                    help="export dense_dir at each --shares with the given moe-export flags into OUT_DIR, evaluate "
+                         "each, and write OUT_DIR/curve.json and OUT_DIR/curve.png")
+    ap.add_argument("--shares", default="0.125,0.25,0.5",
+                    help="active shares (top-k / experts) for --curve, comma-separated (default 0.125,0.25,0.5)")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"labelled tasks, comma-separated from {', '.join(TASKS)}, or 'none' (default all)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto", help="moefy runtime backend (default auto)")
+    ap.add_argument("--json", metavar="FILE", help="also write the full reports as JSON to FILE")
+    ap.add_argument("--quiet", action="store_true", help="no progress output, only the results")
+    return ap
+
+
+def _top_ks(shares: str, experts: int) -> list[int]:
+    ks = []
+    for s in shares.split(","):
+        try:
+            share = float(s)
+        except ValueError:
+            raise ValueError(f"--shares takes comma-separated numbers in (0, 1], got {s!r}") from None
+        k = round(share * experts)
+        if not 0 < share <= 1 or abs(k - share * experts) > 1e-9:
+            raise ValueError(f"--shares: {s} of {experts} experts is not a whole number of experts in [1, {experts}]")
+        ks.append(k)
+    return ks
+
+
+def _export_kwargs(args, rest: list[str]) -> dict:
+    """Parse the pass-through flags with moe-export's own parser, so they mean exactly what they mean there."""
+    from .cli import build_parser as export_parser
+    owned = [f for f in rest if f.split("=")[0] in CURVE_OWNS]
+    if owned:
+        raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
+                         "--router, --correction, --calib, --seed")
+    ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
+    if ns.calib:
+        load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
+    return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction, calib=ns.calib,
+                seed=ns.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    if rest and not args.curve:
+        ap.error(f"unrecognized arguments: {' '.join(rest)} (moe-export flags go with --curve)")
+    if not args.curve and not args.models:
+        ap.error("give MoE ONNX files to evaluate, or --curve OUT_DIR")
+    if args.curve and args.models:
+        ap.error("give either MoE ONNX files or --curve, not both")
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    tasks = [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t]
+    try:
+        if set(tasks) - set(TASKS):
+            raise ValueError(f"--tasks: unknown task(s) {sorted(set(tasks) - set(TASKS))}; "
+                             f"choose from {', '.join(TASKS)}, or 'none'")
+        export_kwargs = _export_kwargs(args, rest) if args.curve else {}
+        top_ks = _top_ks(args.shares, export_kwargs["experts"]) if args.curve else []
+        if not Path(args.dense_dir).is_dir():
+            raise FileNotFoundError(f"dense model directory {args.dense_dir} does not exist")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--json: directory {Path(args.json).resolve().parent} does not exist")
+        for path in args.models:  # before the slow dense side: bad files fail at once
+            read_moe_onnx(path)
+        evaluator = Evaluator(args.dense_dir, tasks=tasks, progress=not args.quiet, log=log)
+        if args.curve:
+            reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, backend=args.backend, log=log,
+                                    **export_kwargs)
+            recipe = " ".join(rest) or "default recipe"
+            name = "/".join(Path(args.dense_dir).resolve().parts[-2:])  # HF directories are often just "model"
+            plot_curve(reports, Path(args.curve) / "curve.png", f"{name}: {recipe}")
+            payload = {"dense": str(args.dense_dir), "recipe": export_kwargs, "reports": [r.to_dict() for r in reports]}
+            (Path(args.curve) / "curve.json").write_text(json.dumps(payload, indent=2) + "\n")
+            log(f"wrote {Path(args.curve) / 'curve.json'} and {Path(args.curve) / 'curve.png'}")
+        else:
+            reports = []
+            for path in args.models:
+                reports.append(evaluator(path, backend=args.backend))
+                print(reports[-1].summary(), flush=True)
+            payload = {"dense": str(args.dense_dir), "reports": [r.to_dict() for r in reports]}
+        if args.json:
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"moe-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Fidelity of a MoEfied ONNX model to its dense Hugging Face source (what ``moe-eval`` reports).
+
+The MoE side is always what was exported: embeddings come from the ONNX file run by the moefy
+runtime, and the per-layer figures use the weights of each SparseExpertFFN node, evaluated with the
+operator's NumPy reference. The dense side is the Hugging Face model in PyTorch.
+
+Metrics (docs/QUALITY.md explains them):
+* held-out embedding cosine (mean, min) and nearest-neighbour agreement, on mean-pooled last hidden
+  states (what sentence-transformers does for MiniLM);
+* per layer, on the dense model's own FFN inputs for the held-out text: router recall (share of the
+  FFN's activation mass that the selected experts hold), the same for the best possible k experts
+  (oracle recall), and the FFN output's relative error;
+* labelled tasks as ratios to dense: WordSim-353 and SimLex-999 Spearman, WordNet gloss -> lemma MRR.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from runtime import spec
+from runtime.reference import ACTIVATION_FUNCTIONS, select_top_k, sparse_expert_ffn
+from runtime.session import METADATA_KEY
+
+from . import datasets
+from .config import MoEConfig
+from .export import CALIBRATION_KEY
+from .moefy import load_model
+
+TASKS = ("ws353", "simlex", "wordnet")
+TASK_NAMES = {"ws353": "WordSim-353 Spearman", "simlex": "SimLex-999 Spearman", "wordnet": "WordNet gloss->lemma MRR"}
+BATCH_SIZE = 32
+MATCH_RTOL = 1e-3  # all experts of the exported op vs the dense FFN: above this, they are different models
+
+
+class EvalError(ValueError):
+    """Inputs moe-eval cannot evaluate: not a moefy ONNX file, or not exported from the given dense model."""
+
+
+# ----------------------------------------------------------------------------- the exported operators
+@dataclasses.dataclass
+class SparseFFNLayer:
+    """One SparseExpertFFN node's constant inputs (spec names; ``X`` absent) and attributes."""
+    inputs: dict[str, np.ndarray | None]
+    top_k: int
+    activation: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return sparse_expert_ffn({**self.inputs, "X": x}, top_k=self.top_k, activation=self.activation)
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers, plus outputs of Constant nodes and of Identity nodes over constants (the
+    TorchScript exporter deduplicates equal tensors, e.g. zero biases, through Identity)."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[SparseFFNLayer]]:
+    """The exporter's config and calibration metadata, and each layer's operator (node order = layer order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} does not exist or is not a file")
+    try:
+        model = onnx.load(os.fspath(path))
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise EvalError(f"{path} is not an ONNX model: {type(e).__name__}: {e}") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in meta:
+        raise EvalError(f"{path} is not a moefy model: it has no '{METADATA_KEY}' metadata; pass an ONNX file "
+                        "written by moe-export (custom target)")
+    config = MoEConfig.from_dict(json.loads(meta[METADATA_KEY]))
+    calibration = json.loads(meta.get(CALIBRATION_KEY, '{"source": "unknown (exported before moefy recorded it)"}'))
+    nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
+    if len(nodes) != config.num_layers:
+        raise EvalError(f"{path} has {len(nodes)} {spec.OP_TYPE} nodes but its metadata says {config.num_layers} "
+                        "layers; moe-eval needs the custom target (moe-export --target custom)")
+    values = _constant_values(model.graph)
+    layers = []
+    for node in nodes:
+        inputs = {}
+        for port, name in zip(spec.INPUTS, node.input):
+            if port.name == "X" or not name:
+                continue
+            if name not in values:
+                raise EvalError(f"{path}: input {port.name} of node {node.name} is computed, not a constant; "
+                                "moe-eval reads the expert weights from initializers")
+            inputs[port.name] = values[name]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        act = attrs.get("activation", spec.ATTRIBUTE_DEFAULTS["activation"])
+        layers.append(SparseFFNLayer(inputs, int(attrs["top_k"]), act.decode() if isinstance(act, bytes) else act))
+    return config, calibration, layers
+
+
+# ----------------------------------------------------------------------------- metrics
+@dataclasses.dataclass
+class LayerFidelity:
+    layer: int
+    router_recall: float  # mean over tokens: share of activation mass in the selected experts
+    oracle_recall: float  # the same for the k experts holding the most mass (the best any router can do)
+    ffn_rel_error: float  # ||Y_moe - Y_dense||_F / ||Y_dense||_F over the tokens
+
+
+def layer_fidelity(index: int, x: np.ndarray, dense, op: SparseFFNLayer) -> LayerFidelity:
+    """Compare the exported operator with the dense FFN (adapter.DenseFFN) on the dense model's FFN inputs x [N, d].
+
+    Activation mass of neuron j for a token: |h_j| * ||W2_j||, an upper bound on the norm of what the neuron
+    adds to the output; an expert's mass is the sum over its neurons. Recall is the selected experts' share.
+    """
+    act = ACTIVATION_FUNCTIONS[op.activation]
+    x64 = x.astype(np.float64)
+    y_dense = act(x64 @ dense.w1.T.astype(np.float64) + dense.b1) @ dense.w2.astype(np.float64) + dense.b2
+    w1, w2 = op.inputs["W1"].astype(np.float64), op.inputs["W2"].astype(np.float64)
+    E, m, d = w1.shape
+    b1 = op.inputs.get("B1")
+    h = act(x64 @ w1.reshape(E * m, d).T + (0.0 if b1 is None else b1.reshape(-1)))  # every expert, [N, E*m]
+    b2 = op.inputs.get("B2")
+    y_all = h @ w2.reshape(E * m, d) + (0.0 if b2 is None else b2)
+    mismatch = np.linalg.norm(y_all - y_dense) / np.linalg.norm(y_dense)
+    if not mismatch <= MATCH_RTOL:
+        raise EvalError(f"layer {index}: the exported experts together differ from the dense FFN (relative "
+                        f"difference {mismatch:.1e} > {MATCH_RTOL:.0e}): the ONNX model was not exported from this "
+                        "dense model")
+    mass = (np.abs(h) * np.linalg.norm(w2.reshape(E * m, d), axis=1)).reshape(-1, E, m).sum(2)  # [N, E]
+    total = np.maximum(mass.sum(1), 1e-30)
+    scores = x64 @ op.inputs["router_w"].T.astype(np.float64)
+    if op.inputs.get("router_b") is not None:
+        scores = scores + op.inputs["router_b"]
+    selected = select_top_k(scores, op.top_k)
+    recall = np.take_along_axis(mass, selected, 1).sum(1) / total
+    oracle = np.sort(mass, axis=1)[:, ::-1][:, :op.top_k].sum(1) / total
+    y_moe = op(x)
+    return LayerFidelity(index, float(recall.mean()), float(oracle.mean()),
+                         float(np.linalg.norm(y_moe - y_dense) / np.linalg.norm(y_dense)))
+
+
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+
+
+def nearest_neighbours(e: np.ndarray) -> np.ndarray:
+    """For each row, the index of its most cosine-similar other row."""
+    s = _unit(e) @ _unit(e).T
+    np.fill_diagonal(s, -np.inf)
+    return s.argmax(1)
+
+
+def word_similarity(embed, pairs) -> float:
+    """Spearman correlation between embedding cosine and human similarity scores."""
+    words = sorted({w for a, b, _ in pairs for w in (a, b)})
+    e = dict(zip(words, _unit(embed(words))))
+    return float(spearmanr([e[a] @ e[b] for a, b, _ in pairs], [s for *_, s in pairs]).statistic)
+
+
+def gloss_retrieval_mrr(embed, pairs) -> float:
+    """Each definition ranks all lemmas by cosine; mean reciprocal rank of its own lemma."""
+    s = _unit(embed([g for g, _ in pairs])) @ _unit(embed([lemma for _, lemma in pairs])).T
+    rank = (s > np.diag(s)[:, None]).sum(1)
+    return float((1.0 / (rank + 1)).mean())
+
+
+def _task_data(task: str):
+    if task == "wordnet":
+        return datasets.wordnet_glosses(), gloss_retrieval_mrr
+    return datasets.word_pairs(task), word_similarity
+
+
+# ----------------------------------------------------------------------------- reports
+@dataclasses.dataclass
+class TaskScore:
+    dense: float
+    moe: float
+
+    @property
+    def ratio(self) -> float:
+        return self.moe / self.dense
+
+
+@dataclasses.dataclass
+class EvalReport:
+    model: str
+    config: dict
+    calibration: dict
+    backend: str
+    heldout_texts: int
+    cosine_mean: float
+    cosine_min: float
+    nn_agreement: float
+    layers: list[LayerFidelity]
+    tasks: dict[str, TaskScore]
+    seconds: float
+
+    @property
+    def active_share(self) -> float:
+        return self.config["top_k"] / self.config["experts"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["active_share"] = self.active_share
+        for name, t in self.tasks.items():
+            d["tasks"][name]["ratio"] = t.ratio
+        return d
+
+    def summary(self) -> str:
+        c = self.config
+        lines = [f"{self.model}: {c['experts']} experts, top-k {c['top_k']} ({100 * self.active_share:.1f}% active), "
+                 f"split {c['split']}, router {c['router']}, correction {c['correction']}; "
+                 f"calibrated on {self.calibration.get('source')}; {self.backend} backend",
+                 f"  held-out texts: {self.heldout_texts}; embedding cosine to dense mean {self.cosine_mean:.4f}, "
+                 f"min {self.cosine_min:.4f}; nearest-neighbour agreement {self.nn_agreement:.3f}",
+                 "  | layer | router recall | oracle recall | FFN rel. error |", "  |---:|---:|---:|---:|"]
+        lines += [f"  | {f.layer} | {f.router_recall:.3f} | {f.oracle_recall:.3f} | {f.ffn_rel_error:.3f} |"
+                  for f in self.layers]
+        lines += [f"  {TASK_NAMES[n]}: dense {t.dense:.4f}, MoE {t.moe:.4f}, ratio {t.ratio:.3f}"
+                  for n, t in self.tasks.items()]
+        return "\n".join(lines)
+
+
+def markdown_table(reports: list[EvalReport]) -> str:
+    tasks = [t for t in TASKS if any(t in r.tasks for r in reports)]
+    head = ["model", "active", "cos mean", "cos min", "NN agree", "router recall (oracle)", "FFN rel. err",
+            *(f"{t} ratio" for t in tasks)]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        recall = np.mean([f.router_recall for f in r.layers])
+        oracle = np.mean([f.oracle_recall for f in r.layers])
+        cells = [Path(r.model).name, f"{100 * r.active_share:.1f}%", f"{r.cosine_mean:.4f}", f"{r.cosine_min:.4f}",
+                 f"{r.nn_agreement:.3f}", f"{recall:.3f} ({oracle:.3f})",
+                 f"{np.mean([f.ffn_rel_error for f in r.layers]):.3f}",
+                 *(f"{r.tasks[t].ratio:.3f}" if t in r.tasks else "–" for t in tasks)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Loads the dense model and computes its side once; call it on any number of MoE ONNX files."""
+
+    def __init__(self, dense_dir: str | os.PathLike, *, tasks=TASKS, progress: bool = True, log=print):
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise EvalError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+        self.progress, self.log = progress, log
+        self.task_data = {t: _task_data(t) for t in tasks}  # fails early (MissingDataError) if not fetched
+        log(f"loading the dense model {dense_dir}")
+        self.model, self.tokenizer, self.adapter, moe_cfg, _ = load_model(dense_dir)
+        self.dense_dir = Path(dense_dir)
+        if moe_cfg is not None:
+            raise EvalError(f"{dense_dir} is a --save-moefied directory; pass the original dense model")
+        hf = self.model.config
+        self.max_length = min(128, getattr(hf, "max_position_embeddings", 128))
+        self.texts = datasets.heldout_texts()
+        if not datasets.fortunes_available():
+            log(f"held-out text: only the {len(self.texts)} built-in sentences (run `make data` for 300 more)")
+        self.dense_emb = self._embed_dense(self.texts, "dense embeddings")
+        self.dense_nn = nearest_neighbours(self.dense_emb)
+        self.ffn_x = self._ffn_inputs(self.texts)
+        self.dense_tasks = {t: fn(lambda s: self._embed_dense(s, f"dense {t}"), data)
+                            for t, (data, fn) in self.task_data.items()}
+
+    def _batches(self, texts: list[str], desc: str):
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
+        for i in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, disable=not self.progress, leave=False):
+            idx = order[i:i + BATCH_SIZE]
+            b = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="np")
+            yield idx, {k: b[k].astype(np.int64) for k in self.adapter.input_names if k in b}
+
+    @staticmethod
+    def _mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        m = mask[..., None].astype(np.float64)
+        return (h * m).sum(1) / np.maximum(m.sum(1), 1)
+
+    @torch.no_grad()
+    def _embed_dense(self, texts, desc):
+        out = np.zeros((len(texts), self.model.config.hidden_size))
+        for idx, feed in self._batches(texts, desc):
+            h = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
+            out[idx] = self._mean_pool(h, feed["attention_mask"])
+        return out
+
+    def _embed_onnx(self, session, texts, desc):
+        names = [i.name for i in session.get_inputs()]
+        out = np.zeros((len(texts), self.model.config.hidden_size))
+        for idx, feed in self._batches(texts, desc):
+            h = session.run([self.adapter.output_names[0]], {k: feed[k] for k in names})[0]
+            out[idx] = self._mean_pool(h, feed["attention_mask"])
+        return out
+
+    @torch.no_grad()
+    def _ffn_inputs(self, texts) -> list[np.ndarray]:
+        """Each layer's dense FFN input on the texts' real tokens, [N, d] per layer."""
+        layers = self.adapter.layers(self.model)
+        captured = [[] for _ in layers]
+        current = {}
+        hooks = [self.adapter.ffn_module(layer).register_forward_hook(
+            lambda mod, args, out, i=i: current.__setitem__(i, args[0])) for i, layer in enumerate(layers)]
+        try:
+            for _, feed in self._batches(texts, "dense FFN inputs"):
+                self.model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+                mask = feed["attention_mask"].astype(bool)
+                for i in range(len(layers)):
+                    captured[i].append(current[i].numpy()[mask])
+        finally:
+            for h in hooks:
+                h.remove()
+        return [np.concatenate(c) for c in captured]
+
+    def _check_same_model(self, path, config: MoEConfig, layers: list[SparseFFNLayer]) -> None:
+        hf = self.model.config
+        d = layers[0].inputs["W1"].shape[-1]
+        for what, exported, dense in (("model_type", config.model_type, hf.model_type),
+                                      ("number of layers", config.num_layers, len(self.adapter.layers(self.model))),
+                                      ("FFN width", config.intermediate_size, hf.intermediate_size),
+                                      ("hidden size", d, hf.hidden_size)):
+            if exported != dense:
+                raise EvalError(f"{path} does not match the dense model {self.dense_dir}: {what} {exported!r} "
+                                f"in the ONNX model, {dense!r} in the dense model")
+
+    def __call__(self, moe_path: str | os.PathLike, *, backend: str = "auto") -> EvalReport:
+        from runtime import InferenceSession
+        t0 = time.perf_counter()
+        config, calibration, ops = read_moe_onnx(moe_path)
+        self._check_same_model(moe_path, config, ops)
+        dense_layers = [self.adapter.read(layer) for layer in self.adapter.layers(self.model)]
+        layers = [layer_fidelity(i, x, dense, op) for i, (x, dense, op) in enumerate(
+            tqdm(list(zip(self.ffn_x, dense_layers, ops)), desc="per-layer fidelity", disable=not self.progress,
+                 leave=False))]
+        session = InferenceSession(moe_path, backend=backend)
+        emb = self._embed_onnx(session, self.texts, "MoE embeddings")
+        cos = (_unit(emb) * _unit(self.dense_emb)).sum(1)
+        tasks = {t: TaskScore(self.dense_tasks[t], fn(lambda s: self._embed_onnx(session, s, f"MoE {t}"), data))
+                 for t, (data, fn) in self.task_data.items()}
+        return EvalReport(str(moe_path), config.to_dict(), calibration, session.backend, len(self.texts),
+                          float(cos.mean()), float(cos.min()),
+                          float((nearest_neighbours(emb) == self.dense_nn).mean()), layers, tasks,
+                          time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- quality vs active share
+def quality_curve(evaluator: Evaluator, dense_dir, out_dir: str | os.PathLike, top_ks: list[int], *,
+                  backend: str = "auto", log=print, **export_kwargs) -> list[EvalReport]:
+    """Export ``dense_dir`` once per top-k with the same recipe (``export_kwargs``) into ``out_dir``, evaluate each."""
+    from .export import export
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for k in top_ks:
+        path = out_dir / f"top{k}-of-{export_kwargs.get('experts', 32)}.onnx"
+        log(f"exporting {path.name}")
+        log(export(dense_dir, path, top_k=k, backend=backend, progress=evaluator.progress, log=log,
+                   **export_kwargs).summary())
+        reports.append(evaluator(path, backend=backend))
+        print(reports[-1].summary(), flush=True)  # a result, not progress
+    return reports
+
+
+def plot_curve(reports: list[EvalReport], path: str | os.PathLike, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    x = [100 * r.active_share for r in reports]
+    series = {"held-out cosine (mean)": [r.cosine_mean for r in reports],
+              "held-out cosine (min)": [r.cosine_min for r in reports],
+              "nearest-neighbour agreement": [r.nn_agreement for r in reports],
+              "router recall (mean over layers)": [np.mean([f.router_recall for f in r.layers]) for r in reports],
+              "1 - FFN rel. error (mean over layers)": [1 - np.mean([f.ffn_rel_error for f in r.layers])
+                                                        for r in reports]}
+    for t in TASKS:
+        if all(t in r.tasks for r in reports):
+            series[f"{TASK_NAMES[t]} / dense"] = [r.tasks[t].ratio for r in reports]
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    for label, y in series.items():
+        ax.plot(x, y, marker="o", label=label)
+    ax.set_xlabel("FFN parameters active per token (%)")
+    ax.set_ylabel("fidelity to the dense model")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: lines cross everywhere
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
