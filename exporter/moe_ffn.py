@@ -33,9 +33,11 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k: 
     return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
 
 
-def routing_margin(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+def routing_margin(scores: torch.Tensor, top_k: int, shared: int = 0) -> torch.Tensor:
     """Per token, (k-th best - (k+1)-th best score) / max |score|: how far the selection is from a tie.
-    Near zero, float32 rounding may pick either expert, legitimately, in another implementation."""
+    Near zero, float32 rounding may pick either expert, legitimately, in another implementation.
+    The first ``shared`` experts (always on, forced by a huge score) are left out of both."""
+    scores, top_k = scores[..., shared:], top_k - shared
     if top_k >= scores.shape[-1]:
         return torch.full(scores.shape[:-1], float("inf"))
     top = scores.topk(top_k + 1, dim=-1).values
@@ -65,21 +67,24 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
 
 class MoEFFN(nn.Module):
     """FFN(x) = B2 + sum over the top_k experts by router score of W2[e].T act(W1[e] x + B1[e])
-    (+ unselected_bias[e] for each expert not selected)."""
+    (+ unselected_bias[e] for each expert not selected). The first ``shared`` experts are always on
+    (their router score is forced); ``shared`` only tells the tie check to leave them out."""
 
     def __init__(self, w1, b1, w2, b2, router_w, router_b, unselected_bias=None, *, top_k: int, activation: str,
-                 target: str = "custom"):
+                 target: str = "custom", shared: int = 0):
         super().__init__()
         E, m, d = w1.shape
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+        if not 0 <= shared < top_k:
+            raise ValueError(f"shared must be in [0, top_k), got {shared}")
         if activation not in TORCH_ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(TORCH_ACTIVATIONS)}, got {activation!r}")
         for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("router_w", router_w), ("router_b", router_b)):
             self.register_buffer(name, torch.as_tensor(t, dtype=torch.float32).contiguous())
         self.unselected_bias = None if unselected_bias is None else nn.Buffer(
             torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
-        self.top_k, self.activation, self.target = top_k, activation, target
+        self.top_k, self.activation, self.target, self.shared = top_k, activation, target, shared
         self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
         self.gaps = None
 
@@ -89,5 +94,5 @@ class MoEFFN(nn.Module):
         if self.target == "custom" and torch.onnx.is_in_onnx_export():
             return _SparseExpertFFNFunction.apply(*args)
         if self.record_gaps:
-            self.gaps = routing_margin(x @ self.router_w.T + self.router_b, self.top_k)
+            self.gaps = routing_margin(x @ self.router_w.T + self.router_b, self.top_k, self.shared)
         return masked_dense(*args)
