@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "with each neuron weighted by its second-layer row's norm (output-aware); ls: fitted by "
                          "least squares to each expert's output deviation on calibration text; bce: trained "
                          "(logistic loss, from the ls fit) to pick each calibration token's top-k experts by "
-                         "output deviation, keeping the best weights on held-out calibration texts "
-                         "(default centroid; best measured: bce)")
+                         "output deviation, keeping the best weights on held-out calibration texts; mlp: bce plus "
+                         "a small MLP (64 hidden ReLU units, exported as standard ONNX ops feeding the operator's "
+                         "router_scores input) (default centroid; best measured: bce)")
     ap.add_argument("--correction", choices=CORRECTIONS, default="none",
                     help="none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
                          "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not "

@@ -76,10 +76,11 @@ def check_budget(budget: float, experts: int, shared: int = 0) -> None:
 
 
 SPLITS = ("param", "coact", "metis", "random")
-ROUTERS = ("centroid", "ls", "bce", "avgk", "norm")
+ROUTERS = ("centroid", "ls", "bce", "avgk", "norm", "mlp")
 CORRECTIONS = ("none", "mean")
 CALIBRATED_SPLITS = ("coact", "metis")
-CALIBRATED_ROUTERS = ("ls", "bce")
+CALIBRATED_ROUTERS = ("ls", "bce", "mlp")
+MLP_HIDDEN = 64  # hidden width of the "mlp" router
 # router_b of a shared (always-on) expert, whose router_w row is zero: its score is exactly 1e6 in float32
 # in every runtime, and moefy() checks that routed scores stay far below it on calibration text.
 FORCED_SCORE = 1e6
@@ -132,8 +133,12 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, pr
             log(f"  layer {i}: router recall of the oracle top-k on held-out calibration text "
                 f"{info['recall_start']:.3f} (least squares) -> {info['recall']:.3f}")
         routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"] = rw, rb
+        if info and "mlp" in info:
+            for name, t in zip(MLP_KEYS, info["mlp"]):
+                routers[f"layer.{i}.{name}"] = t
         if config.correction == "mean":
-            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, rw, rb, x, h, config, config.layer_k(i))
+            scores = layer_scores(routers, i, x)
+            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, scores, h, config, config.layer_k(i))
     return routers
 
 
@@ -169,8 +174,9 @@ def build_router(ffn, x, h, config: MoEConfig, top_k: int, *, groups=None, progr
     info = None
     if config.router == "ls":
         rw, rb = least_squares_router(x, hr, w2, n)
-    elif config.router == "bce":
-        rw, rb, info = bce_router(x, hr, w2, n, k, groups=groups, seed=config.seed, progress=progress)
+    elif config.router in ("bce", "mlp"):
+        rw, rb, info = bce_router(x, hr, w2, n, k, groups=groups, seed=config.seed, progress=progress,
+                                  hidden=MLP_HIDDEN if config.router == "mlp" else 0)
     elif config.router == "avgk":
         rw, rb = avgk_router(w1, b1, n)
     elif config.router == "norm":
@@ -180,12 +186,36 @@ def build_router(ffn, x, h, config: MoEConfig, top_k: int, *, groups=None, progr
     if S:
         rw = np.concatenate([np.zeros((S, d), np.float32), rw])
         rb = np.concatenate([np.full(S, FORCED_SCORE, np.float32), rb])
+        if info and "mlp" in info:
+            a, a_b, b = info["mlp"]
+            info["mlp"] = (a, a_b, np.concatenate([np.zeros((S, len(a_b)), np.float32), b]))
         if x is not None:
-            routed = np.abs(x @ rw[S:].T.astype(np.float64) + rb[S:]).max()
+            routed = np.abs(_scores(x, rw, rb, info and info.get("mlp"))[:, S:]).max()
             if not routed < FORCED_SCORE / 1e3:
                 raise ValueError(f"router scores reach {routed:.3g} on calibration text: too close to the "
                                  f"shared experts' forced score {FORCED_SCORE:g}")
     return rw.astype(np.float32), rb.astype(np.float32), info
+
+
+MLP_KEYS = ("router_mlp_a", "router_mlp_a_b", "router_mlp_b")
+
+
+def _scores(x, rw, rb, mlp=None) -> np.ndarray:
+    s = x.astype(np.float64) @ rw.T + rb
+    if mlp is not None:
+        a, a_b, b = mlp
+        s = s + np.maximum(x.astype(np.float64) @ a.T + a_b, 0) @ b.T
+    return s
+
+
+def layer_mlp(routers, i: int):
+    """Layer i's router MLP (A, a, B), or None for a linear router."""
+    return tuple(routers[f"layer.{i}.{n}"] for n in MLP_KEYS) if f"layer.{i}.{MLP_KEYS[0]}" in routers else None
+
+
+def layer_scores(routers, i: int, x: np.ndarray) -> np.ndarray:
+    """Layer i's router scores [N, E] on FFN inputs x (float64)."""
+    return _scores(x, routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"], layer_mlp(routers, i))
 
 
 def choose_layer_top_k(devs: list[np.ndarray], budget: float, shared: int = 0) -> list[int]:
@@ -230,17 +260,18 @@ def text_ids(batch) -> np.ndarray:
     return np.nonzero(batch["attention_mask"].numpy().astype(bool))[0]
 
 
-def mean_correction(ffn, router_w, router_b, x: np.ndarray, h: np.ndarray, config: MoEConfig,
-                    top_k: int | None = None, *, conditional: bool = True) -> np.ndarray:
-    """unselected_bias [E, d]: each expert's mean output over the calibration tokens that did *not*
-    select it (its mean over all tokens where none did; ``conditional=False``: over all tokens). A skipped
-    GELU/SiLU expert is not zero. Shared (always selected) experts get zeros."""
+def mean_correction(ffn, scores: np.ndarray, h: np.ndarray, config: MoEConfig, top_k: int | None = None, *,
+                    conditional: bool = True) -> np.ndarray:
+    """unselected_bias [E, d]: each expert's mean output over the calibration tokens whose router
+    ``scores`` [N, E] did *not* select it (its mean over all tokens where none did; ``conditional=False``:
+    over all tokens). A skipped GELU/SiLU expert is not zero. Shared (always selected) experts get zeros."""
     from runtime.reference import select_top_k
     E, m = config.experts, config.expert_size
-    unselected = np.ones((len(x), E), bool)
-    np.put_along_axis(unselected, select_top_k(x @ router_w.T + router_b, top_k or config.top_k), False, axis=1)
+    n = len(h)
+    unselected = np.ones((n, E), bool)
+    np.put_along_axis(unselected, select_top_k(scores, top_k or config.top_k), False, axis=1)
     weights = np.where(unselected.any(0) & conditional, unselected, True).astype(np.float64)  # [N, E]
-    mean_h = np.einsum("ne,nem->em", weights, h.reshape(len(x), E, m)) / weights.sum(0)[:, None]
+    mean_h = np.einsum("ne,nem->em", weights, h.reshape(n, E, m)) / weights.sum(0)[:, None]
     u = np.einsum("em,emd->ed", mean_h, ffn.w2.reshape(E, m, -1)).astype(np.float32)
     u[: config.shared_experts] = 0
     return u
@@ -265,7 +296,7 @@ def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, targe
         moe = MoEFFN(ffn.w1.reshape(E, m, d), ffn.b1.reshape(E, m), ffn.w2.reshape(E, m, d), ffn.b2,
                      routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
                      routers.get(f"layer.{i}.unselected_bias"), top_k=config.layer_k(i), activation=config.activation,
-                     target=target, shared=config.shared_experts)
+                     target=target, shared=config.shared_experts, router_mlp=layer_mlp(routers, i))
         adapter.install(layer, moe)
 
 

@@ -73,15 +73,18 @@ def top_k_recall(scores: np.ndarray, chosen: np.ndarray, k: int) -> float:
 
 
 def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top_k: int, *, groups=None,
-               steps: int = 300, lr: float = 3e-3, holdout: float = 0.1, eval_every: int = 10, seed: int = 0,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A linear router trained as a multi-label classifier: logistic loss (BCE) of x·W + b against each
+               hidden: int = 0, steps: int = 300, lr: float = 3e-3, holdout: float = 0.1, eval_every: int = 10,
+               seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A router trained as a multi-label classifier: logistic loss (BCE) of its scores against each
     calibration token's oracle set, the ``top_k`` experts whose output deviates most from its mean
-    (:func:`expert_deviation`). Starts from :func:`least_squares_router`; full-batch Adam, fixed seed.
+    (:func:`expert_deviation`). Linear (x·W + b), starting from :func:`least_squares_router`; with
+    ``hidden`` > 0 it adds an MLP, scores = x·W + b + relu(x·A + a)·B, with B starting at zero (so it
+    starts as the least-squares router). Full-batch Adam, fixed seed.
 
     A share ``holdout`` of the calibration *texts* (``groups`` [N]: each token's text; tokens if None) is
     held out; the weights with the best held-out recall of the oracle set (checked every ``eval_every``
-    steps, the start included) are returned, with {"recall_start", "recall"} on the held-out tokens.
+    steps, the start included) are returned: (W, b, info) with info {"recall_start", "recall"} on the
+    held-out tokens, and, with ``hidden``, info["mlp"] = (A [H, d], a [H], B [E, H]).
     """
     import torch
     import torch.nn.functional as F
@@ -89,7 +92,7 @@ def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top
 
     target = expert_deviation(h, w2, n_experts)
     chosen = oracle_top_k(target, top_k)
-    n = len(x)
+    n, d = x.shape
     groups = np.arange(n) if groups is None else np.asarray(groups)
     ids = np.unique(groups)
     rng = np.random.default_rng(seed)
@@ -101,24 +104,36 @@ def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top
     w0, b0 = least_squares_router(x[fit], h[fit], w2, n_experts)
     x_fit, y_fit = torch.as_tensor(np.asarray(x[fit], np.float32)), torch.as_tensor(chosen[fit])
     x_held = torch.as_tensor(np.asarray(x[held], np.float32))
-    w = torch.tensor(w0, requires_grad=True)
-    b = torch.tensor(b0, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr)
+    params = [torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)]
+    if hidden:
+        gen = torch.Generator().manual_seed(seed)
+        scale = 1 / np.sqrt(d * float(x_fit.var()))
+        params += [(torch.randn(hidden, d, generator=gen) * scale).requires_grad_(),
+                   torch.zeros(hidden, requires_grad=True), torch.zeros(n_experts, hidden, requires_grad=True)]
+
+    def scores(xx):
+        s = torch.addmm(params[1], xx, params[0].T)
+        if hidden:
+            s = s + torch.relu(torch.addmm(params[3], xx, params[2].T)) @ params[4].T
+        return s
 
     def held_recall():
         with torch.no_grad():
-            s = torch.addmm(b, x_held, w.T).numpy()
-        return top_k_recall(s, chosen[held], top_k)
+            return top_k_recall(scores(x_held).numpy(), chosen[held], top_k)
 
+    opt = torch.optim.Adam(params, lr=lr)
     best = start = held_recall()
-    best_w, best_b = w0.copy(), b0.copy()
+    best_params = [p.detach().numpy().copy() for p in params]
     for step in tqdm(range(1, steps + 1), desc="  training router", leave=False, disable=not progress):
-        loss = F.binary_cross_entropy_with_logits(torch.addmm(b, x_fit, w.T), y_fit)
+        loss = F.binary_cross_entropy_with_logits(scores(x_fit), y_fit)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
             r = held_recall()
             if r > best:
-                best, best_w, best_b = r, w.detach().numpy().copy(), b.detach().numpy().copy()
-    return best_w.astype(np.float32), best_b.astype(np.float32), {"recall_start": start, "recall": best}
+                best, best_params = r, [p.detach().numpy().copy() for p in params]
+    info = {"recall_start": start, "recall": best}
+    if hidden:
+        info["mlp"] = tuple(p.astype(np.float32) for p in best_params[2:])
+    return best_params[0].astype(np.float32), best_params[1].astype(np.float32), info

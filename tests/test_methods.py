@@ -61,6 +61,20 @@ def test_every_router_exports_and_matches(tiny_bert_dir, tmp_path, calib, router
     onnx_matches_torch(out, saved)
 
 
+def test_mlp_router_feeds_router_scores(tiny_bert_dir, tmp_path, calib):
+    """The MLP router is standard ONNX ops whose output is the operator's router_scores input; no
+    router_w / router_b; shared experts stay forced through it."""
+    out, saved = tmp_path / "m.onnx", tmp_path / "saved"
+    report = quiet_export(tiny_bert_dir, out, experts=8, top_k=3, router="mlp", shared_experts=1, correction="mean",
+                          calib=calib, save_moefied_dir=saved)
+    assert report.max_rel_diff <= 1e-4
+    names = [p.name for p in spec.INPUTS]
+    for node in (n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN):
+        assert node.input[names.index("router_scores")] and not node.input[names.index("router_w")]
+    _, cfg, routers = onnx_matches_torch(out, saved)
+    assert routers["layer.0.router_mlp_b"].shape == (8, 64) and not routers["layer.0.router_mlp_b"][0].any()
+
+
 def test_bce_router_is_deterministic_and_beats_its_start():
     """Same seed, same weights; the held-out recall it reports never falls below the least-squares start."""
     from exporter.routers import bce_router
