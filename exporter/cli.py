@@ -19,21 +19,39 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or a directory written by --save-moefied")
     ap.add_argument("output", help="ONNX file to write")
     ap.add_argument("--experts", type=int, default=32, help="experts per FFN; must divide the FFN width (default 32)")
-    ap.add_argument("--top-k", type=int, default=8, help="experts computed per token, 1..experts (default 8)")
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="experts computed per token, 1..experts, shared experts included (default 8; re-exporting "
+                         "a --save-moefied directory: its own)")
+    ap.add_argument("--budget", type=float, metavar="F",
+                    help="instead of --top-k: choose each layer's top-k from calibration text so that on average "
+                         "the share F of FFN parameters is active per token (greedy on the share of each layer's "
+                         "expert-output deviation an oracle choice would capture), e.g. 0.25")
+    ap.add_argument("--shared-experts", type=int, default=0, metavar="N",
+                    help="N always-on experts per layer, built from the neurons with the largest mean contribution "
+                         "|h - mean| * ||W2 row|| on calibration text and forced on by the router (zero row, bias "
+                         "1e6); they count in --top-k, which must exceed N (default 0)")
     ap.add_argument("--target", choices=TARGETS, default="custom",
                     help="custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); "
                          "standard: standard ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX "
                          "Runtime but computes every expert (default custom)")
     ap.add_argument("--split", choices=SPLITS, default="param",
-                    help="param: balanced k-means over normalised first-layer rows (MoEfication); coact: "
-                         "neurons whose output deviations move together on calibration text (default param)")
+                    help="param: balanced k-means over normalised first-layer rows (MoEfication); coact: balanced "
+                         "k-means on how neurons' output deviations move together on calibration text; metis: the "
+                         "same co-activation as a neighbour graph cut into equal parts by METIS (pymetis); "
+                         "random: a seeded random split, a baseline (default param)")
     ap.add_argument("--router", choices=ROUTERS, default="centroid",
-                    help="centroid: similarity to each expert's mean first-layer row (MoEfication); ls: a linear "
-                         "router fitted by least squares to each expert's output deviation on calibration text "
-                         "(default centroid)")
+                    help="centroid: similarity to each expert's mean normalised first-layer row (MoEfication); "
+                         "avgk: each expert's mean first-layer row and bias (its mean pre-activation); norm: avgk "
+                         "with each neuron weighted by its second-layer row's norm (output-aware); ls: fitted by "
+                         "least squares to each expert's output deviation on calibration text; bce: trained "
+                         "(logistic loss, from the ls fit) to pick each calibration token's top-k experts by "
+                         "output deviation, keeping the best weights on held-out calibration texts; mlp: bce plus "
+                         "a small MLP (64 hidden ReLU units, exported as standard ONNX ops feeding the operator's "
+                         "router_scores input) (default centroid; best measured: bce)")
     ap.add_argument("--correction", choices=CORRECTIONS, default="none",
-                    help="none: a skipped expert contributes nothing; mean: it contributes its mean output on "
-                         "calibration text, since skipped GELU/SiLU neurons are not zero (default none)")
+                    help="none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
+                         "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not "
+                         "zero; use it with a calibrated router (ls, bce): with centroid it hurts (default none)")
     ap.add_argument("--weights", choices=WEIGHT_TYPES, default="float32",
                     help="element type of the exported expert weights: int8 stores each weight row as int8 with a "
                          "float scale (a quarter of the bytes; few-token latency is bound by reading them); needs "
@@ -59,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
-                        split=args.split, router=args.router, correction=args.correction, calib=args.calib,
-                        save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol, weights=args.weights,
-                        progress=not args.quiet, log=log)
+                        split=args.split, router=args.router, correction=args.correction,
+                        shared_experts=args.shared_experts, budget=args.budget, calib=args.calib,
+                        save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol,
+                        weights=args.weights, progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2

@@ -23,9 +23,13 @@ class MoEConfig:
     model_type: str
     num_layers: int
     intermediate_size: int
-    split: str = "param"  # "param": balanced k-means on W1 rows; "coact": co-activation on calibration text
-    router: str = "centroid"  # "centroid": MoEfication's similarity router; "ls": least-squares fitted
-    correction: str = "none"  # "mean": skipped experts add their mean calibration output
+    split: str = "param"  # "param": balanced k-means on W1 rows; "coact"/"metis": co-activation on calibration
+    # text (k-means / METIS graph partitioning); "random": baseline
+    router: str = "centroid"  # "centroid", "avgk", "norm": from the weights; "ls", "bce": fitted on calibration text
+    correction: str = "none"  # "mean": skipped experts add their mean calibration output when not selected
+    shared_experts: int = 0  # the first N experts of every layer are always on (counted in top_k)
+    layer_top_k: list | None = None  # per-layer top_k (from --budget); None: top_k everywhere
+    budget: float | None = None  # --budget: target mean share of FFN parameters active per token
     seed: int = 0
     op_domain: str = spec.DOMAIN
     op_version: int = spec.VERSION
@@ -36,10 +40,15 @@ class MoEConfig:
     def expert_size(self) -> int:
         return self.intermediate_size // self.experts
 
+    def layer_k(self, i: int) -> int:
+        """top_k of layer i."""
+        return self.top_k if self.layer_top_k is None else int(self.layer_top_k[i])
+
     @property
     def active_share(self) -> float:
-        """Share of FFN parameters used per token."""
-        return self.top_k / self.experts
+        """Share of FFN parameters used per token (mean over layers)."""
+        ks = [self.layer_k(i) for i in range(self.num_layers)]
+        return sum(ks) / len(ks) / self.experts
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

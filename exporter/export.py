@@ -18,8 +18,8 @@ from runtime import spec
 from runtime.session import METADATA_KEY
 
 from .config import MoEConfig
-from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_split, install_moe, last_hidden_state, load_model, moefy,
-                    needs_calibration, save_moefied)
+from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split, install_moe, last_hidden_state,
+                    load_model, moefy, needs_calibration, save_moefied)
 from .moe_ffn import MoEFFN
 from .datasets import calibration_texts
 from .quantize import WEIGHT_TYPES
@@ -52,9 +52,11 @@ class ExportReport:
 
     def summary(self) -> str:
         c = self.config
+        ks = str(c.top_k) if c.layer_top_k is None else ",".join(map(str, c.layer_top_k))
+        shared = f" ({c.shared_experts} shared)" if c.shared_experts else ""
         return "\n".join([
             f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, target {self.target}, {self.weights} experts)",
-            f"  experts {c.experts} x {c.expert_size} neurons, top-k {c.top_k}: "
+            f"  experts {c.experts} x {c.expert_size} neurons, top-k {ks}{shared}: "
             f"{100 * c.active_share:.1f}% of FFN parameters active per token, {c.num_layers} layers",
             f"  vs PyTorch MoEfied model ({self.backend} backend, {self.validated_on} texts"
             f"{f', {self.tied_texts} with near-tied routing left out' if self.tied_texts else ''}): "
@@ -85,12 +87,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: int = 32, top_k: int = 8,
+def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: int = 32, top_k: int | None = None,
            target: str = "custom", split: str = "param", router: str = "centroid", correction: str = "none",
-           calib: str | os.PathLike | None = None,
+           shared_experts: int = 0, budget: float | None = None, calib: str | os.PathLike | None = None,
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
            rtol: float = 1e-4, weights: str = "float32", progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
+
+    ``top_k`` defaults to 8 (re-exporting a saved MoEfied directory: to its own); ``budget`` instead
+    chooses each layer's top_k from calibration so that on average that share of FFN parameters is active.
 
     The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
     model within ``rtol`` (max abs diff / max |output|) on the validation texts.
@@ -104,7 +109,12 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
             raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     if weights == "int8" and target != "custom":
         raise ValueError("--weights int8 needs --target custom (standard ONNX ops would compute with float weights)")
-    check_split(experts, top_k)  # before the (slow) model load; the width is checked once it is known
+    if budget is not None and top_k is not None:
+        raise ValueError("give --top-k or --budget, not both")
+    if budget is not None:
+        check_budget(budget, experts, shared_experts)
+    else:
+        check_split(experts, 8 if top_k is None else top_k, shared=shared_experts)  # before the (slow) model load
     output = Path(output)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {output.parent} does not exist")
@@ -115,14 +125,21 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     model, tokenizer, adapter, moe_cfg, routers = load_model(model_dir)
     hf = model.config
     if moe_cfg is None:
-        moe_cfg = MoEConfig(experts=experts, top_k=top_k, activation=adapter.activation(hf),
+        moe_cfg = MoEConfig(experts=experts, top_k=8 if top_k is None else top_k, activation=adapter.activation(hf),
                             model_type=hf.model_type, num_layers=len(adapter.layers(model)),
                             intermediate_size=hf.intermediate_size, seed=seed, split=split, router=router,
-                            correction=correction)
+                            correction=correction, shared_experts=shared_experts, budget=budget)
     else:
-        log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {top_k}")
-        moe_cfg.top_k = top_k
-    check_split(moe_cfg.experts, moe_cfg.top_k, moe_cfg.intermediate_size)
+        if budget is not None:
+            raise ValueError(f"{model_dir} is already MoEfied: --budget needs the original dense model")
+        if top_k is not None:
+            moe_cfg.top_k, moe_cfg.layer_top_k, moe_cfg.budget = top_k, None, None
+        ks = moe_cfg.top_k if moe_cfg.layer_top_k is None else moe_cfg.layer_top_k
+        log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {ks}")
+    if moe_cfg.budget is None:
+        check_split(moe_cfg.experts, moe_cfg.top_k, moe_cfg.intermediate_size, moe_cfg.shared_experts)
+    else:  # the budget itself was checked above, or its per-layer top-k are being reused
+        check_split(moe_cfg.experts, 1, moe_cfg.intermediate_size)
 
     max_length = min(128, getattr(hf, "max_position_embeddings", 128))
 
@@ -143,7 +160,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
             calibration = {"source": source, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({source})")
             calib_batch = tokenize(sample)
-        routers = moefy(model, adapter, moe_cfg, calib_batch, progress=progress)
+        routers = moefy(model, adapter, moe_cfg, calib_batch, progress=progress, log=log)
         if save_moefied_dir:
             save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
             log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")

@@ -23,11 +23,12 @@ TORCH_ACTIVATIONS = {
 }
 
 
-def masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k: int, activation: str) -> torch.Tensor:
+def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str
+                 ) -> torch.Tensor:
     """Operator semantics computed densely: all experts, unselected ones masked to zero (plus
-    their unselected_bias row, if any)."""
+    their unselected_bias row, if any). Scores: router_scores if given, else x @ router_w.T + router_b."""
     E, m, d = w1.shape
-    scores = x @ router_w.T + router_b
+    scores = router_scores if router_scores is not None else x @ router_w.T + router_b
     mask = torch.zeros_like(scores).scatter(-1, scores.topk(top_k, dim=-1).indices, 1.0)
     h = TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
@@ -35,9 +36,11 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k: 
     return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
 
 
-def routing_margin(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+def routing_margin(scores: torch.Tensor, top_k: int, shared: int = 0) -> torch.Tensor:
     """Per token, (k-th best - (k+1)-th best score) / max |score|: how far the selection is from a tie.
-    Near zero, float32 rounding may pick either expert, legitimately, in another implementation."""
+    Near zero, float32 rounding may pick either expert, legitimately, in another implementation.
+    The first ``shared`` experts (always on, forced by a huge score) are left out of both."""
+    scores, top_k = scores[..., shared:], top_k - shared
     if top_k >= scores.shape[-1]:
         return torch.full(scores.shape[:-1], float("inf"))
     top = scores.topk(top_k + 1, dim=-1).values
@@ -48,15 +51,18 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
     """Carries the custom node through the TorchScript-based ONNX exporter."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation, w1_scale, w2_scale):
+    def forward(ctx, x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
+                w1_scale, w2_scale):
         if w1_scale is not None:  # int8 experts
             w1, w2 = dequantize_rows(w1, w1_scale), dequantize_rows(w2, w2_scale)
-        return masked_dense(x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation)
+        return masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation)
 
     @staticmethod
-    def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, unselected_bias, top_k, activation, w1_scale, w2_scale):
+    def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
+                 w1_scale, w2_scale):
         given = {"X": x, "W1": w1, "B1": b1, "W2": w2, "B2": b2, "router_w": router_w, "router_b": router_b,
-                 "unselected_bias": unselected_bias, "W1_scale": w1_scale, "W2_scale": w2_scale}
+                 "router_scores": router_scores, "unselected_bias": unselected_bias, "W1_scale": w1_scale,
+                 "W2_scale": w2_scale}
         given = {k: v for k, v in given.items() if v is not None and not symbolic_helper._is_none(v)}
         names = [p.name for p in spec.INPUTS]
         last = max(names.index(n) for n in given)
@@ -69,21 +75,35 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
 
 class MoEFFN(nn.Module):
     """FFN(x) = B2 + sum over the top_k experts by router score of W2[e].T act(W1[e] x + B1[e])
-    (+ unselected_bias[e] for each expert not selected)."""
+    (+ unselected_bias[e] for each expert not selected). The first ``shared`` experts are always on
+    (their router score is forced); ``shared`` only tells the tie check to leave them out.
+
+    ``router_mlp`` = (A [H, d], a [H], B [E, H]) adds a small MLP to the linear router,
+    scores = router_w x + router_b + B relu(A x + a); it is exported as standard ONNX ops feeding the
+    operator's ``router_scores`` input (router_w and router_b are then not given to the operator)."""
 
     def __init__(self, w1, b1, w2, b2, router_w, router_b, unselected_bias=None, *, top_k: int, activation: str,
-                 target: str = "custom"):
+                 target: str = "custom", shared: int = 0, router_mlp=None):
         super().__init__()
         E, m, d = w1.shape
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+        if not 0 <= shared < top_k:
+            raise ValueError(f"shared must be in [0, top_k), got {shared}")
         if activation not in TORCH_ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(TORCH_ACTIVATIONS)}, got {activation!r}")
         for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("router_w", router_w), ("router_b", router_b)):
             self.register_buffer(name, torch.as_tensor(t, dtype=torch.float32).contiguous())
+        self.router_mlp = None
+        if router_mlp is not None:
+            a, a_b, b = (torch.as_tensor(t, dtype=torch.float32).contiguous() for t in router_mlp)
+            if a.shape[1] != d or a_b.shape != a.shape[:1] or b.shape != (E, a.shape[0]):
+                raise ValueError(f"router_mlp must be ([H, {d}], [H], [{E}, H]), got "
+                                 f"{[tuple(t.shape) for t in (a, a_b, b)]}")
+            self.router_mlp = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in (a, a_b, b)])
         self.unselected_bias = None if unselected_bias is None else nn.Buffer(
             torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
-        self.top_k, self.activation, self.target = top_k, activation, target
+        self.top_k, self.activation, self.target, self.shared = top_k, activation, target, shared
         self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
         self.gaps = None
         for name in ("w1_q", "w1_scale", "w2_q", "w2_scale"):  # set by quantize_int8
@@ -97,13 +117,23 @@ class MoEFFN(nn.Module):
         self.w1 = dequantize_rows(self.w1_q, self.w1_scale)
         self.w2 = dequantize_rows(self.w2_q, self.w2_scale)
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        s = x @ self.router_w.T + self.router_b
+        if self.router_mlp is not None:
+            a, a_b, b = self.router_mlp
+            s = s + torch.relu(x @ a.T + a_b) @ b.T
+        return s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.w1, self.b1, self.w2, self.b2, self.router_w, self.router_b, self.unselected_bias,
-                self.top_k, self.activation)
+        if self.router_mlp is None:
+            router = (self.router_w, self.router_b, None)
+        else:
+            router = (None, None, self.scores(x))
+        args = (x, self.w1, self.b1, self.w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation)
         if self.target == "custom" and torch.onnx.is_in_onnx_export():
             if self.w1_q is not None:
                 args = (x, self.w1_q, self.b1, self.w2_q) + args[4:]
             return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale)
         if self.record_gaps:
-            self.gaps = routing_margin(x @ self.router_w.T + self.router_b, self.top_k)
+            self.gaps = routing_margin(self.scores(x), self.top_k, self.shared)
         return masked_dense(*args)

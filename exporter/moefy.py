@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .adapters import FFNAdapter, adapter_for
 from .config import CONFIG_FILE, ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
-from .routers import centroid_router, least_squares_router
-from .split import coactivation_split, parameter_clustering
+from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
+from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
 
 
 class ModelLoadError(ValueError):
@@ -57,56 +57,187 @@ def load_model(model_dir: str | Path):
     return model, tokenizer, adapter, None, None
 
 
-def check_split(experts: int, top_k: int, width: int | None = None) -> None:
-    """1 <= top_k <= experts, and experts divides the FFN width (when known)."""
+def check_split(experts: int, top_k: int, width: int | None = None, shared: int = 0) -> None:
+    """1 <= top_k <= experts, experts divides the FFN width (when known), 0 <= shared < top_k."""
     if experts < 1 or not 1 <= top_k <= experts:
         raise ValueError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
     if width is not None and width % experts:
         raise ValueError(f"--experts must divide the FFN width {width}, got {experts}")
+    if not 0 <= shared < top_k:
+        raise ValueError(f"--shared-experts must be between 0 and top-k - 1 ({top_k - 1}): at least one "
+                         f"expert per token must be routed; got {shared}")
 
 
-SPLITS = ("param", "coact")
-ROUTERS = ("centroid", "ls")
+def check_budget(budget: float, experts: int, shared: int = 0) -> None:
+    """The smallest share is one routed expert per layer beside the shared ones; the largest, all experts."""
+    low = (shared + 1) / experts
+    if not low <= budget <= 1:
+        raise ValueError(f"--budget must be between {low:g} ((shared experts + 1) / experts) and 1, got {budget}")
+
+
+SPLITS = ("param", "coact", "metis", "random")
+ROUTERS = ("centroid", "ls", "bce", "avgk", "norm", "mlp")
 CORRECTIONS = ("none", "mean")
+CALIBRATED_SPLITS = ("coact", "metis")
+CALIBRATED_ROUTERS = ("ls", "bce", "mlp")
+MLP_HIDDEN = 64  # hidden width of the "mlp" router
+# router_b of a shared (always-on) expert, whose router_w row is zero: its score is exactly 1e6 in float32
+# in every runtime, and moefy() checks that routed scores stay far below it on calibration text.
+FORCED_SCORE = 1e6
 
 
 def needs_calibration(config: MoEConfig) -> bool:
-    return config.split == "coact" or config.router == "ls" or config.correction == "mean"
+    return (config.split in CALIBRATED_SPLITS or config.router in CALIBRATED_ROUTERS or config.correction == "mean"
+            or config.shared_experts > 0 or config.budget is not None)
 
 
-def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, progress: bool = True
-          ) -> dict[str, np.ndarray]:
+def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, progress: bool = True,
+          log=None) -> dict[str, np.ndarray]:
     """Split each FFN into experts (permuting its neurons in place into contiguous blocks; the dense
     model's function is unchanged) and build the routers. Returns {layer.i.router_w [E, d],
     layer.i.router_b [E], layer.i.unselected_bias [E, d] (correction "mean")}.
 
-    ``calib_batch`` (tokenized text) is needed for the co-activation split, the least-squares router
-    and the mean correction; FFN inputs are captured once, on the dense model.
+    ``calib_batch`` (tokenized text) is needed for the calibrated splits and routers, shared experts,
+    ``budget`` and the mean correction; FFN inputs are captured once, on the dense model. With
+    ``config.budget`` set, ``config.layer_top_k`` (and ``top_k``, their rounded mean) are chosen here.
     """
     from runtime.reference import ACTIVATION_FUNCTIONS
-    check_split(config.experts, config.top_k, config.intermediate_size)
-    xs = ffn_inputs(model, adapter, calib_batch) if needs_calibration(config) else None
-    E, act = config.experts, ACTIVATION_FUNCTIONS[config.activation]
+    E, S, act = config.experts, config.shared_experts, ACTIVATION_FUNCTIONS[config.activation]
+    check_split(E, config.top_k, config.intermediate_size, 0 if config.budget is not None else S)
+    if config.budget is not None:
+        check_budget(config.budget, E, S)
+    xs, groups = (ffn_inputs(model, adapter, calib_batch), text_ids(calib_batch)) if needs_calibration(config) \
+        else (None, None)
+    activations = lambda ffn, x: None if x is None else act(x @ ffn.w1.T + ffn.b1).astype(np.float32)  # noqa: E731
+    layers = adapter.layers(model)
+    devs = []
+    for i, layer in enumerate(tqdm(layers, desc="splitting FFNs into experts", disable=not progress)):
+        ffn = adapter.read(layer)
+        h = activations(ffn, None if xs is None else xs[i])
+        perm = split_ffn(ffn, h, config)
+        adapter.permute(layer, perm)
+        if config.budget is not None:
+            devs.append(expert_deviation(h[:, perm], ffn.w2[perm], E))
+    if config.budget is not None:
+        config.layer_top_k = choose_layer_top_k(devs, config.budget, S)
+        config.top_k = int(round(float(np.mean(config.layer_top_k))))
+        if log:
+            log(f"  --budget {config.budget:g}: top-k per layer {config.layer_top_k}")
     routers = {}
-    for i, layer in enumerate(tqdm(adapter.layers(model), desc="splitting FFNs into experts", disable=not progress)):
+    for i, layer in enumerate(tqdm(layers, desc="building routers", disable=not progress)):
         ffn = adapter.read(layer)
         x = None if xs is None else xs[i]
-        h = None if x is None else act(x @ ffn.w1.T + ffn.b1).astype(np.float32)
-        if config.split == "coact":
-            perm = coactivation_split(h, np.linalg.norm(ffn.w2, axis=1), E, seed=config.seed)
-        else:
-            perm = parameter_clustering(ffn.w1, E, seed=config.seed)
-        adapter.permute(layer, perm)
-        ffn = adapter.read(layer)
-        h = None if h is None else h[:, perm]
-        if config.router == "ls":
-            rw, rb = least_squares_router(x, h, ffn.w2, E)
-        else:
-            rw, rb = centroid_router(ffn.w1, E)
+        h = activations(ffn, x)
+        rw, rb, info = build_router(ffn, x, h, config, config.layer_k(i), groups=groups, progress=progress)
+        if info and log:
+            log(f"  layer {i}: router recall of the oracle top-k on held-out calibration text "
+                f"{info['recall_start']:.3f} (least squares) -> {info['recall']:.3f}")
         routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"] = rw, rb
+        if info and "mlp" in info:
+            for name, t in zip(MLP_KEYS, info["mlp"]):
+                routers[f"layer.{i}.{name}"] = t
         if config.correction == "mean":
-            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, rw, rb, x, h, config)
+            scores = layer_scores(routers, i, x)
+            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, scores, h, config, config.layer_k(i))
     return routers
+
+
+def split_ffn(ffn, h: np.ndarray | None, config: MoEConfig) -> np.ndarray:
+    """The neuron permutation of one FFN: the shared experts' neurons first (largest contribution first),
+    then the other neurons split into experts by ``config.split``."""
+    E, S = config.experts, config.shared_experts
+    width = len(ffn.b1)
+    m = width // E
+    w2_norms = np.linalg.norm(ffn.w2, axis=1)
+    shared = shared_neurons(h, w2_norms, S * m) if S else np.zeros(0, int)
+    rest = np.setdiff1d(np.arange(width), shared)
+    n = E - S
+    if config.split == "coact":
+        p = coactivation_split(h[:, rest], w2_norms[rest], n, seed=config.seed)
+    elif config.split == "metis":
+        p = metis_split(h[:, rest], w2_norms[rest], n, seed=config.seed)
+    elif config.split == "random":
+        p = random_split(len(rest), n, seed=config.seed)
+    else:
+        p = parameter_clustering(ffn.w1[rest], n, seed=config.seed)
+    return np.concatenate([shared, rest[p]])
+
+
+def build_router(ffn, x, h, config: MoEConfig, top_k: int, *, groups=None, progress: bool = False):
+    """(router_w [E, d], router_b [E], info) for one permuted FFN. Shared experts get a zero row and
+    router_b = FORCED_SCORE; the others are routed by ``config.router`` for the remaining top_k - shared."""
+    E, S = config.experts, config.shared_experts
+    m, d = config.expert_size, ffn.w1.shape[1]
+    n, k = E - S, top_k - S
+    w1, b1, w2 = ffn.w1[S * m:], ffn.b1[S * m:], ffn.w2[S * m:]
+    hr = None if h is None else h[:, S * m:]
+    info = None
+    if config.router == "ls":
+        rw, rb = least_squares_router(x, hr, w2, n)
+    elif config.router in ("bce", "mlp"):
+        rw, rb, info = bce_router(x, hr, w2, n, k, groups=groups, seed=config.seed, progress=progress,
+                                  hidden=MLP_HIDDEN if config.router == "mlp" else 0)
+    elif config.router == "avgk":
+        rw, rb = avgk_router(w1, b1, n)
+    elif config.router == "norm":
+        rw, rb = norm_router(w1, b1, w2, n)
+    else:
+        rw, rb = centroid_router(w1, n)
+    if S:
+        rw = np.concatenate([np.zeros((S, d), np.float32), rw])
+        rb = np.concatenate([np.full(S, FORCED_SCORE, np.float32), rb])
+        if info and "mlp" in info:
+            a, a_b, b = info["mlp"]
+            info["mlp"] = (a, a_b, np.concatenate([np.zeros((S, len(a_b)), np.float32), b]))
+        if x is not None:
+            routed = np.abs(_scores(x, rw, rb, info and info.get("mlp"))[:, S:]).max()
+            if not routed < FORCED_SCORE / 1e3:
+                raise ValueError(f"router scores reach {routed:.3g} on calibration text: too close to the "
+                                 f"shared experts' forced score {FORCED_SCORE:g}")
+    return rw.astype(np.float32), rb.astype(np.float32), info
+
+
+MLP_KEYS = ("router_mlp_a", "router_mlp_a_b", "router_mlp_b")
+
+
+def _scores(x, rw, rb, mlp=None) -> np.ndarray:
+    s = x.astype(np.float64) @ rw.T + rb
+    if mlp is not None:
+        a, a_b, b = mlp
+        s = s + np.maximum(x.astype(np.float64) @ a.T + a_b, 0) @ b.T
+    return s
+
+
+def layer_mlp(routers, i: int):
+    """Layer i's router MLP (A, a, B), or None for a linear router."""
+    return tuple(routers[f"layer.{i}.{n}"] for n in MLP_KEYS) if f"layer.{i}.{MLP_KEYS[0]}" in routers else None
+
+
+def layer_scores(routers, i: int, x: np.ndarray) -> np.ndarray:
+    """Layer i's router scores [N, E] on FFN inputs x (float64)."""
+    return _scores(x, routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"], layer_mlp(routers, i))
+
+
+def choose_layer_top_k(devs: list[np.ndarray], budget: float, shared: int = 0) -> list[int]:
+    """Per-layer top_k whose mean over layers is ``budget`` x experts (rounded), chosen greedily on
+    marginal recall: every layer starts at shared + 1 experts, and each further expert goes to the layer
+    where it adds the largest share of that layer's deviation energy (sum over experts of each token's
+    squared expert deviation, :func:`expert_deviation`) captured by an oracle choosing per token.
+    ``devs``: [N, E] per layer, experts permuted (shared ones first)."""
+    L, E = len(devs), devs[0].shape[1]
+    total = int(round(budget * E * L))
+    curves = []
+    for dev in devs:
+        energy = dev.astype(np.float64) ** 2
+        routed = -np.sort(-energy[:, shared:], axis=1)  # per token, largest first
+        captured = np.concatenate([[0.0], np.cumsum(routed.mean(0))]) + energy[:, :shared].sum(1).mean()
+        curves.append(captured / max(energy.sum(1).mean(), 1e-30))  # captured[j]: share with j routed experts
+    ks = [shared + 1] * L
+    total = min(max(total, sum(ks)), E * L)
+    while sum(ks) < total:
+        gains = [curves[l][ks[l] - shared + 1] - curves[l][ks[l] - shared] if ks[l] < E else -np.inf for l in range(L)]
+        ks[int(np.argmax(gains))] += 1
+    return ks
 
 
 @torch.no_grad()
@@ -124,16 +255,26 @@ def ffn_inputs(model, adapter: FFNAdapter, batch) -> list[np.ndarray]:
     return [x.numpy()[mask] for x in captured]
 
 
-def mean_correction(ffn, router_w, router_b, x: np.ndarray, h: np.ndarray, config: MoEConfig) -> np.ndarray:
-    """unselected_bias [E, d]: each expert's mean output over the calibration tokens that did *not*
-    select it (its mean over all tokens where none did). A skipped GELU/SiLU expert is not zero."""
+def text_ids(batch) -> np.ndarray:
+    """[N]: the text each of :func:`ffn_inputs`' tokens comes from."""
+    return np.nonzero(batch["attention_mask"].numpy().astype(bool))[0]
+
+
+def mean_correction(ffn, scores: np.ndarray, h: np.ndarray, config: MoEConfig, top_k: int | None = None, *,
+                    conditional: bool = True) -> np.ndarray:
+    """unselected_bias [E, d]: each expert's mean output over the calibration tokens whose router
+    ``scores`` [N, E] did *not* select it (its mean over all tokens where none did; ``conditional=False``:
+    over all tokens). A skipped GELU/SiLU expert is not zero. Shared (always selected) experts get zeros."""
     from runtime.reference import select_top_k
     E, m = config.experts, config.expert_size
-    unselected = np.ones((len(x), E), bool)
-    np.put_along_axis(unselected, select_top_k(x @ router_w.T + router_b, config.top_k), False, axis=1)
-    weights = np.where(unselected.any(0), unselected, True).astype(np.float64)  # [N, E]
-    mean_h = np.einsum("ne,nem->em", weights, h.reshape(len(x), E, m)) / weights.sum(0)[:, None]
-    return np.einsum("em,emd->ed", mean_h, ffn.w2.reshape(E, m, -1)).astype(np.float32)
+    n = len(h)
+    unselected = np.ones((n, E), bool)
+    np.put_along_axis(unselected, select_top_k(scores, top_k or config.top_k), False, axis=1)
+    weights = np.where(unselected.any(0) & conditional, unselected, True).astype(np.float64)  # [N, E]
+    mean_h = np.einsum("ne,nem->em", weights, h.reshape(n, E, m)) / weights.sum(0)[:, None]
+    u = np.einsum("em,emd->ed", mean_h, ffn.w2.reshape(E, m, -1)).astype(np.float32)
+    u[: config.shared_experts] = 0
+    return u
 
 
 def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:
@@ -154,7 +295,8 @@ def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, targe
         d = ffn.w1.shape[1]
         moe = MoEFFN(ffn.w1.reshape(E, m, d), ffn.b1.reshape(E, m), ffn.w2.reshape(E, m, d), ffn.b2,
                      routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
-                     routers.get(f"layer.{i}.unselected_bias"), top_k=config.top_k, activation=config.activation, target=target)
+                     routers.get(f"layer.{i}.unselected_bias"), top_k=config.layer_k(i), activation=config.activation,
+                     target=target, shared=config.shared_experts, router_mlp=layer_mlp(routers, i))
         adapter.install(layer, moe)
 
 

@@ -38,3 +38,102 @@ def least_squares_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts
     gram[np.diag_indices_from(gram)] += ridge * np.trace(gram) / len(gram)
     w = np.linalg.solve(gram, xc.T @ (target - mt))  # [d, E]
     return w.T.astype(np.float32), (mt - mx @ w).astype(np.float32)
+
+
+def avgk_router(w1: np.ndarray, b1: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each expert's mean key: the mean of its (unnormalised) first-layer rows and biases, so the score
+    is the expert's mean pre-activation. No calibration."""
+    d = w1.shape[1]
+    return (w1.reshape(n_experts, -1, d).mean(1).astype(np.float32),
+            b1.reshape(n_experts, -1).mean(1).astype(np.float32))
+
+
+def norm_router(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Output-aware mean key: each neuron's pre-activation weighted by the norm of its second-layer row
+    (how far it can move the output), averaged over the expert. No calibration."""
+    d = w1.shape[1]
+    g = np.linalg.norm(w2, axis=1)  # [I]
+    g = g / g.mean()
+    return ((w1 * g[:, None]).reshape(n_experts, -1, d).mean(1).astype(np.float32),
+            (b1 * g).reshape(n_experts, -1).mean(1).astype(np.float32))
+
+
+def oracle_top_k(target: np.ndarray, k: int) -> np.ndarray:
+    """[N, E] 0/1: each token's k experts with the largest target (ties to the lower index)."""
+    sel = np.zeros(target.shape, np.float32)
+    np.put_along_axis(sel, np.argsort(-target, axis=1, kind="stable")[:, :k], 1.0, axis=1)
+    return sel
+
+
+def top_k_recall(scores: np.ndarray, chosen: np.ndarray, k: int) -> float:
+    """Mean share of each token's oracle set (``chosen`` 0/1 [N, E]) that the scores' top k recover."""
+    got = np.zeros_like(chosen)
+    np.put_along_axis(got, np.argsort(-scores, axis=1, kind="stable")[:, :k], 1.0, axis=1)
+    return float((got * chosen).sum(1).mean() / k)
+
+
+def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top_k: int, *, groups=None,
+               hidden: int = 0, steps: int = 300, lr: float = 3e-3, holdout: float = 0.1, eval_every: int = 10,
+               seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A router trained as a multi-label classifier: logistic loss (BCE) of its scores against each
+    calibration token's oracle set, the ``top_k`` experts whose output deviates most from its mean
+    (:func:`expert_deviation`). Linear (x·W + b), starting from :func:`least_squares_router`; with
+    ``hidden`` > 0 it adds an MLP, scores = x·W + b + relu(x·A + a)·B, with B starting at zero (so it
+    starts as the least-squares router). Full-batch Adam, fixed seed.
+
+    A share ``holdout`` of the calibration *texts* (``groups`` [N]: each token's text; tokens if None) is
+    held out; the weights with the best held-out recall of the oracle set (checked every ``eval_every``
+    steps, the start included) are returned: (W, b, info) with info {"recall_start", "recall"} on the
+    held-out tokens, and, with ``hidden``, info["mlp"] = (A [H, d], a [H], B [E, H]).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    target = expert_deviation(h, w2, n_experts)
+    chosen = oracle_top_k(target, top_k)
+    n, d = x.shape
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    ids = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    held_ids = rng.choice(ids, max(1, int(round(holdout * len(ids)))), replace=False) if len(ids) > 1 else ids[:0]
+    held = np.isin(groups, held_ids)
+    fit = ~held if (~held).any() else np.ones(n, bool)
+    if not held.any():
+        held = fit
+    w0, b0 = least_squares_router(x[fit], h[fit], w2, n_experts)
+    x_fit, y_fit = torch.as_tensor(np.asarray(x[fit], np.float32)), torch.as_tensor(chosen[fit])
+    x_held = torch.as_tensor(np.asarray(x[held], np.float32))
+    params = [torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)]
+    if hidden:
+        gen = torch.Generator().manual_seed(seed)
+        scale = 1 / np.sqrt(d * float(x_fit.var()))
+        params += [(torch.randn(hidden, d, generator=gen) * scale).requires_grad_(),
+                   torch.zeros(hidden, requires_grad=True), torch.zeros(n_experts, hidden, requires_grad=True)]
+
+    def scores(xx):
+        s = torch.addmm(params[1], xx, params[0].T)
+        if hidden:
+            s = s + torch.relu(torch.addmm(params[3], xx, params[2].T)) @ params[4].T
+        return s
+
+    def held_recall():
+        with torch.no_grad():
+            return top_k_recall(scores(x_held).numpy(), chosen[held], top_k)
+
+    opt = torch.optim.Adam(params, lr=lr)
+    best = start = held_recall()
+    best_params = [p.detach().numpy().copy() for p in params]
+    for step in tqdm(range(1, steps + 1), desc="  training router", leave=False, disable=not progress):
+        loss = F.binary_cross_entropy_with_logits(scores(x_fit), y_fit)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            r = held_recall()
+            if r > best:
+                best, best_params = r, [p.detach().numpy().copy() for p in params]
+    info = {"recall_start": start, "recall": best}
+    if hidden:
+        info["mlp"] = tuple(p.astype(np.float32) for p in best_params[2:])
+    return best_params[0].astype(np.float32), best_params[1].astype(np.float32), info
