@@ -105,3 +105,15 @@ def test_int8_needs_the_custom_target(tiny_bert_dir, tmp_path):
         export(tiny_bert_dir, tmp_path / "x.onnx", experts=8, top_k=2, weights="int8", target="standard",
                progress=False, log=lambda *a: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_int8_with_mlp_router_and_shared_expert(tiny_bert_dir, tmp_path):
+    """int8 experts combine with a router that feeds router_scores and with always-on shared experts."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the cat is on a mat\nit is for you\na dog and a cat\nwe read a book by the sea\n")
+    out = tmp_path / "int8-mlp.onnx"
+    report = export(tiny_bert_dir, out, experts=8, top_k=3, router="mlp", correction="mean", shared_experts=1,
+                    calib=calib, weights="int8", backend="numba", progress=False, log=lambda *a: None)
+    assert report.max_rel_diff <= 1e-4
+    node = next(n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN)
+    assert node.input[spec.INPUT_INDEX["router_scores"]] and node.input[spec.INPUT_INDEX["W2_scale"]]
