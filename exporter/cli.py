@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text, one sample per line (default: "
                                                     "1,000 Debian fortunes once `make data` fetched them, else "
                                                     "sentences from Python's standard-library docstrings); "
+                                                    "at most the first 1,000 lines are used (said when cut); "
                                                     "validation always uses built-in held-out sentences")
     ap.add_argument("--save-moefied", metavar="DIR", dest="save_moefied_dir",
                     help="also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + "

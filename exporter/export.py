@@ -23,7 +23,7 @@ from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split, ins
 from .moe_ffn import MoEFFN
 from .datasets import calibration_texts
 from .quantize import WEIGHT_TYPES
-from .text import SAMPLE_TEXTS, load_texts
+from .text import CALIB_LINES, SAMPLE_TEXTS, load_texts
 
 TARGETS = ("custom", "standard")
 OPSET = 18  # what optimum uses for BERT, so both graphs get the same ORT fusions
@@ -119,6 +119,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {output.parent} does not exist")
     calib_texts = load_texts(calib) if calib is not None else None  # fail early on a bad file
+    if calib_texts is not None and len(calib_texts) > CALIB_LINES:
+        log(f"--calib: using the first {CALIB_LINES} of its {len(calib_texts)} lines")
+        calib_texts = calib_texts[:CALIB_LINES]
     texts = list(SAMPLE_TEXTS)  # validation text, never used for calibration
 
     log(f"loading {model_dir}")

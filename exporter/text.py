@@ -51,8 +51,11 @@ def default_calibration_texts(limit: int = 512) -> list[str]:
     return texts[:limit]
 
 
-def load_texts(path: str | Path | None, *, limit: int = 256) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (at most ``limit``), or the built-in sentences."""
+CALIB_LINES = 1000  # calibration texts used at most (the default corpus is 1,000 fortunes): bounds memory and time
+
+
+def load_texts(path: str | Path | None, *, limit: int | None = None) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (the first ``limit`` if given), or the built-in sentences."""
     if path is None:
         return list(SAMPLE_TEXTS)
     p = Path(path)

@@ -119,3 +119,14 @@ def test_unknown_backend_and_missing_model(tiny_session_model, tmp_path):
         runtime.InferenceSession(tiny_session_model, backend="gpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         runtime.InferenceSession(tmp_path / "none.onnx")
+
+
+def test_long_calibration_file_is_cut_and_says_so(tiny_bert_dir, tmp_path):
+    from exporter.text import CALIB_LINES
+    calib = tmp_path / "calib.txt"
+    calib.write_text("".join(f"line {i} of some calibration text\n" for i in range(CALIB_LINES + 5)))
+    logs = []
+    from exporter import export
+    export(tiny_bert_dir, tmp_path / "m.onnx", experts=8, top_k=2, router="ls", correction="mean", calib=calib,
+           backend="numba", progress=False, log=logs.append)
+    assert f"--calib: using the first {CALIB_LINES} of its {CALIB_LINES + 5} lines" in logs
