@@ -420,8 +420,8 @@ def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wg
                     for i in range(d):
                         o[i] -= ub[e, i]
 
-    if W > 1:
-        for t in prange(T):
+    if W > 1:  # serial: T x d adds cost less than waking the pool for a third parallel region
+        for t in range(T):
             for v in range(W - 1):
                 pv = partial[v, t]
                 for i in range(d):
