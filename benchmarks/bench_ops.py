@@ -38,7 +38,7 @@ from runtime.session import default_options
 from runtime.single_op import single_op_model
 from timing import CacheEvictor, last_level_cache_bytes, p50_p90, time_blocks
 
-from exporter.quantize import quantize_rows
+from exporter.quantize import quantize_experts
 
 SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "4096x11008": (4096, 11008)}
 EXPERTS = 32
@@ -72,14 +72,6 @@ def make_weights(d: int, width: int, seed: int = 0) -> dict:
     w = {"W1": f(EXPERTS, m, d) / np.sqrt(d), "B1": f(EXPERTS, m) * 0.1, "W2": f(EXPERTS, m, d) / np.sqrt(width),
          "B2": f(d) * 0.1, "router_w": f(EXPERTS, d) / np.sqrt(d), "router_b": np.zeros(EXPERTS)}
     return {k: v.astype(np.float32) for k, v in w.items()}
-
-
-def int8_weights(w: dict) -> dict:
-    """The exporter's int8 experts (row scales) of the same weights."""
-    q = dict(w)
-    for name in ("W1", "W2"):
-        q[name], q[name + "_scale"] = (t.numpy() for t in quantize_rows(torch.from_numpy(w[name])))
-    return q
 
 
 def _model(nodes, inits, inputs=("X",), domains=()):
@@ -151,7 +143,7 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
         sessions["moefy cpp"] = runtime.InferenceSession(op_model, backend="cpp", sess_options=so())
     sessions["moefy numba"] = runtime.InferenceSession(op_model, backend="numba", threads=threads)
     if "int8" in args.weights:
-        q_model = single_op_model({"X": x_shape, **int8_weights(w)}, top_k=k, activation="gelu").SerializeToString()
+        q_model = single_op_model({"X": x_shape, **quantize_experts(w)}, top_k=k, activation="gelu").SerializeToString()
         if runtime.cpp_available():
             sessions["moefy cpp int8"] = runtime.InferenceSession(q_model, backend="cpp", sess_options=so())
         sessions["moefy numba int8"] = runtime.InferenceSession(q_model, backend="numba", threads=threads)

@@ -33,8 +33,8 @@ from runtime.session import METADATA_KEY
 
 from . import datasets
 from .config import MoEConfig
-from .export import CALIBRATION_KEY
-from .moefy import load_model
+from .export import CALIBRATION_KEY, mean_pool
+from .moefy import ffn_inputs, load_model
 
 TASKS = ("ws353", "simlex", "wordnet")
 TASK_NAMES = {"ws353": "WordSim-353 Spearman", "simlex": "SimLex-999 Spearman", "wordnet": "WordNet gloss->lemma MRR"}
@@ -280,17 +280,12 @@ class Evaluator:
                                return_tensors="np")
             yield idx, {k: b[k].astype(np.int64) for k in self.adapter.input_names if k in b}
 
-    @staticmethod
-    def _mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        m = mask[..., None].astype(np.float64)
-        return (h * m).sum(1) / np.maximum(m.sum(1), 1)
-
     @torch.no_grad()
     def _embed_dense(self, texts, desc):
         out = np.zeros((len(texts), self.model.config.hidden_size))
         for idx, feed in self._batches(texts, desc):
             h = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
-            out[idx] = self._mean_pool(h, feed["attention_mask"])
+            out[idx] = mean_pool(h, feed["attention_mask"])
         return out
 
     def _embed_onnx(self, session, texts, desc):
@@ -298,27 +293,15 @@ class Evaluator:
         out = np.zeros((len(texts), self.model.config.hidden_size))
         for idx, feed in self._batches(texts, desc):
             h = session.run([self.adapter.output_names[0]], {k: feed[k] for k in names})[0]
-            out[idx] = self._mean_pool(h, feed["attention_mask"])
+            out[idx] = mean_pool(h, feed["attention_mask"])
         return out
 
     @torch.no_grad()
     def _ffn_inputs(self, texts) -> list[np.ndarray]:
         """Each layer's dense FFN input on the texts' real tokens, [N, d] per layer."""
-        layers = self.adapter.layers(self.model)
-        captured = [[] for _ in layers]
-        current = {}
-        hooks = [self.adapter.ffn_module(layer).register_forward_hook(
-            lambda mod, args, out, i=i: current.__setitem__(i, args[0])) for i, layer in enumerate(layers)]
-        try:
-            for _, feed in self._batches(texts, "dense FFN inputs"):
-                self.model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-                mask = feed["attention_mask"].astype(bool)
-                for i in range(len(layers)):
-                    captured[i].append(current[i].numpy()[mask])
-        finally:
-            for h in hooks:
-                h.remove()
-        return [np.concatenate(c) for c in captured]
+        captured = [ffn_inputs(self.model, self.adapter, {k: torch.from_numpy(v) for k, v in feed.items()})
+                    for _, feed in self._batches(texts, "dense FFN inputs")]
+        return [np.concatenate(layer) for layer in zip(*captured)]
 
     def _check_same_model(self, path, config: MoEConfig, layers: list[SparseFFNLayer]) -> None:
         hf = self.model.config

@@ -78,7 +78,8 @@ class _Outputs(nn.Module):
         return tuple(out[n] for n in self.output_names)
 
 
-def _mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings: hidden states averaged over real tokens (as sentence-transformers does)."""
     m = mask[..., None].astype(np.float64)
     return (h * m).sum(1) / np.maximum(m.sum(1), 1)
 
@@ -216,7 +217,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         keep = mask & clear[:, None]
         max_abs = float(np.abs(got - moe_torch)[keep].max())
         max_rel = max_abs / float(np.abs(moe_torch[keep]).max())
-        cos = float(_cosine(_mean_pool(got, mask), _mean_pool(dense, mask)).mean())
+        cos = float(_cosine(mean_pool(got, mask), mean_pool(dense, mask)).mean())
         if not max_rel <= rtol:
             raise ValidationError(f"ONNX model differs from the PyTorch MoEfied model: max rel diff {max_rel:.2e} "
                                   f"> {rtol:.0e} (max abs {max_abs:.2e}); nothing was written")

@@ -18,5 +18,16 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_experts(arrays: dict) -> dict:
+    """Operator inputs (name -> NumPy array) with W1, W2 and Wg, where present, as int8 rows plus their
+    ``*_scale`` inputs: what ``moe-export --weights int8`` writes."""
+    from runtime import spec
+    q = dict(arrays)
+    for name, scale in spec.SCALES.items():
+        if arrays.get(name) is not None:
+            q[name], q[scale] = (t.numpy() for t in quantize_rows(torch.from_numpy(arrays[name])))
+    return q
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[..., None]

@@ -13,17 +13,11 @@ from conftest import make_inputs, requires_cpp
 from test_kernels import BACKENDS, assert_matches_reference, run_cpp
 
 from exporter import export
-from exporter.quantize import dequantize_rows, quantize_rows
+from exporter.quantize import dequantize_rows, quantize_experts, quantize_rows
 from runtime import numba_kernels, reference, spec
 
 
-def quantized(a: dict) -> dict:
-    """The exporter's int8 rows and scales for W1, W2 (and Wg)."""
-    q = dict(a)
-    for name in ("W1", "W2", "Wg"):
-        if a.get(name) is not None:
-            q[name], q[spec.SCALES[name]] = (t.numpy() for t in quantize_rows(torch.from_numpy(a[name])))
-    return q
+quantized = quantize_experts
 
 
 def test_quantize_rows_round_trip(rng):
