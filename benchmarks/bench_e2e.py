@@ -1,5 +1,5 @@
-"""End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's C++ and
-Numba backends, side by side in one process. Batch 1, real text cut to each sequence length; backends
+"""End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's backends (C++
+and Numba kernels inside ONNX Runtime, and the graph cut at each FFN with Numba between), side by side in one process. Batch 1, real text cut to each sequence length; backends
 timed in rotating blocks (benchmarks/timing.py); medians after warm-up.
 
     python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx [out/minilm-moe-int8.onnx ...] --out out
@@ -70,7 +70,7 @@ def amdahl_ceiling(phi: float, f: float) -> float:
 
 
 def numba_overhead_us(threads: int) -> dict:
-    """What the Numba backend pays per sparse FFN beyond the math: the kernel call from Python on a
+    """What the numba-split backend pays per sparse FFN beyond the math: the kernel call from Python on a
     toy problem (validation, dispatch, allocation) and one extra ONNX Runtime session boundary."""
     from onnx import TensorProto, helper
     rng = np.random.default_rng(0)
@@ -87,6 +87,16 @@ def numba_overhead_us(threads: int) -> dict:
     out = {k: p50_p90(v)[0] for k, v in t.items()}
     out["per_sparse_ffn"] = out["kernel_call"] + out["session_boundary"]
     return out
+
+
+def numba_vs_cpp(rows: list[dict]) -> list[str]:
+    """Each Numba row's p50 over the C++ row of the same model and length ("moefy <engine> [int8]")."""
+    def key(r):
+        _, engine, *model = r["backend"].split()
+        return engine, (r["tokens"], *model)
+    cpp = {k: r["p50_ms"] for r in rows if r["backend"].startswith("moefy") for e, k in [key(r)] if e == "cpp"}
+    return [f"{r['tokens']} tokens {r['backend']}: {r['p50_ms'] / cpp[k]:.2f}x" for r in rows
+            if r["backend"].startswith("moefy numba") for _, k in [key(r)] if k in cpp]
 
 
 def main(argv=None) -> int:
@@ -109,11 +119,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dense_path = Path(args.dense) if args.dense else dense_export(model_dir, out / "dense")
 
-    # Each backend with its best settings (ONNX Runtime spinning on; the Numba backend turns it off itself);
+    # Each backend with its best settings (ONNX Runtime spinning on; numba-split turns it off itself);
     # timing.py lets spinning pools settle between blocks so they do not steal each other's cores.
     sessions = {"dense ORT": ort.InferenceSession(str(dense_path), default_options(args.threads),
                                                   providers=["CPUExecutionProvider"])}
-    backends = ["cpp", "numba"] if runtime.cpp_available() else ["numba"]
+    backends = ["cpp", "numba", "numba-split"] if runtime.cpp_available() else ["numba-split"]
     configs = []
     for path in args.moe:
         for b in backends:
@@ -148,11 +158,13 @@ def main(argv=None) -> int:
         f"| {r['tokens']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_dense']:.2f}x | "
         f"{r['ffn_share_phi']:.2f} | {r['amdahl_ceiling']:.2f}x | "
         f"{'—' if r['backend'] == 'dense ORT' else format(r['share_of_ceiling'], '.0%')} |" for r in rows])
+    vs_cpp = numba_vs_cpp(rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
               f"onnxruntime {ort.__version__}"
     md = (f"MoEfied {model_dir}: {moe_cfg.get('experts')} experts, top-{moe_cfg.get('top_k')} "
           f"({100 * moe_cfg.get('top_k', 0) / max(moe_cfg.get('experts', 1), 1):.1f}% of FFN parameters active); "
-          f"batch 1; {machine}\n\n{table}\n\nNumba backend overhead per sparse FFN: "
+          f"batch 1; {machine}\n\n{table}\n\nNumba latency / C++ latency (same weights): {'; '.join(vs_cpp) or '—'}\n\n"
+          f"numba-split overhead per sparse FFN: "
           f"{overhead['per_sparse_ffn']:.0f} us (kernel call from Python {overhead['kernel_call']:.0f} us + "
           f"one ONNX Runtime session boundary {overhead['session_boundary']:.0f} us)\n")
     print(md)

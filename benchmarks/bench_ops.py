@@ -3,7 +3,8 @@
 Backends (same experts, same router, one process, timed in rotating blocks: benchmarks/timing.py):
   dense ORT     MatMul + Add + Gelu + MatMul + Add in ONNX Runtime (fused to BiasGelu by ORT)
   moefy cpp     SparseExpertFFN through the C++ custom-op library
-  moefy numba   SparseExpertFFN through runtime.InferenceSession(backend="numba")
+  moefy numba   the Numba kernels inside ONNX Runtime (runtime.InferenceSession(backend="numba"))
+  moefy numba-split  the Numba kernels called from Python on Numba's own threads (backend="numba-split")
   ... int8      the same with int8 expert weights and row scales (moe-export --weights int8)
   moefy std     the standard-ONNX export (TopK + masked dense; portable, computes every expert)
   ORT MoE       ONNX Runtime's com.microsoft::MoE fed the same experts and router scores (it weights the
@@ -139,14 +140,15 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
     sessions = {"dense ORT": ort.InferenceSession(dense_model(w), so(), providers=["CPUExecutionProvider"])}
     x_shape = np.zeros((1, w["W1"].shape[2]), np.float32)  # X is a graph input; only its width matters
     op_model = single_op_model({"X": x_shape, **w}, top_k=k, activation="gelu").SerializeToString()
-    if runtime.cpp_available():
-        sessions["moefy cpp"] = runtime.InferenceSession(op_model, backend="cpp", sess_options=so())
-    sessions["moefy numba"] = runtime.InferenceSession(op_model, backend="numba", threads=threads)
+    models = {"": op_model}
     if "int8" in args.weights:
-        q_model = single_op_model({"X": x_shape, **quantize_experts(w)}, top_k=k, activation="gelu").SerializeToString()
-        if runtime.cpp_available():
-            sessions["moefy cpp int8"] = runtime.InferenceSession(q_model, backend="cpp", sess_options=so())
-        sessions["moefy numba int8"] = runtime.InferenceSession(q_model, backend="numba", threads=threads)
+        models[" int8"] = single_op_model({"X": x_shape, **quantize_experts(w)}, top_k=k,
+                                          activation="gelu").SerializeToString()
+    for suffix, model in models.items():
+        for b in ["cpp", "numba", "numba-split"] if runtime.cpp_available() else ["numba-split"]:
+            opts = so() if b != "numba-split" else None  # numba-split makes its own (spinning off)
+            sessions[f"moefy {b}{suffix}"] = runtime.InferenceSession(model, backend=b, threads=threads,
+                                                                       sess_options=opts)
     sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
     sessions["ORT MoE"] = ort.InferenceSession(ort_moe_model(w, k), so(), providers=["CPUExecutionProvider"])
     eager = torch_sparse(w, k)

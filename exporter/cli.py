@@ -7,6 +7,7 @@ import sys
 from .export import TARGETS, export
 from .moefy import CORRECTIONS, ROUTERS, SPLITS
 from .quantize import WEIGHT_TYPES
+from runtime.session import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-moefied", metavar="DIR", dest="save_moefied_dir",
                     help="also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + "
                          "routers) to DIR, so it can be re-exported without redoing the split")
-    ap.add_argument("--backend", choices=("auto", "cpp", "numba"), default="auto",
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="runtime backend used to validate a custom-target export (default auto)")
     ap.add_argument("--rtol", type=float, default=1e-4,
                     help="largest accepted max|ONNX - PyTorch| / max|PyTorch| (default 1e-4)")

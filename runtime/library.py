@@ -25,7 +25,7 @@ def library_path() -> str:
     if not path.is_file():
         how = f"${ENV_VAR} points to {path}, which does not exist" if override else (
             f"{path} was not built at install time (no C++ compiler or ONNX Runtime headers were found; "
-            "see cpp_ops/README.md); use backend='numba' or reinstall with ORT_INCLUDE_DIR set")
+            "see cpp_ops/README.md); use backend='numba-split' or reinstall with ORT_INCLUDE_DIR set")
         raise FileNotFoundError(f"moefy C++ op library not available: {how}")
     return str(path)
 

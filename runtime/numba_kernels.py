@@ -223,20 +223,21 @@ def _rows_dot(a, rows, n, w, i0, i1, out):
 
 @njit(cache=True, error_model="numpy", fastmath=True)
 def _first_layer(x, rows, n, w, scales, e, bias, h):
-    """h[r, :m] = bias + scales[e] * (w @ x[rows[r]]) (w [m, d]; scales: int8 row scales [E, m], or empty);
-    h's padding columns stay 0."""
+    """h[r, :m] = bias[e] + scales[e] * (w @ x[rows[r]]) (w [m, d]; scales: int8 row scales [E, m], or empty;
+    bias [E, m] or empty); h's padding columns stay 0."""
     d = x.shape[1]
     m = w.shape[0]
     h[:n] = 0.0
     for i0 in range(0, d, _D_CHUNK):
         _rows_dot(x, rows, n, w, i0, min(d, i0 + _D_CHUNK), h)
-    for r in range(n):
-        if scales.shape[0] > 0:
+    if scales.shape[0] > 0:
+        for r in range(n):
             for j in range(m):
-                h[r, j] = h[r, j] * scales[e, j] + bias[j]
-        else:
+                h[r, j] *= scales[e, j]
+    if bias.shape[0] > 0:
+        for r in range(n):
             for j in range(m):
-                h[r, j] += bias[j]
+                h[r, j] += bias[e, j]
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
@@ -295,7 +296,7 @@ def _router_scores(x, router_w, router_b, t0, t1, s):
     out = s[t0:t1]
     for r in range(n):
         for e in range(router_w.shape[0]):
-            out[r, e] = router_b[e]
+            out[r, e] = router_b[e] if router_b.shape[0] > 0 else np.float32(0.0)
     _rows_dot(x, iota, n, router_w, 0, x.shape[1], out)
 
 
@@ -312,43 +313,52 @@ def _select(s, k, t, sel, taken):
         sel[t, j] = best
 
 
-# ---------------------------------------------------------------------------------------- whole call
-@njit(cache=True, parallel=True, error_model="numpy", fastmath=True)
-def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wgs, k, act, workers, y):
-    """y[T, d] = the operator. Arrays absent from the call are empty (bias arrays are always given); the
-    scales are empty for float32 weights."""
-    T, d = x.shape
-    E, m = w1.shape[0], w1.shape[1]
-    gated = wg.shape[0] > 0
-    has_ub = ub.shape[0] > 0
-    mp = (m + 15) // 16 * 16
+# --------------------------------------------------------------------------------------------- phases
+# One call runs in four phases: route (parallel over token ranges), plan (serial), experts (parallel over
+# workers), reduce (parallel over token ranges). `_ffn` runs them on Numba's own threads; runtime/numba_host.py
+# runs the same functions on ONNX Runtime's thread pool, inside its graph. Arrays absent from the call are
+# empty (shape 0); the scales are empty for float32 weights.
 
-    # ---- routing, parallel over token ranges: scores (unless given), then each range's top-k in the same
-    # region (a serial top-k was ~60 us at 128 tokens, a second region would cost as much)
-    computed = scores.shape[0] == 0
-    s = np.empty((T, E), np.float32) if computed else scores
-    sel = np.empty((T, k), np.int32)
-    parts = min(workers, (T + 3) // 4)
-    for p in prange(parts):
-        t0 = (T * p // parts + 3) // 4 * 4 if p > 0 else 0
-        t1 = (T * (p + 1) // parts + 3) // 4 * 4 if p + 1 < parts else T
-        t1 = min(t1, T)
-        if t0 < t1:
-            if computed:
-                _router_scores(x, router_w, router_b, t0, t1, s)
-            taken = np.zeros(E, np.bool_)
-            for t in range(t0, t1):
-                _select(s, k, t, sel, taken)
+@njit(cache=True)
+def _token_range(T, part, parts):
+    """Tokens [t0, t1) of range `part` of `parts`; inner bounds are multiples of 4 (the dot blocks' height)."""
+    t0 = (T * part // parts + 3) // 4 * 4 if part > 0 else 0
+    t1 = (T * (part + 1) // parts + 3) // 4 * 4 if part + 1 < parts else T
+    return min(t0, T), min(t1, T)
 
-    # ---- counting sort of (token, expert) pairs by expert; blocks of <= _TOKEN_BLOCK tokens
-    start = np.zeros(E + 1, np.int64)
+
+def max_blocks(T: int, k: int, E: int) -> int:
+    """Upper bound on the number of (expert, <= _TOKEN_BLOCK tokens) work blocks of a call."""
+    return (T * k + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK + E
+
+
+_max_blocks = njit(cache=True)(max_blocks)
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _route(x, router_w, router_b, k, s, computed, sel, t0, t1):
+    """sel[t] = the top-k experts of tokens [t0, t1); their scores first go into s unless given (computed)."""
+    if t0 >= t1:
+        return
+    if computed:
+        _router_scores(x, router_w, router_b, t0, t1, s)
+    taken = np.zeros(s.shape[1], np.bool_)
+    for t in range(t0, t1):
+        _select(s, k, t, sel, taken)
+
+
+@njit(cache=True)
+def _plan(sel, E, workers, start, tokens, b_e, b_begin, b_n, order, owner):
+    """Counting sort of (token, expert) pairs by expert into blocks of <= _TOKEN_BLOCK tokens, dealt to the
+    workers heaviest first, each to the least-loaded one (cost ~ weights + tokens). Returns (blocks, workers)."""
+    T, k = sel.shape
+    start[:] = 0
     for t in range(T):
         for j in range(k):
             start[sel[t, j] + 1] += 1
     for e in range(E):
         start[e + 1] += start[e]
     fill = start[:-1].copy()
-    tokens = np.empty(T * k, np.int32)
     for t in range(T):
         for j in range(k):
             e = sel[t, j]
@@ -356,22 +366,13 @@ def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wg
             fill[e] += 1
     nb = 0
     for e in range(E):
-        nb += (start[e + 1] - start[e] + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK
-    b_e = np.empty(nb, np.int64)
-    b_begin = np.empty(nb, np.int64)
-    b_n = np.empty(nb, np.int64)
-    b = 0
-    for e in range(E):
         p = start[e]
         while p < start[e + 1]:
-            b_e[b], b_begin[b], b_n[b] = e, p, min(_TOKEN_BLOCK, start[e + 1] - p)
+            b_e[nb], b_begin[nb], b_n[nb] = e, p, min(_TOKEN_BLOCK, start[e + 1] - p)
             p += _TOKEN_BLOCK
-            b += 1
-
-    # ---- static schedule: heaviest block first, to the least-loaded worker (cost ~ weights + tokens)
+            nb += 1
     W = max(1, min(workers, nb))
-    order = np.argsort(-b_n, kind="mergesort")
-    owner = np.empty(nb, np.int64)
+    order[:nb] = np.argsort(-b_n[:nb], kind="mergesort")
     load = np.zeros(W, np.int64)
     for q in range(nb):
         bi = order[q]
@@ -381,51 +382,98 @@ def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wg
                 w = v
         owner[bi] = w
         load[w] += b_n[bi] + 4
+    return nb, W
 
-    # ---- output base: B2 + sum_e U[e]; selected experts add (their output - U[e])
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _init_output(y, b2, ub):
+    """y[t] = B2 + sum_e U[e] for every token: selected experts then add (their output - U[e])."""
+    d = y.shape[1]
     base = np.zeros(d, np.float32)
-    for i in range(d):
-        base[i] = b2[i]
-    if has_ub:
-        for e in range(E):
-            for i in range(d):
-                base[i] += ub[e, i]
-    for t in range(T):
+    if b2.shape[0] > 0:
+        base[:] = b2
+    for e in range(ub.shape[0]):
         for i in range(d):
-            y[t, i] = base[i]
-    partial = np.zeros((W - 1, T, d), np.float32)
+            base[i] += ub[e, i]
+    for t in range(y.shape[0]):
+        y[t] = base
 
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _experts(w, x, w1, b1, w2, wg, bg, ub, w1s, w2s, wgs, act, tokens, b_e, b_begin, b_n, order, owner, nb,
+             out, h, g):
+    """Worker w's blocks, accumulated into out (Y itself for worker 0, else its own zeroed buffer); h and g
+    are its [_TOKEN_BLOCK, mp] scratch (g empty for the plain form)."""
+    m = w1.shape[1]
+    d = x.shape[1]
+    if w > 0:
+        out[:] = 0.0
+    for q in range(nb):
+        bi = order[q]
+        if owner[bi] != w:
+            continue
+        e, n = b_e[bi], b_n[bi]
+        rows = tokens[b_begin[bi]:b_begin[bi] + n]
+        _first_layer(x, rows, n, w1[e], w1s, e, b1, h)
+        if g.shape[0] > 0:
+            _first_layer(x, rows, n, wg[e], wgs, e, bg, g)
+        _activate(h, n, act, g)
+        if w2s.shape[0] > 0:  # W2's row scales fold into h
+            for r in range(n):
+                for j in range(m):
+                    h[r, j] *= w2s[e, j]
+        _second_layer_rows(h, n, m, w2[e], rows, out)
+        if ub.shape[0] > 0:
+            for r in range(n):
+                o = out[rows[r]]
+                for i in range(d):
+                    o[i] -= ub[e, i]
+
+
+@njit(cache=True, error_model="numpy", fastmath=True)
+def _reduce(y, partial, W, t0, t1):
+    """y[t0:t1] += the other workers' buffers."""
+    d = y.shape[1]
+    for t in range(t0, t1):
+        for v in range(W - 1):
+            pv = partial[v, t]
+            for i in range(d):
+                y[t, i] += pv[i]
+
+
+# ---------------------------------------------------------------------------------------- whole call
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=True)
+def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wgs, k, act, workers, y):
+    """y[T, d] = the operator, on Numba's threads."""
+    T, d = x.shape
+    E, m = w1.shape[0], w1.shape[1]
+    mp = (m + 15) // 16 * 16
+    # routing and each range's top-k in one region (a serial top-k was ~60 us at 128 tokens, a second
+    # region would cost as much)
+    computed = scores.shape[0] == 0
+    s = np.empty((T, E), np.float32) if computed else scores
+    sel = np.empty((T, k), np.int32)
+    parts = min(workers, (T + 3) // 4)
+    for p in prange(parts):
+        t0, t1 = _token_range(T, p, parts)
+        _route(x, router_w, router_b, k, s, computed, sel, t0, t1)
+
+    nbmax = _max_blocks(T, k, E)
+    start = np.empty(E + 1, np.int64)
+    tokens = np.empty(T * k, np.int32)
+    b_e, b_begin, b_n = np.empty(nbmax, np.int64), np.empty(nbmax, np.int64), np.empty(nbmax, np.int64)
+    order, owner = np.empty(nbmax, np.int64), np.empty(nbmax, np.int64)
+    nb, W = _plan(sel, E, workers, start, tokens, b_e, b_begin, b_n, order, owner)
+    _init_output(y, b2, ub)
+    partial = np.empty((W - 1, T, d), np.float32)
+    gated = wg.shape[0] > 0
     for w in prange(W):
-        out = y if w == 0 else partial[w - 1]
         h = np.empty((_TOKEN_BLOCK, mp), np.float32)
         g = np.empty((_TOKEN_BLOCK, mp), np.float32) if gated else np.empty((0, 0), np.float32)
-        for q in range(nb):
-            bi = order[q]
-            if owner[bi] != w:
-                continue
-            e, n = b_e[bi], b_n[bi]
-            rows = tokens[b_begin[bi]:b_begin[bi] + n]
-            _first_layer(x, rows, n, w1[e], w1s, e, b1[e], h)
-            if gated:
-                _first_layer(x, rows, n, wg[e], wgs, e, bg[e], g)
-            _activate(h, n, act, g)
-            if w2s.shape[0] > 0:  # W2's row scales fold into h
-                for r in range(n):
-                    for j in range(m):
-                        h[r, j] *= w2s[e, j]
-            _second_layer_rows(h, n, m, w2[e], rows, out)
-            if has_ub:
-                for r in range(n):
-                    o = out[rows[r]]
-                    for i in range(d):
-                        o[i] -= ub[e, i]
-
+        _experts(w, x, w1, b1, w2, wg, bg, ub, w1s, w2s, wgs, act, tokens, b_e, b_begin, b_n, order, owner, nb,
+                 y if w == 0 else partial[w - 1], h, g)
     if W > 1:  # serial: T x d adds cost less than waking the pool for a third parallel region
-        for t in range(T):
-            for v in range(W - 1):
-                pv = partial[v, t]
-                for i in range(d):
-                    y[t, i] += pv[i]
+        _reduce(y, partial, W, 0, T)
 
 
 # ---------------------------------------------------------------------------------------------- Python
@@ -469,24 +517,19 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
     x = _f32(inputs["X"]).reshape(T, d)
     w1 = _weights(inputs["W1"])
     w2 = _weights(inputs["W2"])
-    b1 = get("B1")
-    b1 = np.zeros((E, m), np.float32) if b1 is None else _f32(b1)
     wg = get("Wg")
     wg = np.zeros((0, 0, 0), w1.dtype) if wg is None else _weights(wg)
-    w1s, w2s, wgs = (_EMPTY2 if get(n) is None else _f32(get(n)) for n in ("W1_scale", "W2_scale", "Wg_scale"))
-    bg = get("Bg")
-    bg = np.zeros((E, m), np.float32) if bg is None else _f32(bg)
+    b1, bg, ub, w1s, w2s, wgs = (_EMPTY2 if get(n) is None else _f32(get(n))
+                                 for n in ("B1", "Bg", "unselected_bias", "W1_scale", "W2_scale", "Wg_scale"))
     b2 = get("B2")
-    b2 = np.zeros(d, np.float32) if b2 is None else _f32(b2)
-    ub = get("unselected_bias")
-    ub = _EMPTY2 if ub is None else _f32(ub)
+    b2 = _EMPTY1 if b2 is None else _f32(b2)
     rs = get("router_scores")
     if rs is not None:
         scores, rw, rb = _f32(rs).reshape(T, E), _EMPTY2, _EMPTY1
     else:
         rb = get("router_b")
         scores, rw = _EMPTY2, _f32(get("router_w"))
-        rb = np.zeros(E, np.float32) if rb is None else _f32(rb)
+        rb = _EMPTY1 if rb is None else _f32(rb)
     y = np.empty((T, d), np.float32)
     if T:
         _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, rw, rb, w1s, w2s, wgs, int(attrs["top_k"]),

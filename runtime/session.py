@@ -14,7 +14,7 @@ from . import spec
 from .library import cpp_available, library_path
 from .numba_backend import NumbaGraphSession, is_sparse_ffn
 
-BACKENDS = ("auto", "cpp", "numba")
+BACKENDS = ("auto", "cpp", "numba", "numba-split")
 METADATA_KEY = "moefy.config"
 
 
@@ -38,12 +38,16 @@ class InferenceSession:
 
     Args:
         path_or_bytes: an ONNX model (path or serialized bytes).
-        backend: ``"cpp"`` (the custom-op library inside ONNX Runtime), ``"numba"`` (the graph
-            cut at each sparse FFN, Numba kernels in between) or ``"auto"`` (cpp if built, else numba).
+        backend: ``"cpp"`` (the C++ kernels of the custom-op library, inside ONNX Runtime), ``"numba"``
+            (the Numba kernels inside ONNX Runtime, on its thread pool, through the library's
+            ai.moefy.numba op), ``"numba-split"`` (no C++ library: the graph cut at each sparse FFN,
+            ONNX Runtime sessions with the Numba kernels between them) or ``"auto"`` (cpp if the
+            library was built, else numba-split).
         threads: intra-op threads for ONNX Runtime (default: all cores).
-        spinning: let idle ONNX Runtime threads spin (default: on for cpp, always off for numba). Turn
-            it off when other sessions or engines share the cores.
-        sess_options: ONNX Runtime options to start from (cpp backend; overrides threads and spinning).
+        spinning: let idle ONNX Runtime threads spin (default: on; always off for numba-split, whose
+            Numba threads need the cores between ONNX Runtime calls). Turn it off when other sessions
+            or engines share the cores.
+        sess_options: ONNX Runtime options to start from (not numba-split; overrides threads and spinning).
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, backend: str = "auto", *,
@@ -52,7 +56,7 @@ class InferenceSession:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "auto":
-            backend = "cpp" if cpp_available() else "numba"
+            backend = "cpp" if cpp_available() else "numba-split"
         self.backend = backend
         if isinstance(path_or_bytes, (bytes, bytearray)):
             model = onnx.load_from_string(bytes(path_or_bytes))
@@ -61,17 +65,22 @@ class InferenceSession:
                 raise FileNotFoundError(f"ONNX model {path_or_bytes} does not exist")
             model = onnx.load(os.fspath(path_or_bytes))
         self.moe_config = _read_moe_config(model)
-        if backend == "cpp":
+        self.num_sparse_ffn = sum(is_sparse_ffn(n) for n in model.graph.node)
+        if backend in ("cpp", "numba"):
             so = sess_options or default_options(threads, spinning=spinning)
-            so.register_custom_ops_library(library_path())
+            if backend == "numba":
+                from . import numba_host  # compiles (or loads) its kernels: only when asked for
+                so.register_custom_ops_library(numba_host.register())
+                numba_host.retarget(model)
+            else:
+                so.register_custom_ops_library(library_path())
             self._ort = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
             self._numba = None
-        else:
+        else:  # numba-split
             self._ort = None
             self._numba = NumbaGraphSession(model, lambda: default_options(threads, spinning=False))
         self._inputs = list(model.graph.input)
         self._outputs = [o.name for o in model.graph.output]
-        self.num_sparse_ffn = sum(is_sparse_ffn(n) for n in model.graph.node)
 
     def get_inputs(self) -> list[onnx.ValueInfoProto]:
         return list(self._inputs)

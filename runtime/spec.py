@@ -182,6 +182,14 @@ def check_arrays(inputs: Mapping[str, object], attrs: Mapping[str, object]) -> t
     return attrs, check(shapes, attrs, dtypes)
 
 
+# The Numba host ABI (runtime/numba_host.py <-> cpp_ops/ort/numba_host.cc): the library also registers the
+# op under NUMBA_HOST_DOMAIN, computed by Numba callbacks on ONNX Runtime's threads. Each callback gets an
+# int64 array: NUMBA_HOST_FIELDS, then one address (0 if absent) per input of INPUTS.
+NUMBA_HOST_DOMAIN = "ai.moefy.numba"
+NUMBA_HOST_FIELDS = ("tokens", "d", "experts", "m", "top_k", "activation", "workers", "weight_int8", "scratch", "y")
+NUMBA_HOST_ABI_VERSION = 1
+
+
 def cpp_header() -> str:
     """C++ constants for cpp_ops, generated so that the C++ op cannot drift from this file."""
     q = lambda s: '"' + s + '"'  # noqa: E731
@@ -205,6 +213,10 @@ def cpp_header() -> str:
         f"inline constexpr std::size_t kNumActivations = {len(ACTIVATIONS)};",
         f"inline constexpr const char* kDefaultActivation = {q(ATTRIBUTE_DEFAULTS['activation'])};",
         "inline constexpr const char* kExpertWeightings[] = {" + ", ".join(q(a) for a in EXPERT_WEIGHTINGS) + "};",
+        f"inline constexpr const char* kNumbaHostDomain = {q(NUMBA_HOST_DOMAIN)};",
+        f"inline constexpr long kNumbaHostAbiVersion = {NUMBA_HOST_ABI_VERSION};",
+        "enum NumbaHostField : int { " + ", ".join(f"kHost_{n} = {i}" for i, n in enumerate(NUMBA_HOST_FIELDS))
+        + f", kNumHostFields = {len(NUMBA_HOST_FIELDS)} }};",
         "}  // namespace moefy::spec",
         "",
     ]

@@ -9,6 +9,12 @@ import pytest
 import runtime
 
 requires_cpp = pytest.mark.skipif(not runtime.cpp_available(), reason="C++ op library not built")
+# InferenceSession backends; numba (Numba kernels inside ONNX Runtime) runs through the C++ library too.
+SESSION_BACKENDS = ["numba-split", pytest.param("numba", marks=requires_cpp), pytest.param("cpp", marks=requires_cpp)]
+
+
+def available_backends() -> list[str]:
+    return ["numba-split", "numba", "cpp"] if runtime.cpp_available() else ["numba-split"]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SESSION_BACKENDS
 
 import runtime
 from exporter.cli import build_parser, main
@@ -20,7 +21,7 @@ def run_cli(*args):
 
 def test_cli_end_to_end(tiny_bert_dir, tmp_path):
     out = tmp_path / "m.onnx"
-    r = run_cli(tiny_bert_dir, out, "--experts", 4, "--top-k", 1, "--backend", "numba")
+    r = run_cli(tiny_bert_dir, out, "--experts", 4, "--top-k", 1, "--backend", "numba-split")
     assert r.returncode == 0, r.stderr
     assert out.is_file()
     assert "4 x 16 neurons, top-k 1: 25.0% of FFN parameters active per token" in r.stdout
@@ -92,12 +93,11 @@ def test_failed_validation_leaves_no_file(capsys, tmp_path, tiny_bert_dir):
 def tiny_session_model(tiny_bert_dir, tmp_path_factory):
     from exporter import export
     out = tmp_path_factory.mktemp("sess") / "m.onnx"
-    export(tiny_bert_dir, out, experts=4, top_k=2, backend="numba", progress=False, log=lambda *a: None)
+    export(tiny_bert_dir, out, experts=4, top_k=2, backend="numba-split", progress=False, log=lambda *a: None)
     return out
 
 
-@pytest.mark.parametrize("backend", ["numba", pytest.param("cpp", marks=pytest.mark.skipif(
-    not runtime.cpp_available(), reason="C++ op library not built"))])
+@pytest.mark.parametrize("backend", SESSION_BACKENDS)
 @pytest.mark.parametrize("change,message", [
     (lambda f: f.update(input_ids=f["input_ids"].astype(np.float32)), "input 'input_ids' must be a int64 array"),
     (lambda f: f.update(input_ids=f["input_ids"][0]), "of rank 2"),
@@ -115,7 +115,7 @@ def test_session_rejects_wrong_dtype_rank_and_names(tiny_session_model, backend,
 
 
 def test_unknown_backend_and_missing_model(tiny_session_model, tmp_path):
-    with pytest.raises(ValueError, match="backend must be one of auto, cpp, numba"):
+    with pytest.raises(ValueError, match="backend must be one of auto, cpp, numba, numba-split"):
         runtime.InferenceSession(tiny_session_model, backend="gpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         runtime.InferenceSession(tmp_path / "none.onnx")
@@ -128,5 +128,5 @@ def test_long_calibration_file_is_cut_and_says_so(tiny_bert_dir, tmp_path):
     logs = []
     from exporter import export
     export(tiny_bert_dir, tmp_path / "m.onnx", experts=8, top_k=2, router="ls", correction="mean", calib=calib,
-           backend="numba", progress=False, log=logs.append)
+           backend="numba-split", progress=False, log=logs.append)
     assert f"--calib: using the first {CALIB_LINES} of its {CALIB_LINES + 5} lines" in logs

@@ -7,14 +7,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import requires_cpp
+from conftest import SESSION_BACKENDS, available_backends
 
 import runtime
 from exporter import export
 from runtime.session import METADATA_KEY
 from runtime import spec
 
-BACKENDS = ["numba", pytest.param("cpp", marks=requires_cpp)]
 
 
 def feed_for(model_dir, texts=("the cat is on a mat", "it is for you")):
@@ -28,7 +27,7 @@ def feed_for(model_dir, texts=("the cat is on a mat", "it is for you")):
 def tiny_custom(tiny_bert_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny.onnx"
     saved = out.parent / "tiny.moefied"
-    report = export(tiny_bert_dir, out, experts=8, top_k=2, save_moefied_dir=saved, backend="numba", progress=False,
+    report = export(tiny_bert_dir, out, experts=8, top_k=2, save_moefied_dir=saved, backend="numba-split", progress=False,
                     log=lambda *a: None)
     return out, saved, report
 
@@ -48,7 +47,7 @@ def test_custom_export_graph(tiny_custom):
     assert report.max_rel_diff <= 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SESSION_BACKENDS)
 def test_backends_agree_with_pytorch_on_new_shapes(tiny_custom, tiny_bert_dir, backend):
     """Batch and sequence sizes other than the traced ones, against the PyTorch MoEfied model."""
     from exporter.moefy import install_moe, last_hidden_state, load_model
@@ -66,7 +65,7 @@ def test_backends_agree_with_pytorch_on_new_shapes(tiny_custom, tiny_bert_dir, b
 def test_reexport_from_saved_moefied_dir_is_identical(tiny_custom, tmp_path):
     out, saved, _ = tiny_custom
     again = tmp_path / "again.onnx"
-    export(saved, again, experts=8, top_k=2, backend="numba", progress=False, log=lambda *a: None)
+    export(saved, again, experts=8, top_k=2, backend="numba-split", progress=False, log=lambda *a: None)
     a, b = onnx.load(out), onnx.load(again)
     wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
     wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
@@ -81,7 +80,7 @@ def test_standard_target_runs_on_stock_onnxruntime(tiny_bert_dir, tiny_custom, t
     assert "TopK" in {n.op_type for n in m.graph.node}
     feed = feed_for(tiny_bert_dir)
     std = ort.InferenceSession(str(out_std), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    custom = runtime.InferenceSession(tiny_custom[0], backend="numba").run(None, feed)[0]
+    custom = runtime.InferenceSession(tiny_custom[0], backend="numba-split").run(None, feed)[0]
     np.testing.assert_allclose(std, custom, rtol=1e-4, atol=1e-5)
 
 
@@ -94,7 +93,7 @@ def test_minilm_round_trip(minilm_dir, tmp_path, target):
     if target == "custom":
         feed = feed_for(minilm_dir, ["Sparse experts run fast on CPUs.", "A second, longer sentence about cats."])
         outs = [runtime.InferenceSession(out, backend=b).run(None, feed)[0]
-                for b in (["numba", "cpp"] if runtime.cpp_available() else ["numba"])]
+                for b in available_backends()]
         for o in outs[1:]:
             np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-4)
 
@@ -107,7 +106,7 @@ def test_calibrated_recipes_export_and_match(tiny_bert_dir, tmp_path, split, rou
     calib.write_text("the cat is on a mat\nit is for you\na dog and a cat\n")
     out = tmp_path / "corr.onnx"
     report = export(tiny_bert_dir, out, experts=8, top_k=2, split=split, router=router, correction="mean",
-                    calib=calib, backend="numba", progress=False, log=lambda *a: None)
+                    calib=calib, backend="numba-split", progress=False, log=lambda *a: None)
     assert (report.config.split, report.config.router, report.config.correction) == (split, router, "mean")
     assert report.max_rel_diff <= 1e-4 and report.validated_on >= 1
     node = next(n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN)
@@ -116,7 +115,7 @@ def test_calibrated_recipes_export_and_match(tiny_bert_dir, tmp_path, split, rou
     assert all(node.input[names.index(n)] == "" for n in ("router_scores", "Wg", "Bg"))
     feed = feed_for(tiny_bert_dir)
     outs = [runtime.InferenceSession(out, backend=b).run(None, feed)[0]
-            for b in (["numba", "cpp"] if runtime.cpp_available() else ["numba"])]
+            for b in available_backends()]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-4, atol=1e-5)
 

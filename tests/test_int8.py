@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_inputs, requires_cpp
-from test_kernels import BACKENDS, assert_matches_reference, run_cpp
+from conftest import SESSION_BACKENDS, make_inputs, requires_cpp
+from test_kernels import BACKENDS, IN_ORT, assert_matches_reference, run_in_ort
 
 from exporter import export
 from exporter.quantize import dequantize_rows, quantize_experts, quantize_rows
@@ -40,9 +40,10 @@ def test_int8_experts_match_reference(backend, gated, lead, d, E, m, k, rng):
 
 
 @requires_cpp
-def test_cpp_int8_weights_fed_at_run_time(rng):
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_int8_weights_fed_at_run_time(backend, rng):
     a = quantized(make_inputs(rng, lead=(37,), d=40, E=8, m=20, gated=True, unselected=True))
-    got = run_cpp(a, feeds=[p.name for p in spec.INPUTS], top_k=3, activation="silu")
+    got = run_in_ort(a, feeds=[p.name for p in spec.INPUTS], backend=backend, top_k=3, activation="silu")
     assert_matches_reference(got, a, top_k=3, activation="silu")
 
 
@@ -56,13 +57,13 @@ BAD_TYPES = [  # (mutation, expected message fragment); ONNX Runtime itself enfo
 
 
 @pytest.mark.parametrize("mutate,message", BAD_TYPES, ids=[m for _, m in BAD_TYPES])
-@pytest.mark.parametrize("impl", ["reference", "numba", pytest.param("cpp", marks=requires_cpp)])
+@pytest.mark.parametrize("impl", ["reference", "numba", *(pytest.param(i, marks=requires_cpp) for i in IN_ORT)])
 def test_bad_types_get_the_same_clear_error(mutate, message, impl, rng):
     a = quantized(make_inputs(rng))
     mutate(a)
-    if impl == "cpp":  # fed at run time: ONNX Runtime hands the op whatever type the weights have
+    if impl in IN_ORT:  # fed at run time: ONNX Runtime hands the op whatever type the weights have
         with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=re.escape(message)):
-            run_cpp(a, feeds=list(a), cast=False, top_k=2)
+            run_in_ort(a, feeds=list(a), cast=False, backend=impl.removesuffix("-in-ort"), top_k=2)
     else:
         fn = reference.sparse_expert_ffn if impl == "reference" else numba_kernels.sparse_expert_ffn
         with pytest.raises(spec.SpecError, match=re.escape(message)):
@@ -80,7 +81,7 @@ def test_float_checks_of_the_spec(rng):
         reference.sparse_expert_ffn(a, top_k=2)
 
 
-@pytest.mark.parametrize("backend", ["numba", pytest.param("cpp", marks=requires_cpp)])
+@pytest.mark.parametrize("backend", SESSION_BACKENDS)
 def test_int8_export_end_to_end(tiny_bert_dir, tmp_path, backend):
     out = tmp_path / "int8.onnx"
     report = export(tiny_bert_dir, out, experts=8, top_k=2, weights="int8", backend=backend, progress=False,
@@ -107,7 +108,7 @@ def test_int8_with_mlp_router_and_shared_expert(tiny_bert_dir, tmp_path):
     calib.write_text("the cat is on a mat\nit is for you\na dog and a cat\nwe read a book by the sea\n")
     out = tmp_path / "int8-mlp.onnx"
     report = export(tiny_bert_dir, out, experts=8, top_k=3, router="mlp", correction="mean", shared_experts=1,
-                    calib=calib, weights="int8", backend="numba", progress=False, log=lambda *a: None)
+                    calib=calib, weights="int8", backend="numba-split", progress=False, log=lambda *a: None)
     assert report.max_rel_diff <= 1e-4
     node = next(n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN)
     assert node.input[spec.INPUT_INDEX["router_scores"]] and node.input[spec.INPUT_INDEX["W2_scale"]]

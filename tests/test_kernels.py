@@ -1,9 +1,8 @@
-"""Every backend against the NumPy reference: C++ (in ONNX Runtime) and Numba, on random shapes
+"""Every backend against the NumPy reference: C++ and Numba inside ONNX Runtime, Numba called directly, on random shapes
 and the corner cases the operator must get right. Tolerance: max |diff| <= 2e-5 * max |ref| + 1e-6."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from conftest import make_inputs, near_tie_tokens, requires_cpp
 
@@ -14,18 +13,20 @@ from runtime.single_op import single_op_model
 RTOL = 2e-5
 
 
-def run_cpp(a, feeds=("X",), cast=True, **attrs):
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(runtime.library_path())
+def run_in_ort(a, feeds=("X",), cast=True, backend="cpp", **attrs):
+    """The op as a one-node model in ONNX Runtime: backend cpp (C++ kernels) or numba (Numba kernels)."""
     feeds = [f for f in feeds if a.get(f) is not None]
     model = single_op_model(a, feeds=feeds, cast=cast, **attrs)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = runtime.InferenceSession(model.SerializeToString(), backend=backend)
     return sess.run(None, {f: a[f] for f in feeds})[0]
 
 
+IN_ORT = ("cpp", "numba-in-ort")  # the op-level implementations that run_in_ort runs
 BACKENDS = {
     "numba": lambda a, **attrs: numba_kernels.sparse_expert_ffn(a, **attrs),
-    "cpp": pytest.param(lambda a, **attrs: run_cpp(a, feeds=("X", "router_scores"), **attrs), marks=requires_cpp),
+    "numba-in-ort": pytest.param(lambda a, **attrs: run_in_ort(a, feeds=("X", "router_scores"), backend="numba",
+                                                               **attrs), marks=requires_cpp),
+    "cpp": pytest.param(lambda a, **attrs: run_in_ort(a, feeds=("X", "router_scores"), **attrs), marks=requires_cpp),
 }
 
 
@@ -91,10 +92,51 @@ def test_reference_equals_dense_ffn_when_k_is_e(rng):
 
 
 @requires_cpp
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_cpp_weights_fed_at_run_time(gated, rng):
+def test_weights_fed_at_run_time(gated, backend, rng):
     """Weights that are graph inputs (not initializers) are packed per call, and a router_w input is not
     packed at all: both paths must give the reference's answer."""
     a = make_inputs(rng, lead=(37,), d=40, E=8, m=20, gated=gated, unselected=True)
-    got = run_cpp(a, feeds=[p.name for p in spec.INPUTS], top_k=3, activation="silu")
+    got = run_in_ort(a, feeds=[p.name for p in spec.INPUTS], backend=backend, top_k=3, activation="silu")
     assert_matches_reference(got, a, top_k=3, activation="silu")
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", ["cpp", "numba", "numba-split"])
+def test_zero_tokens(backend, rng):
+    a = make_inputs(rng, lead=(1, 0), d=16, E=4, m=3)
+    assert run_in_ort(a, backend=backend, top_k=2).shape == (1, 0, 16)
+
+
+@requires_cpp
+def test_numba_host_op_needs_the_python_runtime(rng, tmp_path):
+    """A model naming the ai.moefy.numba op, loaded by plain ONNX Runtime (no Numba kernels installed in that
+    process), fails at session creation with a message that says what to do."""
+    import subprocess
+    import sys
+
+    from runtime import numba_host
+    model = single_op_model(make_inputs(rng), top_k=2)
+    numba_host.retarget(model)
+    path = tmp_path / "host.onnx"
+    path.write_bytes(model.SerializeToString())
+    code = (f"import onnxruntime as ort; so = ort.SessionOptions(); so.register_custom_ops_library({runtime.library_path()!r});"
+            f"ort.InferenceSession({str(path)!r}, so, providers=['CPUExecutionProvider'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "runs Numba kernels that Python's moefy runtime installs" in r.stderr
+    assert "backend='numba'" in r.stderr
+
+
+@requires_cpp
+def test_numba_kernel_table_from_another_version_is_refused():
+    import ctypes
+
+    from runtime import numba_host
+    lib = ctypes.CDLL(runtime.library_path())
+    lib.moefy_set_numba_kernels.restype = ctypes.c_char_p
+    table = numba_host._Kernels(spec.NUMBA_HOST_ABI_VERSION + 1, 0, 1, 1, 1, 1, 1)
+    assert b"another moefy version" in lib.moefy_set_numba_kernels(ctypes.byref(table))
+    table = numba_host._Kernels(spec.NUMBA_HOST_ABI_VERSION, 0, None, 1, 1, 1, 1)
+    assert lib.moefy_set_numba_kernels(ctypes.byref(table)) == b"incomplete kernel table"

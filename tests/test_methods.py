@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import available_backends
 from test_cli_errors import assert_fails_cleanly
 
 import runtime
@@ -26,7 +27,7 @@ def calib(tmp_path_factory):
 
 
 def quiet_export(model_dir, out, **kw):
-    return export(model_dir, out, backend="numba", progress=False, log=lambda *a: None, **kw)
+    return export(model_dir, out, backend="numba-split", progress=False, log=lambda *a: None, **kw)
 
 
 def onnx_matches_torch(out, saved, texts=("the cat is on a mat", "a dog and a cat", "it is for you and me")):
@@ -38,7 +39,7 @@ def onnx_matches_torch(out, saved, texts=("the cat is on a mat", "a dog and a ca
     feed = {k: b[k].astype(np.int64) for k in adapter.input_names}
     want = last_hidden_state(model, {k: torch.as_tensor(v) for k, v in feed.items()})
     mask = feed["attention_mask"].astype(bool)
-    for backend in ["numba", "cpp"] if runtime.cpp_available() else ["numba"]:
+    for backend in available_backends():
         got = runtime.InferenceSession(out, backend=backend).run(None, feed)[0]
         assert np.abs(got - want)[mask].max() <= 1e-4 * np.abs(want[mask]).max(), backend
     return model, cfg, routers

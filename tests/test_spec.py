@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import make_inputs, requires_cpp
-from test_kernels import run_cpp
+from test_kernels import IN_ORT, run_in_ort
 
 import runtime
 from runtime import numba_kernels, reference, spec
@@ -38,7 +38,7 @@ def test_cpp_library_exports_only_its_entry_points():
     if out.returncode:
         pytest.skip("nm not available")
     names = {line.split()[-1] for line in out.stdout.splitlines() if " T " in line}
-    assert names == {"RegisterCustomOps", "moefy_describe_ops"}
+    assert names == {"RegisterCustomOps", "moefy_describe_ops", "moefy_set_numba_kernels"}
 
 
 def test_cpp_header_is_generated_from_spec():
@@ -60,13 +60,13 @@ BAD = [  # (mutation, expected message fragment)
 
 
 @pytest.mark.parametrize("mutate,message", BAD, ids=[m for _, m in BAD])
-@pytest.mark.parametrize("impl", ["reference", "numba", pytest.param("cpp", marks=requires_cpp)])
+@pytest.mark.parametrize("impl", ["reference", "numba", *(pytest.param(i, marks=requires_cpp) for i in IN_ORT)])
 def test_bad_shapes_get_the_same_clear_error(mutate, message, impl, rng):
     a = make_inputs(rng)
     mutate(a)
-    if impl == "cpp":
+    if impl in IN_ORT:
         with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=re.escape(message)):
-            run_cpp(a, top_k=2)
+            run_in_ort(a, backend=impl.removesuffix("-in-ort"), top_k=2)
     else:
         fn = reference.sparse_expert_ffn if impl == "reference" else numba_kernels.sparse_expert_ffn
         with pytest.raises(spec.SpecError, match=re.escape(message)):
@@ -78,12 +78,12 @@ def test_bad_shapes_get_the_same_clear_error(mutate, message, impl, rng):
     ({"top_k": 7}, r"top_k must be an integer in \[1, E=6\]"),
     ({"top_k": 2, "activation": "tanh"}, "activation must be one of relu, gelu, gelu_tanh, silu"),
 ])
-@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=requires_cpp)])
+@pytest.mark.parametrize("impl", ["reference", *(pytest.param(i, marks=requires_cpp) for i in IN_ORT)])
 def test_bad_attributes(attrs, message, impl, rng):
     a = make_inputs(rng)
-    if impl == "cpp":
+    if impl in IN_ORT:
         with pytest.raises(Exception, match=message):
-            run_cpp(a, **attrs)
+            run_in_ort(a, backend=impl.removesuffix("-in-ort"), **attrs)
     else:
         with pytest.raises(spec.SpecError, match=message):
             reference.sparse_expert_ffn(a, **attrs)

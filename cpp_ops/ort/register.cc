@@ -1,8 +1,9 @@
-// The library's only entry points: RegisterCustomOps (ONNX Runtime's convention) and
-// moefy_describe_ops, which reports what was registered so tests can hold it to runtime/spec.py.
+// The library's only entry points: RegisterCustomOps (ONNX Runtime's convention), moefy_describe_ops,
+// which reports what was registered so tests can hold it to runtime/spec.py, and moefy_set_numba_kernels.
 #include <mutex>
 #include <string>
 
+#include "numba_host.h"
 #include "sparse_expert_ffn_op.h"
 
 namespace {
@@ -12,11 +13,24 @@ moefy::ort_ops::Op& sparse_expert_ffn() {
   return op;
 }
 
-// The domain must outlive every session that uses it, so it is created once per process.
+// The same op computed by Numba callbacks (numba_host.h), for the Python runtime's numba backend.
+moefy::ort_ops::Op& numba_hosted() {
+  static moefy::ort_ops::Op op(/*numba_host=*/true);
+  return op;
+}
+
+// Domains must outlive every session that uses them, so they are created once per process.
 Ort::CustomOpDomain& domain() {
   static Ort::CustomOpDomain d{moefy::spec::kDomain};
   static std::once_flag once;
   std::call_once(once, [] { d.Add(&sparse_expert_ffn()); });
+  return d;
+}
+
+Ort::CustomOpDomain& numba_domain() {
+  static Ort::CustomOpDomain d{moefy::spec::kNumbaHostDomain};
+  static std::once_flag once;
+  std::call_once(once, [] { d.Add(&numba_hosted()); });
   return d;
 }
 
@@ -31,10 +45,16 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   Ort::InitApi(api);
   try {
     Ort::UnownedSessionOptions(options).Add(domain());
+    Ort::UnownedSessionOptions(options).Add(numba_domain());
     return nullptr;
   } catch (const std::exception& e) {
     return api->CreateStatus(ORT_FAIL, e.what());
   }
+}
+
+// Installs the Numba callbacks of the ai.moefy.numba op; returns an error message or null.
+__attribute__((visibility("default"))) const char* moefy_set_numba_kernels(const moefy::numba_host::Kernels* k) {
+  return moefy::numba_host::set_kernels(k);
 }
 
 // JSON of the registered op, read back through the OrtCustomOp callbacks ONNX Runtime uses.

@@ -12,6 +12,7 @@
 
 #include "kernels/sparse_ffn.h"
 #include "moefy_spec.h"
+#include "numba_host.h"
 
 namespace moefy::ort_ops {
 namespace {
@@ -72,7 +73,11 @@ struct ParallelForThunk {
 
 }  // namespace
 
-Kernel::Kernel(const OrtKernelInfo* info) {
+Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
+    : numba_host_(numba_host), workers_(std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16)) {
+  if (numba_host_ && !numba_host::have_kernels())
+    fail(std::string("the ") + spec::kNumbaHostDomain + " op runs Numba kernels that Python's moefy runtime installs "
+         "(runtime.numba_host.register()); open the model with runtime.InferenceSession(..., backend='numba')");
   top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>(spec::kAttributeNames[0]);
   std::string act = string_attr(info, spec::kAttributeNames[1], spec::kDefaultActivation);
   int a = index_of(act, spec::kActivations);
@@ -83,6 +88,7 @@ Kernel::Kernel(const OrtKernelInfo* info) {
     fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
 
   // Prepack once when the expert weights are constant initializers; otherwise pack per call.
+  if (numba_host_) return;  // the Numba kernels read the weights as given
   Ort::ConstKernelInfo ki(info);
   auto constant = [&](size_t i) -> Ort::ConstValue {
     int is_constant = 0;
@@ -212,16 +218,17 @@ void Kernel::Compute(OrtKernelContext* context) {
     ParallelForThunk thunk{&fn};
     ctx.ParallelFor(&ParallelForThunk::call, n, n, &thunk);
   };
-  const std::size_t workers = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16);
-  if (packed_ && packed_shape_ == w1 && packed_type_ == p.weight_type)
-    sparse_ffn(p, *packed_, ort_pool, workers);
+  if (numba_host_)
+    numba_host::run(p, raw, ort_pool, workers_);
+  else if (packed_ && packed_shape_ == w1 && packed_type_ == p.weight_type)
+    sparse_ffn(p, *packed_, ort_pool, workers_);
   else
-    sparse_ffn(p, ort_pool, workers);
+    sparse_ffn(p, ort_pool, workers_);
 }
 
 OrtStatusPtr Op::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
   try {
-    *kernel = new Kernel(info);
+    *kernel = new Kernel(info, numba_host_);
     return nullptr;
   } catch (const std::exception& e) {
     return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());

@@ -22,11 +22,14 @@ static_assert(std::string_view(spec::kActivations[static_cast<int>(Activation::k
 
 class Kernel {
  public:
-  explicit Kernel(const OrtKernelInfo* info);
+  // numba_host: compute with the Numba callbacks of numba_host.h instead of the C++ kernel.
+  Kernel(const OrtKernelInfo* info, bool numba_host);
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
  private:
   void Compute(OrtKernelContext* context);
+  bool numba_host_ = false;
+  std::size_t workers_ = 1;  // per-worker output accumulators (ONNX Runtime's pool spans the cores)
   int64_t top_k_ = 0;
   int activation_ = 0;
   // First-layer (and gate) weights repacked at session creation when they are initializers.
@@ -36,7 +39,7 @@ class Kernel {
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  Op() { start_ver_ = end_ver_ = spec::kVersion; }
+  explicit Op(bool numba_host = false) : numba_host_(numba_host) { start_ver_ = end_ver_ = spec::kVersion; }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return spec::kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
@@ -48,6 +51,9 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const;
   size_t GetOutputTypeCount() const { return spec::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  bool numba_host_;
 };
 
 }  // namespace moefy::ort_ops
