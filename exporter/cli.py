@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of --top-k: choose each layer's top-k from calibration text so that on average "
                          "the share F of FFN parameters is active per token (greedy on the share of each layer's "
                          "expert-output deviation an oracle choice would capture), e.g. 0.25")
+    ap.add_argument("--dynamic-k", type=float, metavar="F",
+                    help="dynamic k per token: each token computes between k/F and k*F experts (rounded, within "
+                         "1..experts), those whose router score passes a per-layer threshold chosen on calibration "
+                         "text so that tokens compute k experts on average (same mean cost as --top-k k); "
+                         "exported as the operator's min_k / score_threshold, e.g. 2")
     ap.add_argument("--shared-experts", type=int, default=0, metavar="N",
                     help="N always-on experts per layer, built from the neurons with the largest mean contribution "
                          "|h - mean| * ||W2 row|| on calibration text and forced on by the router (zero row, bias "
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
                         split=args.split, router=args.router, correction=args.correction,
-                        shared_experts=args.shared_experts, budget=args.budget, calib=args.calib,
+                        shared_experts=args.shared_experts, budget=args.budget, dynamic_k=args.dynamic_k, calib=args.calib,
                         save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol,
                         weights=args.weights, progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -30,6 +30,8 @@ class MoEConfig:
     shared_experts: int = 0  # the first N experts of every layer are always on (counted in top_k)
     layer_top_k: list | None = None  # per-layer top_k (from --budget); None: top_k everywhere
     budget: float | None = None  # --budget: target mean share of FFN parameters active per token
+    dynamic_k: float | None = None  # --dynamic-k F: a token computes k/F..k*F experts, k on average (calibration)
+    layer_threshold: list | None = None  # per-layer router score threshold of dynamic k
     seed: int = 0
     op_domain: str = spec.DOMAIN
     op_version: int = spec.VERSION
@@ -44,9 +46,23 @@ class MoEConfig:
         """top_k of layer i."""
         return self.top_k if self.layer_top_k is None else int(self.layer_top_k[i])
 
+    def k_bounds(self, i: int) -> tuple[int, int]:
+        """(min_k, max_k) of layer i: k/F and k*F rounded, within [1, experts] (both k without dynamic k)."""
+        k = self.layer_k(i)
+        if self.dynamic_k is None:
+            return k, k
+        return max(1, round(k / self.dynamic_k)), min(self.experts, round(k * self.dynamic_k))
+
+    def op_selection(self, i: int) -> dict:
+        """Layer i's selection attributes of the operator: top_k, min_k, score_threshold."""
+        if self.layer_threshold is None:
+            return {"top_k": self.layer_k(i), "min_k": 1, "score_threshold": float("-inf")}
+        lo, hi = self.k_bounds(i)
+        return {"top_k": hi, "min_k": lo, "score_threshold": float(self.layer_threshold[i])}
+
     @property
     def active_share(self) -> float:
-        """Share of FFN parameters used per token (mean over layers)."""
+        """Share of FFN parameters used per token (mean over layers; with dynamic k, on calibration text)."""
         ks = [self.layer_k(i) for i in range(self.num_layers)]
         return sum(ks) / len(ks) / self.experts
 

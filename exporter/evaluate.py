@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from runtime import spec
-from runtime.reference import ACTIVATION_FUNCTIONS, select_top_k, sparse_expert_ffn
+from runtime.reference import ACTIVATION_FUNCTIONS, selected_mask, sparse_expert_ffn
 from runtime.session import METADATA_KEY
 
 from . import datasets
@@ -49,13 +49,21 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------- the exported operators
 @dataclasses.dataclass
 class SparseFFNLayer:
-    """One SparseExpertFFN node's constant inputs (spec names; ``X`` absent) and attributes."""
+    """One SparseExpertFFN node's constant inputs (spec names; ``X`` absent) and attributes (defaults filled in)."""
     inputs: dict[str, np.ndarray | None]
-    top_k: int
-    activation: str
+    attrs: dict
+
+    @property
+    def top_k(self) -> int:
+        return self.attrs["top_k"]
+
+    def selected(self, scores: np.ndarray) -> np.ndarray:
+        """[N, E] bool: the experts this operator computes for router ``scores``."""
+        a = self.attrs
+        return selected_mask(scores, a["top_k"], a["min_k"], a["score_threshold"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return sparse_expert_ffn({**self.inputs, "X": x}, top_k=self.top_k, activation=self.activation)
+        return sparse_expert_ffn({**self.inputs, "X": x}, **self.attrs)
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -101,8 +109,8 @@ def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[Sparse
                                 "moe-eval reads the expert weights from initializers")
             inputs[port.name] = values[name]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        act = attrs.get("activation", spec.ATTRIBUTE_DEFAULTS["activation"])
-        layers.append(SparseFFNLayer(inputs, int(attrs["top_k"]), act.decode() if isinstance(act, bytes) else act))
+        attrs = {**spec.ATTRIBUTE_DEFAULTS, **{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}}
+        layers.append(SparseFFNLayer(inputs, attrs))
     return config, calibration, layers
 
 
@@ -113,6 +121,7 @@ class LayerFidelity:
     router_recall: float  # mean over tokens: share of activation mass in the selected experts
     oracle_recall: float  # the same for the k experts holding the most mass (the best any router can do)
     ffn_rel_error: float  # ||Y_moe - Y_dense||_F / ||Y_dense||_F over the tokens
+    mean_k: float  # experts computed per token (top_k, or its mean over these tokens with dynamic k)
 
 
 def layer_fidelity(index: int, x: np.ndarray, dense, op: SparseFFNLayer) -> LayerFidelity:
@@ -121,7 +130,7 @@ def layer_fidelity(index: int, x: np.ndarray, dense, op: SparseFFNLayer) -> Laye
     Activation mass of neuron j for a token: |h_j| * ||W2_j||, an upper bound on the norm of what the neuron
     adds to the output; an expert's mass is the sum over its neurons. Recall is the selected experts' share.
     """
-    act = ACTIVATION_FUNCTIONS[op.activation]
+    act = ACTIVATION_FUNCTIONS[op.attrs["activation"]]
     x64 = x.astype(np.float64)
     y_dense = act(x64 @ dense.w1.T.astype(np.float64) + dense.b1) @ dense.w2.astype(np.float64) + dense.b2
     w1, w2 = op.inputs["W1"].astype(np.float64), op.inputs["W2"].astype(np.float64)
@@ -140,12 +149,14 @@ def layer_fidelity(index: int, x: np.ndarray, dense, op: SparseFFNLayer) -> Laye
     scores = x64 @ op.inputs["router_w"].T.astype(np.float64)
     if op.inputs.get("router_b") is not None:
         scores = scores + op.inputs["router_b"]
-    selected = select_top_k(scores, op.top_k)
-    recall = np.take_along_axis(mass, selected, 1).sum(1) / total
-    oracle = np.sort(mass, axis=1)[:, ::-1][:, :op.top_k].sum(1) / total
+    selected = op.selected(scores)
+    count = selected.sum(1)  # top_k, or per token with dynamic k
+    recall = (mass * selected).sum(1) / total
+    best = np.cumsum(np.sort(mass, axis=1)[:, ::-1], axis=1)  # the oracle picks as many experts as the router
+    oracle = np.take_along_axis(best, count[:, None] - 1, 1)[:, 0] / total
     y_moe = op(x)
     return LayerFidelity(index, float(recall.mean()), float(oracle.mean()),
-                         float(np.linalg.norm(y_moe - y_dense) / np.linalg.norm(y_dense)))
+                         float(np.linalg.norm(y_moe - y_dense) / np.linalg.norm(y_dense)), float(count.mean()))
 
 
 def _unit(e: np.ndarray) -> np.ndarray:
@@ -218,13 +229,15 @@ class EvalReport:
     def summary(self) -> str:
         c = self.config
         lines = [f"{self.model}: {c['experts']} experts, top-k {c['top_k']} ({100 * self.active_share:.1f}% active), "
-                 f"split {c['split']}, router {c['router']}, correction {c['correction']}; "
+                 f"split {c['split']}, router {c['router']}, correction {c['correction']}"
+                 + (f", dynamic k {c['dynamic_k']:g}" if c.get("dynamic_k") else "") + "; "
                  f"calibrated on {self.calibration.get('source')}; {self.backend} backend",
                  f"  held-out texts: {self.heldout_texts}; embedding cosine to dense mean {self.cosine_mean:.4f}, "
                  f"min {self.cosine_min:.4f}; nearest-neighbour agreement {self.nn_agreement:.3f}",
-                 "  | layer | router recall | oracle recall | FFN rel. error |", "  |---:|---:|---:|---:|"]
-        lines += [f"  | {f.layer} | {f.router_recall:.3f} | {f.oracle_recall:.3f} | {f.ffn_rel_error:.3f} |"
-                  for f in self.layers]
+                 "  | layer | experts per token | router recall | oracle recall | FFN rel. error |",
+                 "  |---:|---:|---:|---:|---:|"]
+        lines += [f"  | {f.layer} | {f.mean_k:.2f} | {f.router_recall:.3f} | {f.oracle_recall:.3f} | "
+                  f"{f.ffn_rel_error:.3f} |" for f in self.layers]
         lines += [f"  {TASK_NAMES[n]}: dense {t.dense:.4f}, MoE {t.moe:.4f}, ratio {t.ratio:.3f}"
                   for n, t in self.tasks.items()]
         return "\n".join(lines)

@@ -54,6 +54,8 @@ class ExportReport:
         c = self.config
         ks = str(c.top_k) if c.layer_top_k is None else ",".join(map(str, c.layer_top_k))
         shared = f" ({c.shared_experts} shared)" if c.shared_experts else ""
+        if c.dynamic_k is not None:
+            shared += f", dynamic (k/{c.dynamic_k:g} to k*{c.dynamic_k:g} per token, k on average on calibration text)"
         return "\n".join([
             f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, target {self.target}, {self.weights} experts)",
             f"  experts {c.experts} x {c.expert_size} neurons, top-k {ks}{shared}: "
@@ -90,7 +92,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: int = 32, top_k: int | None = None,
            target: str = "custom", split: str = "param", router: str = "centroid", correction: str = "none",
-           shared_experts: int = 0, budget: float | None = None, calib: str | os.PathLike | None = None,
+           shared_experts: int = 0, budget: float | None = None, dynamic_k: float | None = None,
+           calib: str | os.PathLike | None = None,
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
            rtol: float = 1e-4, weights: str = "float32", progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
@@ -112,6 +115,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         raise ValueError("--weights int8 needs --target custom (standard ONNX ops would compute with float weights)")
     if budget is not None and top_k is not None:
         raise ValueError("give --top-k or --budget, not both")
+    if dynamic_k is not None and not (isinstance(dynamic_k, (int, float)) and 1 < dynamic_k <= 64):
+        raise ValueError(f"--dynamic-k must be a factor in (1, 64] (e.g. 2: each token computes k/2 to 2k experts), "
+                         f"got {dynamic_k!r}")
     if budget is not None:
         check_budget(budget, experts, shared_experts)
     else:
@@ -132,12 +138,16 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         moe_cfg = MoEConfig(experts=experts, top_k=8 if top_k is None else top_k, activation=adapter.activation(hf),
                             model_type=hf.model_type, num_layers=len(adapter.layers(model)),
                             intermediate_size=hf.intermediate_size, seed=seed, split=split, router=router,
-                            correction=correction, shared_experts=shared_experts, budget=budget)
+                            correction=correction, shared_experts=shared_experts, budget=budget, dynamic_k=dynamic_k)
     else:
-        if budget is not None:
-            raise ValueError(f"{model_dir} is already MoEfied: --budget needs the original dense model")
+        for flag, value in (("--budget", budget), ("--dynamic-k", dynamic_k)):
+            if value is not None:
+                raise ValueError(f"{model_dir} is already MoEfied: {flag} needs the original dense model")
         if top_k is not None:
+            if moe_cfg.dynamic_k is not None:
+                log("  --top-k replaces the saved model's dynamic k (its thresholds were calibrated for another k)")
             moe_cfg.top_k, moe_cfg.layer_top_k, moe_cfg.budget = top_k, None, None
+            moe_cfg.dynamic_k, moe_cfg.layer_threshold = None, None
         ks = moe_cfg.top_k if moe_cfg.layer_top_k is None else moe_cfg.layer_top_k
         log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {ks}")
     if moe_cfg.budget is None:

@@ -6,6 +6,8 @@ export with the ``custom`` target it becomes one ``SparseExpertFFN`` node instea
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,28 +25,46 @@ TORCH_ACTIVATIONS = {
 }
 
 
-def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str
-                 ) -> torch.Tensor:
+def selection_mask(scores: torch.Tensor, top_k: int, min_k: int = 1, score_threshold: float = -math.inf
+                   ) -> torch.Tensor:
+    """1.0 for the experts a token computes: its top_k by score, less those after the first min_k whose score
+    is below score_threshold (dynamic k; runtime/spec.py)."""
+    top = scores.topk(top_k, dim=-1)
+    keep = torch.ones_like(top.values)
+    if math.isfinite(score_threshold) and min_k < top_k:
+        dropped = top.values[..., min_k:] < score_threshold
+        keep = torch.cat([keep[..., :min_k], (~dropped).to(keep.dtype)], dim=-1)
+    return torch.zeros_like(scores).scatter(-1, top.indices, keep)
+
+
+def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str,
+                 min_k: int = 1, score_threshold: float = -math.inf) -> torch.Tensor:
     """Operator semantics computed densely: all experts, unselected ones masked to zero (plus
     their unselected_bias row, if any). Scores: router_scores if given, else x @ router_w.T + router_b."""
     E, m, d = w1.shape
     scores = router_scores if router_scores is not None else x @ router_w.T + router_b
-    mask = torch.zeros_like(scores).scatter(-1, scores.topk(top_k, dim=-1).indices, 1.0)
+    mask = selection_mask(scores, top_k, min_k, score_threshold)
     h = TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
     y = h @ w2.reshape(E * m, d) + b2
     return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
 
 
-def routing_margin(scores: torch.Tensor, top_k: int, shared: int = 0) -> torch.Tensor:
-    """Per token, (k-th best - (k+1)-th best score) / max |score|: how far the selection is from a tie.
-    Near zero, float32 rounding may pick either expert, legitimately, in another implementation.
-    The first ``shared`` experts (always on, forced by a huge score) are left out of both."""
+def routing_margin(scores: torch.Tensor, top_k: int, shared: int = 0, score_threshold: float = -math.inf
+                   ) -> torch.Tensor:
+    """Per token, (k-th best - (k+1)-th best score) / max |score|, and with dynamic k the distance of the
+    nearest score to the threshold likewise: how far the selection is from a tie. Near zero, float32
+    rounding may pick either expert, legitimately, in another implementation. The first ``shared``
+    experts (always on, forced by a huge score) are left out."""
     scores, top_k = scores[..., shared:], top_k - shared
-    if top_k >= scores.shape[-1]:
-        return torch.full(scores.shape[:-1], float("inf"))
-    top = scores.topk(top_k + 1, dim=-1).values
-    return (top[..., top_k - 1] - top[..., top_k]) / scores.abs().amax(-1).clamp_min(1e-30)
+    scale = scores.abs().amax(-1).clamp_min(1e-30)
+    margin = torch.full(scores.shape[:-1], float("inf"))
+    if top_k < scores.shape[-1]:
+        top = scores.topk(top_k + 1, dim=-1).values
+        margin = (top[..., top_k - 1] - top[..., top_k]) / scale
+    if math.isfinite(score_threshold):
+        margin = torch.minimum(margin, (scores - score_threshold).abs().amin(-1) / scale)
+    return margin
 
 
 class _SparseExpertFFNFunction(torch.autograd.Function):
@@ -52,14 +72,15 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
-                w1_scale, w2_scale):
+                min_k, score_threshold, w1_scale, w2_scale):
         if w1_scale is not None:  # int8 experts
             w1, w2 = dequantize_rows(w1, w1_scale), dequantize_rows(w2, w2_scale)
-        return masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation)
+        return masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
+                            min_k, score_threshold)
 
     @staticmethod
     def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
-                 w1_scale, w2_scale):
+                 min_k, score_threshold, w1_scale, w2_scale):
         given = {"X": x, "W1": w1, "B1": b1, "W2": w2, "B2": b2, "router_w": router_w, "router_b": router_b,
                  "router_scores": router_scores, "unselected_bias": unselected_bias, "W1_scale": w1_scale,
                  "W2_scale": w2_scale}
@@ -69,8 +90,9 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
         # Absent optional inputs before the last given one become empty names, as ONNX prescribes.
         inputs = [given[n] if n in given else symbolic_helper._optional_input_placeholder_tensor(g)
                   for n in names[: last + 1]]
+        dynamic = {"min_k_i": min_k, "score_threshold_f": score_threshold} if math.isfinite(score_threshold) else {}
         return g.op(f"{spec.DOMAIN}::{spec.OP_TYPE}", *inputs,
-                    top_k_i=top_k, activation_s=activation, expert_weighting_s="ones").setType(x.type())
+                    top_k_i=top_k, activation_s=activation, expert_weighting_s="ones", **dynamic).setType(x.type())
 
 
 class MoEFFN(nn.Module):
@@ -80,14 +102,21 @@ class MoEFFN(nn.Module):
 
     ``router_mlp`` = (A [H, d], a [H], B [E, H]) adds a small MLP to the linear router,
     scores = router_w x + router_b + B relu(A x + a); it is exported as standard ONNX ops feeding the
-    operator's ``router_scores`` input (router_w and router_b are then not given to the operator)."""
+    operator's ``router_scores`` input (router_w and router_b are then not given to the operator).
+
+    Dynamic k (``min_k``, a finite ``score_threshold``): of the top_k, experts after the first min_k whose
+    score is below the threshold are skipped, as the operator's attributes of the same names say."""
 
     def __init__(self, w1, b1, w2, b2, router_w, router_b, unselected_bias=None, *, top_k: int, activation: str,
-                 target: str = "custom", shared: int = 0, router_mlp=None):
+                 target: str = "custom", shared: int = 0, router_mlp=None, min_k: int = 1,
+                 score_threshold: float = -math.inf):
         super().__init__()
         E, m, d = w1.shape
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+        if not 1 <= min_k <= top_k or math.isnan(score_threshold):
+            raise ValueError(f"dynamic k needs 1 <= min_k <= top_k={top_k} and a threshold, got {min_k}, "
+                             f"{score_threshold}")
         if not 0 <= shared < top_k:
             raise ValueError(f"shared must be in [0, top_k), got {shared}")
         if activation not in TORCH_ACTIVATIONS:
@@ -104,6 +133,7 @@ class MoEFFN(nn.Module):
         self.unselected_bias = None if unselected_bias is None else nn.Buffer(
             torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
         self.top_k, self.activation, self.target, self.shared = top_k, activation, target, shared
+        self.min_k, self.score_threshold = min_k, float(score_threshold)
         self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
         self.gaps = None
         for name in ("w1_q", "w1_scale", "w2_q", "w2_scale"):  # set by quantize_int8
@@ -129,11 +159,12 @@ class MoEFFN(nn.Module):
             router = (self.router_w, self.router_b, None)
         else:
             router = (None, None, self.scores(x))
-        args = (x, self.w1, self.b1, self.w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation)
+        args = (x, self.w1, self.b1, self.w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation,
+                self.min_k, self.score_threshold)
         if self.target == "custom" and torch.onnx.is_in_onnx_export():
             if self.w1_q is not None:
                 args = (x, self.w1_q, self.b1, self.w2_q) + args[4:]
             return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale)
         if self.record_gaps:
-            self.gaps = routing_margin(self.scores(x), self.top_k, self.shared)
+            self.gaps = routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold)
         return masked_dense(*args)

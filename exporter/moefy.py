@@ -88,7 +88,7 @@ FORCED_SCORE = 1e6
 
 def needs_calibration(config: MoEConfig) -> bool:
     return (config.split in CALIBRATED_SPLITS or config.router in CALIBRATED_ROUTERS or config.correction == "mean"
-            or config.shared_experts > 0 or config.budget is not None)
+            or config.shared_experts > 0 or config.budget is not None or config.dynamic_k is not None)
 
 
 def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, progress: bool = True,
@@ -123,7 +123,7 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, pr
         config.top_k = int(round(float(np.mean(config.layer_top_k))))
         if log:
             log(f"  --budget {config.budget:g}: top-k per layer {config.layer_top_k}")
-    routers = {}
+    routers, thresholds = {}, []
     for i, layer in enumerate(tqdm(layers, desc="building routers", disable=not progress)):
         ffn = adapter.read(layer)
         x = None if xs is None else xs[i]
@@ -136,10 +136,37 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, pr
         if info and "mlp" in info:
             for name, t in zip(MLP_KEYS, info["mlp"]):
                 routers[f"layer.{i}.{name}"] = t
-        if config.correction == "mean":
+        if config.dynamic_k is not None or config.correction == "mean":
             scores = layer_scores(routers, i, x)
-            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, scores, h, config, config.layer_k(i))
+        if config.dynamic_k is not None:
+            thresholds.append(dynamic_threshold(scores, config.layer_k(i), *config.k_bounds(i)))
+            config.layer_threshold = thresholds
+        if config.correction == "mean":
+            routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, layer_selection(config, i, scores), h, config)
+    if config.dynamic_k is not None and log:
+        ranges = (f"{lo}..{hi}" for lo, hi in map(config.k_bounds, range(len(layers))))
+        log(f"  --dynamic-k {config.dynamic_k:g}: experts per token per layer {', '.join(ranges)} "
+            f"(mean {config.top_k if config.layer_top_k is None else config.layer_top_k} on calibration text)")
     return routers
+
+
+def dynamic_threshold(scores: np.ndarray, k: int, min_k: int, max_k: int) -> float:
+    """The router score threshold at which tokens keep k experts on average (calibration tokens ``scores``
+    [N, E]): each keeps its first min_k experts, then those of its top max_k scoring at least the threshold.
+    So the threshold is the r-th largest of the candidate scores, r = N * (k - min_k)."""
+    ranked = -np.sort(-scores, axis=1)[:, min_k:max_k].ravel()  # each token's candidates beyond min_k
+    r = int(round(len(scores) * (k - min_k)))
+    if r <= 0:
+        return float("inf")
+    if r >= ranked.size:
+        return float("-inf")
+    return float(np.partition(ranked, ranked.size - r)[ranked.size - r])
+
+
+def layer_selection(config: MoEConfig, i: int, scores: np.ndarray) -> np.ndarray:
+    """[N, E] bool: the experts layer i's operator computes for tokens with router ``scores``."""
+    from runtime.reference import selected_mask
+    return selected_mask(scores, **config.op_selection(i))
 
 
 def split_ffn(ffn, h: np.ndarray | None, config: MoEConfig) -> np.ndarray:
@@ -260,16 +287,14 @@ def text_ids(batch) -> np.ndarray:
     return np.nonzero(batch["attention_mask"].numpy().astype(bool))[0]
 
 
-def mean_correction(ffn, scores: np.ndarray, h: np.ndarray, config: MoEConfig, top_k: int | None = None, *,
+def mean_correction(ffn, selected: np.ndarray, h: np.ndarray, config: MoEConfig, *,
                     conditional: bool = True) -> np.ndarray:
-    """unselected_bias [E, d]: each expert's mean output over the calibration tokens whose router
-    ``scores`` [N, E] did *not* select it (its mean over all tokens where none did; ``conditional=False``:
+    """unselected_bias [E, d]: each expert's mean output over the calibration tokens whose router did *not*
+    select it (``selected`` [N, E] bool; its mean over all tokens where none did; ``conditional=False``:
     over all tokens). A skipped GELU/SiLU expert is not zero. Shared (always selected) experts get zeros."""
-    from runtime.reference import select_top_k
     E, m = config.experts, config.expert_size
     n = len(h)
-    unselected = np.ones((n, E), bool)
-    np.put_along_axis(unselected, select_top_k(scores, top_k or config.top_k), False, axis=1)
+    unselected = ~selected
     weights = np.where(unselected.any(0) & conditional, unselected, True).astype(np.float64)  # [N, E]
     mean_h = np.einsum("ne,nem->em", weights, h.reshape(n, E, m)) / weights.sum(0)[:, None]
     u = np.einsum("em,emd->ed", mean_h, ffn.w2.reshape(E, m, -1)).astype(np.float32)
@@ -295,8 +320,9 @@ def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, targe
         d = ffn.w1.shape[1]
         moe = MoEFFN(ffn.w1.reshape(E, m, d), ffn.b1.reshape(E, m), ffn.w2.reshape(E, m, d), ffn.b2,
                      routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
-                     routers.get(f"layer.{i}.unselected_bias"), top_k=config.layer_k(i), activation=config.activation,
-                     target=target, shared=config.shared_experts, router_mlp=layer_mlp(routers, i))
+                     routers.get(f"layer.{i}.unselected_bias"), activation=config.activation,
+                     target=target, shared=config.shared_experts, router_mlp=layer_mlp(routers, i),
+                     **config.op_selection(i))
         adapter.install(layer, moe)
 
 

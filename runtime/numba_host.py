@@ -27,8 +27,9 @@ from .numba_kernels import (_TOKEN_BLOCK, _experts, _init_output, _max_blocks, _
 
 # Positions in the call array, as module constants (Numba compiles them in).
 _FIELD = {name: i for i, name in enumerate(spec.NUMBA_HOST_FIELDS)}
-_T, _D, _E, _M, _K, _ACT, _WORKERS, _INT8, _SCRATCH, _Y = (_FIELD[n] for n in (
-    "tokens", "d", "experts", "m", "top_k", "activation", "workers", "weight_int8", "scratch", "y"))
+_T, _D, _E, _M, _K, _MIN_K, _THRESHOLD, _ACT, _WORKERS, _INT8, _SCRATCH, _Y = (_FIELD[n] for n in (
+    "tokens", "d", "experts", "m", "top_k", "min_k", "score_threshold", "activation", "workers", "weight_int8",
+    "scratch", "y"))
 _X, _W1, _B1, _W2, _B2, _RW, _RB, _RS, _WG, _BG, _UB, _W1S, _W2S, _WGS = (len(_FIELD) + spec.INPUT_INDEX[n] for n in (
     "X", "W1", "B1", "W2", "B2", "router_w", "router_b", "router_scores", "Wg", "Bg", "unselected_bias", "W1_scale",
     "W2_scale", "Wg_scale"))
@@ -152,8 +153,9 @@ def _route_c(call, part, parts):
     T, d, E, m, k = _dims(c)
     t0, t1 = _token_range(T, part, parts)
     s, computed, sel = _routing(c)
-    _route(_in(c, _X, (T, d), _F32), _in(c, _RW, (E, d), _F32),
-           _in(c, _RB, (E,), _F32), k, s, computed, sel, t0, t1)
+    threshold = np.float32(c[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0])
+    _route(_in(c, _X, (T, d), _F32), _in(c, _RW, (E, d), _F32), _in(c, _RB, (E,), _F32), k, c[_MIN_K], threshold,
+           s, computed, sel, t0, t1)
 
 
 @cfunc(types.int64(_CALL), cache=True, error_model="numpy")

@@ -301,7 +301,9 @@ def _router_scores(x, router_w, router_b, t0, t1, s):
 
 
 @njit(cache=True)
-def _select(s, k, t, sel, taken):
+def _select(s, k, min_k, threshold, t, sel, taken):
+    """sel[t] = token t's top-k experts, best first; -1 for those dropped by dynamic k (after the first
+    min_k, a score below threshold)."""
     E = s.shape[1]
     taken[:] = False
     for j in range(k):
@@ -310,7 +312,7 @@ def _select(s, k, t, sel, taken):
             if not taken[e] and (best < 0 or _better(s[t, e], s[t, best])):
                 best = e
         taken[best] = True
-        sel[t, j] = best
+        sel[t, j] = -1 if j >= min_k and s[t, best] < threshold else best
 
 
 # --------------------------------------------------------------------------------------------- phases
@@ -336,15 +338,16 @@ _max_blocks = njit(cache=True)(max_blocks)
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
-def _route(x, router_w, router_b, k, s, computed, sel, t0, t1):
-    """sel[t] = the top-k experts of tokens [t0, t1); their scores first go into s unless given (computed)."""
+def _route(x, router_w, router_b, k, min_k, threshold, s, computed, sel, t0, t1):
+    """sel[t] = the experts of tokens [t0, t1) (-1: dropped by dynamic k); their scores first go into s unless
+    given (computed)."""
     if t0 >= t1:
         return
     if computed:
         _router_scores(x, router_w, router_b, t0, t1, s)
     taken = np.zeros(s.shape[1], np.bool_)
     for t in range(t0, t1):
-        _select(s, k, t, sel, taken)
+        _select(s, k, min_k, threshold, t, sel, taken)
 
 
 @njit(cache=True)
@@ -355,15 +358,17 @@ def _plan(sel, E, workers, start, tokens, b_e, b_begin, b_n, order, owner):
     start[:] = 0
     for t in range(T):
         for j in range(k):
-            start[sel[t, j] + 1] += 1
+            if sel[t, j] >= 0:
+                start[sel[t, j] + 1] += 1
     for e in range(E):
         start[e + 1] += start[e]
     fill = start[:-1].copy()
     for t in range(T):
         for j in range(k):
             e = sel[t, j]
-            tokens[fill[e]] = t
-            fill[e] += 1
+            if e >= 0:
+                tokens[fill[e]] = t
+                fill[e] += 1
     nb = 0
     for e in range(E):
         p = start[e]
@@ -443,7 +448,8 @@ def _reduce(y, partial, W, t0, t1):
 
 # ---------------------------------------------------------------------------------------- whole call
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=True)
-def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wgs, k, act, workers, y):
+def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wgs, k, min_k, threshold, act, workers,
+         y):
     """y[T, d] = the operator, on Numba's threads."""
     T, d = x.shape
     E, m = w1.shape[0], w1.shape[1]
@@ -456,7 +462,7 @@ def _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, router_w, router_b, w1s, w2s, wg
     parts = min(workers, (T + 3) // 4)
     for p in prange(parts):
         t0, t1 = _token_range(T, p, parts)
-        _route(x, router_w, router_b, k, s, computed, sel, t0, t1)
+        _route(x, router_w, router_b, k, min_k, threshold, s, computed, sel, t0, t1)
 
     nbmax = _max_blocks(T, k, E)
     start = np.empty(E + 1, np.int64)
@@ -532,6 +538,6 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
         rb = _EMPTY1 if rb is None else _f32(rb)
     y = np.empty((T, d), np.float32)
     if T:
-        _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, rw, rb, w1s, w2s, wgs, int(attrs["top_k"]),
-             ACTIVATION_CODES[attrs["activation"]], numba.get_num_threads(), y)
+        _ffn(x, w1, b1, w2, wg, bg, b2, ub, scores, rw, rb, w1s, w2s, wgs, int(attrs["top_k"]), int(attrs["min_k"]),
+             np.float32(attrs["score_threshold"]), ACTIVATION_CODES[attrs["activation"]], numba.get_num_threads(), y)
     return y.reshape(np.shape(inputs["X"]))

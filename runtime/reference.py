@@ -45,6 +45,17 @@ def select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
+def selected_mask(scores: np.ndarray, top_k: int, min_k: int = 1, score_threshold: float = -np.inf) -> np.ndarray:
+    """[T, E] bool: the experts each token computes. Its top_k by score, of which those after the first
+    min_k scoring below score_threshold are dropped (dynamic k; NaN is never below it)."""
+    sel = select_top_k(scores, top_k)
+    keep = np.ones(sel.shape, bool)
+    keep[:, min_k:] = ~(np.take_along_axis(scores, sel[:, min_k:], axis=1) < score_threshold)
+    mask = np.zeros(scores.shape, bool)
+    np.put_along_axis(mask, sel, keep, axis=1)
+    return mask
+
+
 def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.ndarray:
     """Evaluate the operator; ``inputs`` maps spec input names to arrays (missing or None = absent)."""
     attrs, dims = spec.check_arrays(inputs, attrs)
@@ -57,10 +68,10 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
     gated = wg is not None
     act = ACTIVATION_FUNCTIONS[attrs["activation"]]
 
-    selected = select_top_k(router_scores(inputs, d), attrs["top_k"])
+    selected = selected_mask(router_scores(inputs, d), attrs["top_k"], attrs["min_k"], attrs["score_threshold"])
     y = np.tile(b2, (T, 1))
     for e in range(E):
-        tokens = np.nonzero((selected == e).any(axis=1))[0]
+        tokens = np.nonzero(selected[:, e])[0]
         if tokens.size == 0:
             continue
         xe = x[tokens]
@@ -68,8 +79,5 @@ def sparse_expert_ffn(inputs: Mapping[str, np.ndarray | None], **attrs) -> np.nd
         h = act(xe @ wg[e].T + bg[e]) * up if gated else act(up)
         y[tokens] += h @ w2[e]
     if inputs.get("unselected_bias") is not None:
-        u = np.asarray(inputs["unselected_bias"], np.float64)
-        unselected = np.ones((T, E), bool)
-        np.put_along_axis(unselected, selected, False, axis=1)
-        y += unselected @ u
+        y += ~selected @ np.asarray(inputs["unselected_bias"], np.float64)
     return y.reshape(np.shape(inputs["X"])).astype(np.float32)

@@ -8,17 +8,20 @@ op, whose constants header is generated from this file at build time
 This module must stay importable with the standard library alone, because the C++
 build runs it before NumPy may be installed.
 
-Semantics (version 1), per token ``x`` of width ``d``, ``E`` experts of ``m`` neurons::
+Semantics (version 2), per token ``x`` of width ``d``, ``E`` experts of ``m`` neurons::
 
     s      = router_scores[t]            if router_scores is given
            = router_w @ x + router_b     otherwise
-    S      = indices of the top_k largest s (ties: lower expert index first)
+    S      = indices of the top_k largest s (ties: lower expert index first, NaN last), of which the
+             j-th (j = 0, 1, ...) is dropped when j >= min_k and s < score_threshold (dynamic k)
     h_e    = act(W1[e] @ x + B1[e])                             (plain)
            = act(Wg[e] @ x + Bg[e]) * (W1[e] @ x + B1[e])       (gated, e.g. SwiGLU)
     y      = B2 + sum_{e in S} W2[e].T @ h_e + sum_{e not in S} U[e]
 
 with every selected expert weighted 1 (MoEfication); ``U`` (``unselected_bias``)
-lets a model replace a skipped expert by a constant, e.g. its mean output.
+lets a model replace a skipped expert by a constant, e.g. its mean output. With the default
+score_threshold (-inf) every token gets exactly top_k experts: version 1's operator. Version 2 added
+min_k and score_threshold; runtimes implement versions SINCE_VERSION..VERSION.
 
 Expert weights may be int8 with one float scale per row (weight-only quantization, since reading
 the weights bounds few-token latency): W1, W2 and Wg then all are int8 and each comes with its
@@ -34,7 +37,8 @@ from typing import Mapping, Sequence
 
 DOMAIN = "ai.moefy"
 OP_TYPE = "SparseExpertFFN"
-VERSION = 1
+VERSION = 2
+SINCE_VERSION = 1  # version-1 models (fixed top-k) mean the same under version 2
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 EXPERT_WEIGHTINGS = ("ones",)
@@ -53,7 +57,7 @@ class Port:
 @dataclasses.dataclass(frozen=True)
 class Attribute:
     name: str
-    type: str  # "int" or "string"
+    type: str  # "int", "float" or "string"
     default: object  # None: required
     allowed: tuple = ()
     doc: str = ""
@@ -82,6 +86,10 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("activation", "string", "gelu", ACTIVATIONS, "activation of the first layer (of the gate if gated)"),
     Attribute("expert_weighting", "string", "ones", EXPERT_WEIGHTINGS,
               "how selected experts are weighted; 'ones' sums them (MoEfication)"),
+    Attribute("min_k", "int", 1, (), "dynamic k: experts every token keeps, 1 <= min_k <= top_k"),
+    Attribute("score_threshold", "float", float("-inf"), (),
+              "dynamic k: of a token's top_k experts, those after the first min_k whose score is below this are "
+              "dropped (-inf: always top_k)"),
 )
 
 INPUT_INDEX = {p.name: i for i, p in enumerate(INPUTS)}
@@ -149,6 +157,12 @@ def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object
     k = attrs.get("top_k")
     if not isinstance(k, int) or not 1 <= k <= E:
         raise SpecError(f"{OP_TYPE}: top_k must be an integer in [1, E={E}], got {k!r}")
+    min_k = attrs.get("min_k", 1)
+    if not isinstance(min_k, int) or not 1 <= min_k <= k:
+        raise SpecError(f"{OP_TYPE}: min_k must be an integer in [1, top_k={k}], got {min_k!r}")
+    threshold = attrs.get("score_threshold", float("-inf"))
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise SpecError(f"{OP_TYPE}: score_threshold must be a number (not NaN), got {threshold!r}")
     for a in ATTRIBUTES:
         if a.allowed and attrs.get(a.name, a.default) not in a.allowed:
             raise SpecError(f"{OP_TYPE}: {a.name} must be one of {', '.join(a.allowed)}; "
@@ -186,8 +200,10 @@ def check_arrays(inputs: Mapping[str, object], attrs: Mapping[str, object]) -> t
 # op under NUMBA_HOST_DOMAIN, computed by Numba callbacks on ONNX Runtime's threads. Each callback gets an
 # int64 array: NUMBA_HOST_FIELDS, then one address (0 if absent) per input of INPUTS.
 NUMBA_HOST_DOMAIN = "ai.moefy.numba"
-NUMBA_HOST_FIELDS = ("tokens", "d", "experts", "m", "top_k", "activation", "workers", "weight_int8", "scratch", "y")
-NUMBA_HOST_ABI_VERSION = 1
+NUMBA_HOST_FIELDS = ("tokens", "d", "experts", "m", "top_k", "min_k", "score_threshold", "activation", "workers",
+                     "weight_int8", "scratch", "y")  # score_threshold: the bits of a float64
+NUMBA_HOST_ABI_VERSION = 2
+SINCE_VERSION = 1  # version-1 models (fixed top-k) mean the same under version 2
 
 
 def cpp_header() -> str:
@@ -201,6 +217,9 @@ def cpp_header() -> str:
         f"inline constexpr const char* kDomain = {q(DOMAIN)};",
         f"inline constexpr const char* kOpType = {q(OP_TYPE)};",
         f"inline constexpr int kVersion = {VERSION};",
+        f"inline constexpr int kSinceVersion = {SINCE_VERSION};",
+        "enum Attribute : int { " + ", ".join(f"kAttr_{a.name} = {i}" for i, a in enumerate(ATTRIBUTES)) + " };",
+        f"inline constexpr long kDefaultMinK = {ATTRIBUTE_DEFAULTS['min_k']};",
         f"inline constexpr std::size_t kNumInputs = {len(INPUTS)};",
         f"inline constexpr std::size_t kNumOutputs = {len(OUTPUTS)};",
         "enum Input : int { " + ", ".join(f"k{p.name} = {i}" for i, p in enumerate(INPUTS)) + " };",

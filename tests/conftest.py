@@ -40,14 +40,17 @@ def make_inputs(rng, *, lead=(7,), d=24, E=6, m=5, gated=False, router="weights"
     return {k: v.astype(np.float32) for k, v in a.items()}  # numpy scalars would promote to float64
 
 
-def near_tie_tokens(a, k, gap=1e-4):
-    """Tokens whose k-th and (k+1)-th router scores are closer than ``gap`` (float32 rounding may
-    legitimately flip their selection between implementations); excluded from comparisons."""
+def near_tie_tokens(a, k, gap=1e-4, threshold=None):
+    """Tokens whose k-th and (k+1)-th router scores are closer than ``gap``, or with a score that close to
+    the dynamic-k ``threshold`` (float32 rounding may legitimately flip their selection between
+    implementations); excluded from comparisons."""
     from runtime.reference import router_scores
-    s = np.sort(router_scores(a, a["X"].shape[-1]), axis=1)[:, ::-1]
-    if k >= s.shape[1]:
-        return np.zeros(s.shape[0], bool)
-    return np.abs(s[:, k - 1] - s[:, k]) < gap
+    scores = router_scores(a, a["X"].shape[-1])
+    s = np.sort(scores, axis=1)[:, ::-1]
+    near = np.zeros(s.shape[0], bool) if k >= s.shape[1] else np.abs(s[:, k - 1] - s[:, k]) < gap
+    if threshold is not None and np.isfinite(threshold):
+        near |= (np.abs(scores - threshold) < gap).any(axis=1)
+    return near
 
 
 TINY_WORDS = ("the", "a", "of", "and", "to", "in", "is", "it", "for", "on", "with", "as", "by", "at", "from")

@@ -33,7 +33,7 @@ BACKENDS = {
 def assert_matches_reference(got, a, **attrs):
     ref = reference.sparse_expert_ffn(a, **attrs)
     assert got.shape == ref.shape and got.dtype == np.float32
-    keep = ~near_tie_tokens(a, attrs["top_k"]).reshape(ref.shape[:-1])
+    keep = ~near_tie_tokens(a, attrs["top_k"], threshold=attrs.get("score_threshold")).reshape(ref.shape[:-1])
     err = np.abs(got - ref)[keep].max(initial=0.0)
     assert err <= RTOL * np.abs(ref).max() + 1e-6, f"max abs error {err:.3e}"
 
@@ -140,3 +140,16 @@ def test_numba_kernel_table_from_another_version_is_refused():
     assert b"another moefy version" in lib.moefy_set_numba_kernels(ctypes.byref(table))
     table = numba_host._Kernels(spec.NUMBA_HOST_ABI_VERSION, 0, None, 1, 1, 1, 1)
     assert lib.moefy_set_numba_kernels(ctypes.byref(table)) == b"incomplete kernel table"
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+@pytest.mark.parametrize("min_k,threshold", [(1, 0.0), (2, 0.8), (6, 5.0), (3, float("-inf"))])
+def test_dynamic_k(backend, min_k, threshold, rng):
+    """Of each token's top-6, those after the first min_k scoring below the threshold are dropped."""
+    a = make_inputs(rng, lead=(150,), d=48, E=16, m=8, unselected=True)
+    attrs = dict(top_k=6, min_k=min_k, score_threshold=threshold, activation="gelu")
+    counts = reference.selected_mask(reference.router_scores(a, 48), 6, min_k, threshold).sum(1)
+    assert counts.min() >= min_k and counts.max() <= 6
+    if 0 < threshold < 5:
+        assert counts.min() < counts.max()  # the case really is dynamic
+    assert_matches_reference(backend(a, **attrs), a, **attrs)

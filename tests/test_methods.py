@@ -11,6 +11,7 @@ from test_cli_errors import assert_fails_cleanly
 
 import runtime
 from exporter import export
+from exporter.moe_ffn import MoEFFN, selection_mask
 from exporter.moefy import FORCED_SCORE, ROUTERS, SPLITS, install_moe, last_hidden_state, load_model
 from runtime import spec
 
@@ -184,3 +185,37 @@ def test_budget_on_a_moefied_dir_is_refused(capsys, tmp_path, tiny_bert_dir, cal
     quiet_export(tiny_bert_dir, tmp_path / "first.onnx", experts=4, top_k=2, save_moefied_dir=saved)
     (tmp_path / "first.onnx").unlink()
     assert_fails_cleanly(capsys, tmp_path, [saved, "--experts", 4, "--budget", 0.5], "--budget needs the original")
+
+
+def test_dynamic_threshold_keeps_k_on_average():
+    from exporter.moefy import dynamic_threshold
+    from runtime.reference import selected_mask
+    scores = np.random.default_rng(0).standard_normal((500, 16))
+    t = dynamic_threshold(scores, 4, 2, 8)
+    counts = selected_mask(scores, 8, 2, t).sum(1)
+    assert counts.mean() == pytest.approx(4, abs=0.01) and counts.min() >= 2 and counts.max() <= 8
+    assert dynamic_threshold(scores, 2, 2, 8) == np.inf and dynamic_threshold(scores, 8, 2, 8) == -np.inf
+
+
+def test_dynamic_k_exports_and_matches(tiny_bert_dir, tmp_path, calib):
+    """--dynamic-k: each layer's node carries min_k and a calibrated score_threshold, every backend computes what
+    PyTorch does, and the experts per token vary."""
+    out, saved = tmp_path / "dyn.onnx", tmp_path / "saved"
+    report = quiet_export(tiny_bert_dir, out, calib=calib, experts=8, top_k=2, dynamic_k=2, router="ls",
+                          correction="mean", save_moefied_dir=saved)
+    cfg = report.config
+    assert cfg.dynamic_k == 2 and len(cfg.layer_threshold) == 2 and report.max_rel_diff <= 1e-4
+    nodes = [n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert [(a["top_k"], a["min_k"]) for a in attrs] == [(4, 1), (4, 1)]
+    assert [a["score_threshold"] for a in attrs] == pytest.approx(cfg.layer_threshold)
+    model, _, _ = onnx_matches_torch(out, saved)
+    ffns = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    x = torch.randn(200, ffns[0].w1.shape[2])
+    counts = selection_mask(ffns[0].scores(x), 4, 1, cfg.layer_threshold[0]).sum(-1)
+    assert counts.min() < counts.max()
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5, 100.0])
+def test_bad_dynamic_k(tiny_bert_dir, tmp_path, capsys, factor):
+    assert_fails_cleanly(capsys, tmp_path, [tiny_bert_dir, "--dynamic-k", factor], "--dynamic-k must be a factor in (1, 64]")

@@ -24,7 +24,7 @@ def test_cpp_library_registers_exactly_the_spec():
     float_type, any_type = 1, 0  # ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, _UNDEFINED (the op checks the type)
     types = {("float32",): float_type, ("float32", "int8"): any_type}
     assert ops == [{
-        "domain": spec.DOMAIN, "op_type": spec.OP_TYPE, "since_version": spec.VERSION, "end_version": spec.VERSION,
+        "domain": spec.DOMAIN, "op_type": spec.OP_TYPE, "since_version": spec.SINCE_VERSION, "end_version": spec.VERSION,
         "inputs": [{"name": p.name, "optional": p.optional, "type": types[p.types]} for p in spec.INPUTS],
         "num_outputs": len(spec.OUTPUTS), "attributes": [a.name for a in spec.ATTRIBUTES],
         "activations": list(spec.ACTIVATIONS),
@@ -77,6 +77,9 @@ def test_bad_shapes_get_the_same_clear_error(mutate, message, impl, rng):
     ({"top_k": 0}, r"top_k must be an integer in \[1, E=6\]"),
     ({"top_k": 7}, r"top_k must be an integer in \[1, E=6\]"),
     ({"top_k": 2, "activation": "tanh"}, "activation must be one of relu, gelu, gelu_tanh, silu"),
+    ({"top_k": 2, "min_k": 3}, r"min_k must be an integer in \[1, top_k=2\], got 3"),
+    ({"top_k": 2, "min_k": 0}, r"min_k must be an integer in \[1, top_k=2\], got 0"),
+    ({"top_k": 2, "score_threshold": float("nan")}, r"score_threshold must be a number \(not NaN\)"),
 ])
 @pytest.mark.parametrize("impl", ["reference", *(pytest.param(i, marks=requires_cpp) for i in IN_ORT)])
 def test_bad_attributes(attrs, message, impl, rng):

@@ -293,11 +293,11 @@ void run_expert_block(const SparseFFNProblem& p, const PackedWeights& pk, int64_
 }
 
 template <typename Wt>
-void pack_experts(const SparseFFNProblem& p, PackedWeights& pk, std::vector<Wt>& w1p, std::vector<Wt>& wgp,
-                  std::vector<Wt>& w2p) {
+void pack_experts(const SparseFFNProblem& p, PackedWeights& pk, HugeVector<Wt>& w1p, HugeVector<Wt>& wgp,
+                  HugeVector<Wt>& w2p) {
   const int64_t E = p.experts, m = p.m, d = p.d;
   // First layer: W[e] is [m, d]; panels run over neurons (columns), rows over d.
-  auto pack_first = [&](const void* w, std::vector<Wt>& out) {
+  auto pack_first = [&](const void* w, HugeVector<Wt>& out) {
     out.resize(E * d * pk.mp);
     for (int64_t e = 0; e < E; ++e)
       pack_panels(static_cast<const Wt*>(w) + e * m * d, d, pk.mp, m, 1, d, out.data() + e * d * pk.mp);
@@ -363,7 +363,8 @@ void select_top_k(const SparseFFNProblem& p, const PackedWeights& pk, int64_t t_
       for (int64_t e = 0; e < E; ++e)
         if (!taken[e] && (best < 0 || better(row[e], row[best]))) best = e;
       taken[best] = 1;
-      selected[(t_begin + r) * k + j] = static_cast<int32_t>(best);
+      const bool dropped = j >= p.min_k && row[best] < p.score_threshold;
+      selected[(t_begin + r) * k + j] = dropped ? -1 : static_cast<int32_t>(best);
     }
   }
 }
@@ -413,13 +414,15 @@ void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const Parall
 
   // Counting sort of (token, expert) pairs by expert.
   std::vector<int64_t> start(E + 1, 0);
-  for (int32_t e : selected) ++start[e + 1];
+  for (int32_t e : selected)
+    if (e >= 0) ++start[e + 1];
   std::partial_sum(start.begin(), start.end(), start.begin());
   std::vector<int32_t> tokens(T * k);
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < k; ++j) tokens[fill[selected[t * k + j]]++] = static_cast<int32_t>(t);
+      for (int64_t j = 0; j < k; ++j)
+        if (const int32_t e = selected[t * k + j]; e >= 0) tokens[fill[e]++] = static_cast<int32_t>(t);
   }
 
   struct Block { int64_t expert, begin, count; };

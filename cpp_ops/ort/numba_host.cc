@@ -1,6 +1,7 @@
 #include "numba_host.h"
 
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "moefy_spec.h"
@@ -27,7 +28,9 @@ void run(const SparseFFNProblem& p, const void* const* inputs, const ParallelFor
   if (p.tokens == 0) return;
   int64_t call[kCallLen] = {};
   call[spec::kHost_tokens] = p.tokens, call[spec::kHost_d] = p.d, call[spec::kHost_experts] = p.experts;
-  call[spec::kHost_m] = p.m, call[spec::kHost_top_k] = p.top_k;
+  call[spec::kHost_m] = p.m, call[spec::kHost_top_k] = p.top_k, call[spec::kHost_min_k] = p.min_k;
+  const double threshold = p.score_threshold;  // passed as the bits of a float64
+  std::memcpy(&call[spec::kHost_score_threshold], &threshold, sizeof threshold);
   call[spec::kHost_activation] = static_cast<int64_t>(p.activation);
   call[spec::kHost_workers] = static_cast<int64_t>(workers);
   call[spec::kHost_weight_int8] = p.weight_type == WeightType::kInt8;

@@ -4,6 +4,7 @@
 #include "sparse_expert_ffn_op.h"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -44,9 +45,10 @@ std::string join(const char* const (&names)[N]) {
   return s;
 }
 
-std::string string_attr(const OrtKernelInfo* info, const char* name, const char* fallback) {
+template <typename T>
+T attr_or(const OrtKernelInfo* info, const char* name, T fallback) {
   try {
-    return Ort::ConstKernelInfo(info).GetAttribute<std::string>(name);
+    return Ort::ConstKernelInfo(info).GetAttribute<T>(name);
   } catch (const Ort::Exception&) {
     return fallback;  // attribute absent: spec default
   }
@@ -78,12 +80,16 @@ Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
   if (numba_host_ && !numba_host::have_kernels())
     fail(std::string("the ") + spec::kNumbaHostDomain + " op runs Numba kernels that Python's moefy runtime installs "
          "(runtime.numba_host.register()); open the model with runtime.InferenceSession(..., backend='numba')");
-  top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>(spec::kAttributeNames[0]);
-  std::string act = string_attr(info, spec::kAttributeNames[1], spec::kDefaultActivation);
+  top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>(spec::kAttributeNames[spec::kAttr_top_k]);
+  min_k_ = attr_or<int64_t>(info, spec::kAttributeNames[spec::kAttr_min_k], spec::kDefaultMinK);
+  score_threshold_ = attr_or<float>(info, spec::kAttributeNames[spec::kAttr_score_threshold],
+                                    -std::numeric_limits<float>::infinity());
+  std::string act = attr_or<std::string>(info, spec::kAttributeNames[spec::kAttr_activation], spec::kDefaultActivation);
   int a = index_of(act, spec::kActivations);
   if (a < 0) fail("activation must be one of " + join(spec::kActivations) + "; got '" + act + "'");
   activation_ = static_cast<int>(a);
-  std::string weighting = string_attr(info, spec::kAttributeNames[2], spec::kExpertWeightings[0]);
+  std::string weighting =
+      attr_or<std::string>(info, spec::kAttributeNames[spec::kAttr_expert_weighting], spec::kExpertWeightings[0]);
   if (index_of(weighting, spec::kExpertWeightings) < 0)
     fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
 
@@ -198,6 +204,9 @@ void Kernel::Compute(OrtKernelContext* context) {
   if (E < 1 || m < 1) fail("W1 " + fmt(&w1) + " must have at least one expert and one neuron");
   if (top_k_ < 1 || top_k_ > E)
     fail("top_k must be an integer in [1, E=" + std::to_string(E) + "], got " + std::to_string(top_k_));
+  if (min_k_ < 1 || min_k_ > top_k_)
+    fail("min_k must be an integer in [1, top_k=" + std::to_string(top_k_) + "], got " + std::to_string(min_k_));
+  if (std::isnan(score_threshold_)) fail("score_threshold must be a number (not NaN), got nan");
 
   int64_t tokens = 1;
   for (size_t i = 0; i + 1 < x.size(); ++i) tokens *= x[i];
@@ -205,6 +214,7 @@ void Kernel::Compute(OrtKernelContext* context) {
 
   SparseFFNProblem p;
   p.tokens = tokens, p.d = d, p.experts = E, p.m = m, p.top_k = top_k_;
+  p.min_k = min_k_, p.score_threshold = score_threshold_;
   p.weight_type = types[spec::kW1] == kInt8 ? WeightType::kInt8 : WeightType::kFloat32;
   p.x = data(spec::kX), p.w1 = raw[spec::kW1], p.b1 = data(spec::kB1), p.w2 = raw[spec::kW2];
   p.b2 = data(spec::kB2), p.router_w = data(spec::krouter_w), p.router_b = data(spec::krouter_b);

@@ -5,6 +5,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <limits>
 #include <memory>
 #include <string_view>
 
@@ -30,7 +31,8 @@ class Kernel {
   void Compute(OrtKernelContext* context);
   bool numba_host_ = false;
   std::size_t workers_ = 1;  // per-worker output accumulators (ONNX Runtime's pool spans the cores)
-  int64_t top_k_ = 0;
+  int64_t top_k_ = 0, min_k_ = spec::kDefaultMinK;
+  float score_threshold_ = -std::numeric_limits<float>::infinity();
   int activation_ = 0;
   // First-layer (and gate) weights repacked at session creation when they are initializers.
   std::unique_ptr<PackedWeights> packed_;
@@ -39,7 +41,9 @@ class Kernel {
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  explicit Op(bool numba_host = false) : numba_host_(numba_host) { start_ver_ = end_ver_ = spec::kVersion; }
+  explicit Op(bool numba_host = false) : numba_host_(numba_host) {
+    start_ver_ = spec::kSinceVersion, end_ver_ = spec::kVersion;
+  }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return spec::kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
