@@ -98,3 +98,18 @@ def test_docs_show_the_specs_table():
     root = Path(__file__).resolve().parents[1]
     for doc in ("README.md", "docs/OPS.md"):
         assert spec.markdown_table() in (root / doc).read_text(), f"{doc}: paste `python runtime/spec.py --markdown`"
+
+
+@pytest.mark.parametrize("backend", ["numba-split", pytest.param("numba", marks=requires_cpp),
+                                     pytest.param("cpp", marks=requires_cpp)])
+def test_version_1_models_still_run(backend, rng):
+    """Version 2 only added attributes whose defaults keep version 1's meaning: a version-1 node loads and
+    computes the same."""
+    from runtime.single_op import single_op_model
+    a = make_inputs(rng, lead=(5,))
+    model = single_op_model(a, top_k=2)
+    for o in model.opset_import:
+        if o.domain == spec.DOMAIN:
+            o.version = 1
+    got = runtime.InferenceSession(model.SerializeToString(), backend=backend).run(None, {"X": a["X"]})[0]
+    np.testing.assert_allclose(got, reference.sparse_expert_ffn(a, top_k=2), rtol=1e-4, atol=1e-5)
