@@ -34,6 +34,9 @@ _X, _W1, _B1, _W2, _B2, _RW, _RB, _RS, _WG, _BG, _UB, _W1S, _W2S, _WGS = (len(_F
     "X", "W1", "B1", "W2", "B2", "router_w", "router_b", "router_scores", "Wg", "Bg", "unselected_bias", "W1_scale",
     "W2_scale", "Wg_scale"))
 _CALL_LEN = len(_FIELD) + len(spec.INPUTS)
+# The scratch arrays, in _layout's order.
+_S_SCORES, _S_SEL, _S_TOKENS, _S_START, _S_B_E, _S_B_BEGIN, _S_B_N, _S_ORDER, _S_OWNER, _S_META, _S_PARTIAL, _S_H, \
+    _S_G = range(13)
 _ALIGN = 64
 
 
@@ -60,7 +63,7 @@ def _dims(c):
 
 @njit(cache=True)
 def _layout(c):
-    """Byte offsets in scratch: scores, sel, tokens, start, 5 block arrays, meta, partial, h, g; then total."""
+    """Byte offsets in scratch of the _S_* arrays (64-byte aligned), then the total."""
     T, d, E, m, k = _dims(c)
     W = c[_WORKERS]
     mp = (m + 15) // 16 * 16
@@ -100,17 +103,18 @@ def _in(c, field, shape, like):
 def _routing(c):
     T, d, E, m, k = _dims(c)
     computed = c[_RS] == 0
-    s = _scratch(c, 0, (T, E), _F32) if computed else _in(c, _RS, (T, E), _F32)
-    return s, computed, _scratch(c, 1, (T, k), _I32)
+    s = _scratch(c, _S_SCORES, (T, E), _F32) if computed else _in(c, _RS, (T, E), _F32)
+    return s, computed, _scratch(c, _S_SEL, (T, k), _I32)
 
 
 @njit(cache=True)
 def _blocks(c):
     T, d, E, m, k = _dims(c)
     nbmax = _max_blocks(T, k, E)
-    return (_scratch(c, 2, (T * k,), _I32), _scratch(c, 3, (E + 1,), _I64), _scratch(c, 4, (nbmax,), _I64),
-            _scratch(c, 5, (nbmax,), _I64), _scratch(c, 6, (nbmax,), _I64), _scratch(c, 7, (nbmax,), _I64),
-            _scratch(c, 8, (nbmax,), _I64), _scratch(c, 9, (2,), _I64))
+    return (_scratch(c, _S_TOKENS, (T * k,), _I32), _scratch(c, _S_START, (E + 1,), _I64),
+            _scratch(c, _S_B_E, (nbmax,), _I64), _scratch(c, _S_B_BEGIN, (nbmax,), _I64),
+            _scratch(c, _S_B_N, (nbmax,), _I64), _scratch(c, _S_ORDER, (nbmax,), _I64),
+            _scratch(c, _S_OWNER, (nbmax,), _I64), _scratch(c, _S_META, (2,), _I64))
 
 
 @njit(cache=True)
@@ -130,13 +134,13 @@ def _experts_typed(c, w, like):
         return
     x = _in(c, _X, (T, d), _F32)
     gated = c[_WG] != 0
-    g = _scratch(c, 12, (W, _TOKEN_BLOCK, mp), _F32)[w] if gated else np.empty((0, 0), np.float32)
-    out = _y(c) if w == 0 else _scratch(c, 10, (W - 1, T, d), _F32)[w - 1]
+    g = _scratch(c, _S_G, (W, _TOKEN_BLOCK, mp), _F32)[w] if gated else np.empty((0, 0), np.float32)
+    out = _y(c) if w == 0 else _scratch(c, _S_PARTIAL, (W - 1, T, d), _F32)[w - 1]
     _experts(w, x, _in(c, _W1, (E, m, d), like), _in(c, _B1, (E, m), _F32),
              _in(c, _W2, (E, m, d), like), _in(c, _WG, (E, m, d), like), _in(c, _BG, (E, m), _F32),
              _in(c, _UB, (E, d), _F32), _in(c, _W1S, (E, m), _F32),
              _in(c, _W2S, (E, m), _F32), _in(c, _WGS, (E, m), _F32), c[_ACT],
-             tokens, b_e, b_begin, b_n, order, owner, nb, out, _scratch(c, 11, (W, _TOKEN_BLOCK, mp), _F32)[w], g)
+             tokens, b_e, b_begin, b_n, order, owner, nb, out, _scratch(c, _S_H, (W, _TOKEN_BLOCK, mp), _F32)[w], g)
 
 
 _CALL = types.CPointer(types.int64)
@@ -186,7 +190,7 @@ def _reduce_c(call, part, parts):
     W = meta[1]
     if W > 1:
         t0, t1 = _token_range(T, part, parts)
-        _reduce(_y(c), _scratch(c, 10, (W - 1, T, d), _F32), W, t0, t1)
+        _reduce(_y(c), _scratch(c, _S_PARTIAL, (W - 1, T, d), _F32), W, t0, t1)
 
 
 class _Kernels(ctypes.Structure):
