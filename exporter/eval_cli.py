@@ -58,12 +58,12 @@ def _export_kwargs(args, rest: list[str]) -> dict:
     owned = [f for f in rest if f.split("=")[0] in CURVE_OWNS]
     if owned:
         raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
-                         "--router, --correction, --calib, --seed")
+                         "--router, --correction, --calib, --seed, --shared-experts, --dynamic-k, --weights")
     ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
     if ns.calib:
         load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
     return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction, calib=ns.calib,
-                seed=ns.seed)
+                seed=ns.seed, shared_experts=ns.shared_experts, dynamic_k=ns.dynamic_k, weights=ns.weights)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,3 +216,13 @@ def test_fetched_data_sets_parse(monkeypatch):
     assert len(datasets.word_pairs("ws353")) == 353 and len(datasets.word_pairs("simlex")) == 999
     assert len(datasets.wordnet_glosses()) == 600
     assert len(datasets.fortunes()) > datasets.HELDOUT_FORTUNES + datasets.CALIB_FORTUNES
+
+
+def test_curve_forwards_every_recipe_flag(tiny_bert_dir):
+    """Recipe flags given to --curve reach the exports (none silently dropped)."""
+    import argparse
+
+    from exporter.eval_cli import _export_kwargs
+    kw = _export_kwargs(argparse.Namespace(dense_dir=str(tiny_bert_dir)),
+                        ["--split", "coact", "--shared-experts", "1", "--dynamic-k", "2", "--weights", "int8"])
+    assert (kw["split"], kw["shared_experts"], kw["dynamic_k"], kw["weights"]) == ("coact", 1, 2.0, "int8")
