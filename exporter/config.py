@@ -30,6 +30,8 @@ class MoEConfig:
     shared_experts: int = 0  # the first N experts of every layer are always on (counted in top_k)
     layer_top_k: list | None = None  # per-layer top_k (from --budget); None: top_k everywhere
     budget: float | None = None  # --budget: target mean share of FFN parameters active per token
+    relufy: dict | None = None  # --relufy: threshold shift, recovery settings and result (activation is "relu")
+    distill: dict | None = None  # --distill: settings and held-out result of the recovery fine-tune
     seed: int = 0
     op_domain: str = spec.DOMAIN
     op_version: int = spec.VERSION
@@ -49,6 +51,11 @@ class MoEConfig:
         """Share of FFN parameters used per token (mean over layers)."""
         ks = [self.layer_k(i) for i in range(self.num_layers)]
         return sum(ks) / len(ks) / self.experts
+
+    @property
+    def trained(self) -> bool:
+        """Weights changed by training (--relufy, --distill): the experts no longer add up to the dense FFN."""
+        return bool(self.relufy or self.distill)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

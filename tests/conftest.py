@@ -11,6 +11,19 @@ import runtime
 requires_cpp = pytest.mark.skipif(not runtime.cpp_available(), reason="C++ op library not built")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """Calibration activations go to a temporary cache, never the user's."""
+    import os
+    old = os.environ.get("MOEFY_CACHE_DIR")
+    os.environ["MOEFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("calibration-cache"))
+    yield
+    if old is None:
+        del os.environ["MOEFY_CACHE_DIR"]
+    else:
+        os.environ["MOEFY_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
