@@ -69,6 +69,15 @@ class FFNAdapter(abc.ABC):
         """The layer's FFN weights in operator layout."""
 
     @abc.abstractmethod
+    def write(self, layer, ffn: DenseFFN) -> None:
+        """Set the layer's (dense) FFN weights from operator layout; the inverse of :meth:`read`."""
+
+    @abc.abstractmethod
+    def set_activation(self, model, hf_activation: str) -> None:
+        """Make every FFN use the Hugging Face activation ``hf_activation`` (config included, so the
+        model saves and reloads with it)."""
+
+    @abc.abstractmethod
     def permute(self, layer, perm: np.ndarray) -> None:
         """Reorder the FFN's neurons in place (the dense function is unchanged)."""
 
@@ -95,6 +104,19 @@ class BertAdapter(FFNAdapter):
         up, down = layer.intermediate.dense, layer.output.dense
         f = lambda t: t.detach().float().numpy().copy()  # noqa: E731
         return DenseFFN(f(up.weight), f(up.bias), f(down.weight.T), f(down.bias))
+
+    def write(self, layer, ffn: DenseFFN) -> None:
+        import torch
+        up, down = layer.intermediate.dense, layer.output.dense
+        with torch.no_grad():
+            for param, value in ((up.weight, ffn.w1), (up.bias, ffn.b1), (down.weight, ffn.w2.T), (down.bias, ffn.b2)):
+                param.copy_(torch.as_tensor(np.ascontiguousarray(value)))
+
+    def set_activation(self, model, hf_activation: str) -> None:
+        from transformers.activations import ACT2FN
+        model.config.hidden_act = hf_activation
+        for layer in self.layers(model):
+            layer.intermediate.intermediate_act_fn = ACT2FN[hf_activation]
 
     def permute(self, layer, perm):
         import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .distill import MAX_STEPS
 from .export import TARGETS, export
 from .moefy import CORRECTIONS, ROUTERS, SPLITS
 from .quantize import WEIGHT_TYPES
@@ -58,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
                          "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not "
                          "zero; use it with a calibrated router (ls, bce): with centroid it hurts (default none)")
+    ap.add_argument("--distill", type=float, metavar="MINUTES",
+                    help="after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text "
+                         "for at most MINUTES: first each FFN alone on the dense model's FFN inputs, then the whole "
+                         "model (hidden states of every layer and the embedding cosine), with the model's own top-k "
+                         "routing in the loop; a tenth of the texts is held out and the best weights are kept. The "
+                         "exported experts then no longer add up to the dense FFN (default: off)")
+    ap.add_argument("--distill-steps", type=int, default=MAX_STEPS, metavar="N",
+                    help=f"cap on the end-to-end steps (32 texts each) of every distillation (--distill, "
+                         f"--relufy); a run that stops on this cap rather than on time is reproducible "
+                         f"(default {MAX_STEPS})")
+    ap.add_argument("--relufy", type=float, nargs="?", const=0.0, metavar="SHIFT",
+                    help="before MoEfication, replace the GELU activation by ReLU(z - SHIFT) (SHIFT >= 0, default 0; "
+                         "folded into the first-layer bias) and recover the dense model by distillation from the "
+                         "original for --relufy-minutes; the operator then computes 'relu', whose skipped experts "
+                         "contribute exactly zero below the threshold (default: off)")
+    ap.add_argument("--relufy-minutes", type=float, default=2.0, metavar="M",
+                    help="time budget of --relufy's recovery distillation (default 2)")
+    ap.add_argument("--no-calib-cache", dest="calib_cache", action="store_false",
+                    help="do not read or write the cached calibration activations (each layer's FFN input on the "
+                         "calibration text, kept in $MOEFY_CACHE_DIR or ~/.cache/moefy/calibration, keyed by the "
+                         "model's weights and the tokenized text)")
     ap.add_argument("--weights", choices=WEIGHT_TYPES, default="float32",
                     help="element type of the exported expert weights: int8 stores each weight row as int8 with a "
                          "float scale (a quarter of the bytes; few-token latency is bound by reading them); needs "
@@ -87,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                         split=args.split, router=args.router, correction=args.correction,
                         shared_experts=args.shared_experts, budget=args.budget, dynamic_k=args.dynamic_k, calib=args.calib,
                         save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol,
-                        weights=args.weights, progress=not args.quiet, log=log)
+                        weights=args.weights, distill=args.distill, distill_steps=args.distill_steps,
+                        relufy=args.relufy, relufy_minutes=args.relufy_minutes, calib_cache=args.calib_cache,
+                        progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ class MoEConfig:
     budget: float | None = None  # --budget: target mean share of FFN parameters active per token
     dynamic_k: float | None = None  # --dynamic-k F: a token computes k/F..k*F experts, k on average (calibration)
     layer_threshold: list | None = None  # per-layer router score threshold of dynamic k
+    relufy: dict | None = None  # --relufy: threshold shift, recovery settings and result (activation is "relu")
+    distill: dict | None = None  # --distill: settings and held-out result of the recovery fine-tune
     seed: int = 0
     op_domain: str = spec.DOMAIN
     op_version: int = spec.VERSION
@@ -65,6 +67,11 @@ class MoEConfig:
         """Share of FFN parameters used per token (mean over layers; with dynamic k, on calibration text)."""
         ks = [self.layer_k(i) for i in range(self.num_layers)]
         return sum(ks) / len(ks) / self.experts
+
+    @property
+    def trained(self) -> bool:
+        """Weights changed by training (--relufy, --distill): the experts no longer add up to the dense FFN."""
+        return bool(self.relufy or self.distill)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

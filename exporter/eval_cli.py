@@ -8,11 +8,13 @@ from pathlib import Path
 
 from runtime import BACKENDS
 
+from .distill import check_distill
 from .evaluate import TASKS, Evaluator, markdown_table, plot_curve, quality_curve, read_moe_onnx
+from .relufy import check_relufy
 from .text import load_texts
 
 # moe-export flags the curve sets itself, or that make no sense for it.
-CURVE_OWNS = ("--top-k", "--target", "--save-moefied", "--rtol")
+CURVE_OWNS = ("--top-k", "--budget", "--target", "--save-moefied", "--rtol")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +60,18 @@ def _export_kwargs(args, rest: list[str]) -> dict:
     owned = [f for f in rest if f.split("=")[0] in CURVE_OWNS]
     if owned:
         raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
-                         "--router, --correction, --calib, --seed, --shared-experts, --dynamic-k, --weights")
+                         "--router, --correction, --shared-experts, --calib, --seed, --distill, --distill-steps, "
+                         "--relufy, --relufy-minutes, --weights, --no-calib-cache, --dynamic-k")
     ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
     if ns.calib:
         load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
-    return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction, calib=ns.calib,
-                seed=ns.seed, shared_experts=ns.shared_experts, dynamic_k=ns.dynamic_k, weights=ns.weights)
+    check_distill(ns.distill, ns.distill_steps)
+    if ns.relufy is not None:
+        check_relufy(ns.relufy, ns.relufy_minutes)
+    return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction,
+                shared_experts=ns.shared_experts, calib=ns.calib, seed=ns.seed, distill=ns.distill,
+                distill_steps=ns.distill_steps, relufy=ns.relufy, relufy_minutes=ns.relufy_minutes,
+                weights=ns.weights, calib_cache=ns.calib_cache, dynamic_k=ns.dynamic_k)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """``export``: Hugging Face model directory -> MoEfied ONNX model, validated before it is written."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -17,12 +18,15 @@ from torch import nn
 from runtime import spec
 from runtime.session import METADATA_KEY
 
+from .calib_cache import calibrate
 from .config import MoEConfig
+from .distill import MAX_STEPS, DistillResult, check_distill, distill as distill_moe
 from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split, install_moe, last_hidden_state,
                     load_model, moefy, needs_calibration, save_moefied)
 from .moe_ffn import MoEFFN
 from .datasets import calibration_texts
 from .quantize import WEIGHT_TYPES
+from .relufy import check_relufy, relufy as relufy_model
 from .text import CALIB_LINES, SAMPLE_TEXTS, load_texts
 
 TARGETS = ("custom", "standard")
@@ -90,16 +94,28 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def _record(result: DistillResult) -> dict:
+    """What the config keeps of a distillation (rounded: it is a record, not an input)."""
+    return {"steps": result.steps, "seconds": round(result.seconds, 1), "heldout_texts": result.heldout_texts,
+            "heldout_loss": [round(c, 6) for c in result.loss], "heldout_cosine": [round(c, 6) for c in result.cosine],
+            "layer_error": [[round(a, 6), round(b, 6)] for a, b in result.layer_error]}
+
+
 def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: int = 32, top_k: int | None = None,
            target: str = "custom", split: str = "param", router: str = "centroid", correction: str = "none",
            shared_experts: int = 0, budget: float | None = None, dynamic_k: float | None = None,
            calib: str | os.PathLike | None = None,
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
-           rtol: float = 1e-4, weights: str = "float32", progress: bool = True, log=print) -> ExportReport:
+           rtol: float = 1e-4, weights: str = "float32", distill: float | None = None,
+           distill_steps: int = MAX_STEPS, relufy: float | None = None, relufy_minutes: float = 2.0,
+           calib_cache: bool = True, progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
 
     ``top_k`` defaults to 8 (re-exporting a saved MoEfied directory: to its own); ``budget`` instead
     chooses each layer's top_k from calibration so that on average that share of FFN parameters is active.
+    ``relufy`` (a threshold shift, 0 for plain ReLU) swaps GELU for ReLU and recovers the dense model by
+    distillation for ``relufy_minutes`` before MoEfication; ``distill`` (minutes) fine-tunes the MoEfied
+    model towards the dense one; ``distill_steps`` caps each distillation's end-to-end steps.
 
     The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
     model within ``rtol`` (max abs diff / max |output|) on the validation texts.
@@ -118,6 +134,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     if dynamic_k is not None and not (isinstance(dynamic_k, (int, float)) and 1 < dynamic_k <= 64):
         raise ValueError(f"--dynamic-k must be a factor in (1, 64] (e.g. 2: each token computes k/2 to 2k experts), "
                          f"got {dynamic_k!r}")
+    check_distill(distill, distill_steps)
+    if relufy is not None:
+        check_relufy(relufy, relufy_minutes)
     if budget is not None:
         check_budget(budget, experts, shared_experts)
     else:
@@ -140,7 +159,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                             intermediate_size=hf.intermediate_size, seed=seed, split=split, router=router,
                             correction=correction, shared_experts=shared_experts, budget=budget, dynamic_k=dynamic_k)
     else:
-        for flag, value in (("--budget", budget), ("--dynamic-k", dynamic_k)):
+        for flag, value in (("--budget", budget), ("--dynamic-k", dynamic_k), ("--distill", distill),
+                            ("--relufy", relufy)):
             if value is not None:
                 raise ValueError(f"{model_dir} is already MoEfied: {flag} needs the original dense model")
         if top_k is not None:
@@ -154,6 +174,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         check_split(moe_cfg.experts, moe_cfg.top_k, moe_cfg.intermediate_size, moe_cfg.shared_experts)
     else:  # the budget itself was checked above, or its per-layer top-k are being reused
         check_split(moe_cfg.experts, 1, moe_cfg.intermediate_size)
+
+    if relufy is not None and moe_cfg.activation not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"--relufy replaces a GELU activation; this model's is {moe_cfg.activation}")
 
     max_length = min(128, getattr(hf, "max_position_embeddings", 128))
 
@@ -169,12 +192,33 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                    else f"as when {model_dir} was MoEfied (--save-moefied)"}
     if routers is None:
         calib_batch = None
-        if needs_calibration(moe_cfg):
+        if needs_calibration(moe_cfg) or distill is not None or relufy is not None:
             sample, source = (calib_texts, f"--calib {calib}") if calib_texts else calibration_texts()
             calibration = {"source": source, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({source})")
             calib_batch = tokenize(sample)
-        routers = moefy(model, adapter, moe_cfg, calib_batch, progress=progress, log=log)
+        calibrated = lambda m: calibrate(m, adapter, calib_batch, use_cache=calib_cache, log=log)  # noqa: E731
+        teacher = copy.deepcopy(model) if distill is not None or relufy is not None else None
+        teacher_calib = calibrated(teacher) if teacher is not None else None
+        if relufy is not None:
+            log(f"ReLU-fying (threshold shift {relufy:g}) and recovering the dense model by distillation")
+            result = relufy_model(model, teacher, adapter, teacher_calib, calib_batch, shift=relufy,
+                                  minutes=relufy_minutes, max_steps=distill_steps, seed=seed, progress=progress,
+                                  log=log)
+            moe_cfg.activation = adapter.activation(model.config)
+            moe_cfg.relufy = {"shift": relufy, "minutes": relufy_minutes, "max_steps": distill_steps,
+                              **_record(result)}
+        # The model's own FFN inputs: the teacher's unless --relufy changed the model.
+        calib_acts = None if not needs_calibration(moe_cfg) else \
+            teacher_calib if teacher_calib is not None and relufy is None else calibrated(model)
+        routers = moefy(model, adapter, moe_cfg, calib_acts, progress=progress, log=log)
+        del calib_acts
+        if distill is not None:
+            log(f"distilling the MoEfied model for at most {distill:g} min, {distill_steps} end-to-end steps")
+            routers, result = distill_moe(model, teacher, adapter, moe_cfg, routers, teacher_calib, calib_batch,
+                                          minutes=distill, max_steps=distill_steps, seed=seed, progress=progress,
+                                          log=log)
+            moe_cfg.distill = {"minutes": distill, "max_steps": distill_steps, **_record(result)}
         if save_moefied_dir:
             save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
             log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")

@@ -38,12 +38,25 @@ def selection_mask(scores: torch.Tensor, top_k: int, min_k: int = 1, score_thres
 
 
 def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str,
-                 min_k: int = 1, score_threshold: float = -math.inf) -> torch.Tensor:
+                 min_k: int = 1, score_threshold: float = -math.inf, *, router_temperature: float | None = None
+                 ) -> torch.Tensor:
     """Operator semantics computed densely: all experts, unselected ones masked to zero (plus
-    their unselected_bias row, if any). Scores: router_scores if given, else x @ router_w.T + router_b."""
+    their unselected_bias row, if any). Scores: router_scores if given, else x @ router_w.T + router_b.
+
+    ``router_temperature`` (training only) lets gradients reach the router through the top-k selection
+    (a straight-through surrogate): the forward value is unchanged, the backward pass treats the mask as
+    sigmoid((score - t) / (temperature * spread)), t halfway between the k-th and (k+1)-th scores and
+    spread the token's median absolute deviation of scores (so the temperature is scale-free)."""
     E, m, d = w1.shape
     scores = router_scores if router_scores is not None else x @ router_w.T + router_b
     mask = selection_mask(scores, top_k, min_k, score_threshold)
+    if router_temperature is not None and top_k < E:
+        s = scores.detach()
+        threshold = s.topk(top_k + 1, dim=-1).values[..., top_k - 1:].mean(-1, keepdim=True)
+        centre = s.median(-1, keepdim=True).values
+        spread = (s - centre).abs().median(-1, keepdim=True).values.clamp_min(1e-12)  # robust to shared experts
+        soft = torch.sigmoid((scores - threshold) / (router_temperature * spread))
+        mask = mask + (soft - soft.detach())  # exactly the hard mask in the forward pass
     h = TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
     y = h @ w2.reshape(E * m, d) + b2
@@ -134,6 +147,7 @@ class MoEFFN(nn.Module):
             torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
         self.top_k, self.activation, self.target, self.shared = top_k, activation, target, shared
         self.min_k, self.score_threshold = min_k, float(score_threshold)
+        self.router_temperature = None  # distillation: straight-through gradients to the router (masked_dense)
         self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
         self.gaps = None
         for name in ("w1_q", "w1_scale", "w2_q", "w2_scale"):  # set by quantize_int8
@@ -167,4 +181,4 @@ class MoEFFN(nn.Module):
             return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale)
         if self.record_gaps:
             self.gaps = routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold)
-        return masked_dense(*args)
+        return masked_dense(*args, router_temperature=self.router_temperature)

@@ -91,14 +91,15 @@ def needs_calibration(config: MoEConfig) -> bool:
             or config.shared_experts > 0 or config.budget is not None or config.dynamic_k is not None)
 
 
-def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, progress: bool = True,
+def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress: bool = True,
           log=None) -> dict[str, np.ndarray]:
     """Split each FFN into experts (permuting its neurons in place into contiguous blocks; the dense
     model's function is unchanged) and build the routers. Returns {layer.i.router_w [E, d],
     layer.i.router_b [E], layer.i.unselected_bias [E, d] (correction "mean")}.
 
-    ``calib_batch`` (tokenized text) is needed for the calibrated splits and routers, shared experts,
-    ``budget`` and the mean correction; FFN inputs are captured once, on the dense model. With
+    ``calib`` (a :class:`~exporter.calib_cache.Calibration`: the dense model's FFN inputs on calibration
+    text) is needed for the calibrated splits and routers, shared experts, ``budget`` and the mean
+    correction. With
     ``config.budget`` set, ``config.layer_top_k`` (and ``top_k``, their rounded mean) are chosen here.
     """
     from runtime.reference import ACTIVATION_FUNCTIONS
@@ -106,8 +107,10 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib_batch=None, *, pr
     check_split(E, config.top_k, config.intermediate_size, 0 if config.budget is not None else S)
     if config.budget is not None:
         check_budget(config.budget, E, S)
-    xs, groups = (ffn_inputs(model, adapter, calib_batch), text_ids(calib_batch)) if needs_calibration(config) \
-        else (None, None)
+    if needs_calibration(config) and calib is None:
+        raise ValueError(f"the {config.split} split / {config.router} router / {config.correction} correction "
+                         "need calibration activations")
+    xs, groups = (calib.xs, calib.groups) if needs_calibration(config) else (None, None)
     activations = lambda ffn, x: None if x is None else act(x @ ffn.w1.T + ffn.b1).astype(np.float32)  # noqa: E731
     layers = adapter.layers(model)
     devs = []
@@ -267,19 +270,30 @@ def choose_layer_top_k(devs: list[np.ndarray], budget: float, shared: int = 0) -
     return ks
 
 
+FFN_INPUT_CHUNK = 64  # texts per forward pass when capturing FFN inputs: bounds memory on long calibration text
+
+
 @torch.no_grad()
-def ffn_inputs(model, adapter: FFNAdapter, batch) -> list[np.ndarray]:
-    """Each layer's FFN input on the batch's real (unpadded) tokens: [N, d] per layer."""
+def ffn_inputs(model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUNK) -> list[np.ndarray]:
+    """Each layer's FFN input on the batch's real (unpadded) tokens: [N, d] per layer, text after text.
+    Runs ``chunk`` texts at a time, each cut after its last real token."""
     mask = batch["attention_mask"].numpy().astype(bool)
     captured = []
     hooks = [adapter.ffn_module(layer).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
              for layer in adapter.layers(model)]
+    per_layer = [[] for _ in hooks]
     try:
-        model(**batch)
+        for start in range(0, len(mask), chunk):
+            rows = mask[start:start + chunk]
+            width = int(np.nonzero(rows.any(0))[0].max(initial=0)) + 1  # the chunk's last real token
+            model(**{k: v[start:start + chunk, :width] for k, v in batch.items()})
+            for xs, x in zip(per_layer, captured):
+                xs.append(x.numpy()[rows[:, :width]])
+            captured.clear()
     finally:
         for h in hooks:
             h.remove()
-    return [x.numpy()[mask] for x in captured]
+    return [np.concatenate(xs) for xs in per_layer]
 
 
 def text_ids(batch) -> np.ndarray:

@@ -17,6 +17,19 @@ def available_backends() -> list[str]:
     return ["numba-split", "numba", "cpp"] if runtime.cpp_available() else ["numba-split"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """Calibration activations go to a temporary cache, never the user's."""
+    import os
+    old = os.environ.get("MOEFY_CACHE_DIR")
+    os.environ["MOEFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("calibration-cache"))
+    yield
+    if old is None:
+        del os.environ["MOEFY_CACHE_DIR"]
+    else:
+        os.environ["MOEFY_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

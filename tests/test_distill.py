@@ -1,0 +1,166 @@
+"""Issue 3's training modes on the tiny seeded BERT: --distill and --relufy export, validate and improve
+fidelity on held-out calibration text; calibration activations are cached; bad values fail cleanly."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TINY_WORDS
+from test_cli_errors import assert_fails_cleanly
+from test_methods import onnx_matches_torch
+
+from exporter import export
+from exporter.moe_ffn import masked_dense
+from runtime.session import METADATA_KEY
+from runtime import spec
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """200 seeded lines of the tiny vocabulary's words: enough text to hold some out."""
+    rng = np.random.default_rng(0)
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text("".join(" ".join(rng.choice(TINY_WORDS, rng.integers(4, 12))) + "\n" for _ in range(200)))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Each test its own, empty activation cache."""
+    monkeypatch.setenv("MOEFY_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+RECIPE = dict(experts=8, top_k=2, split="coact", router="ls", correction="mean")
+
+
+def run_export(model_dir, out, **kw):
+    logs = []
+    report = export(model_dir, out, backend="numba", progress=False, log=logs.append, **kw)
+    return report, logs
+
+
+def test_distill_exports_validates_and_improves(tiny_bert_dir, tmp_path, calib):
+    out, saved = tmp_path / "d.onnx", tmp_path / "saved"
+    report, logs = run_export(tiny_bert_dir, out, calib=calib, distill=1.0, distill_steps=30, save_moefied_dir=saved,
+                              **RECIPE)
+    assert report.max_rel_diff <= 1e-4  # the distilled ONNX still matches the distilled PyTorch model
+    onnx_matches_torch(out, saved)
+    record = report.config.distill
+    assert record["steps"] == 30 and record["heldout_texts"] == 20
+    before, after_layerwise, after = record["heldout_loss"]
+    assert after_layerwise < before and after < after_layerwise  # each phase lowered the held-out loss
+    for start, end in record["layer_error"]:
+        assert end < start  # and lowered each FFN's error on the dense inputs
+    meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[METADATA_KEY])
+    assert meta["distill"]["steps"] == 30
+    assert any("distilling the MoEfied model" in line for line in logs)
+
+
+def test_distill_is_reproducible_with_a_step_cap(tiny_bert_dir, tmp_path, calib):
+    a, _ = run_export(tiny_bert_dir, tmp_path / "a.onnx", calib=calib, distill=1.0, distill_steps=5, **RECIPE)
+    b, _ = run_export(tiny_bert_dir, tmp_path / "b.onnx", calib=calib, distill=1.0, distill_steps=5, **RECIPE)
+    assert a.config.distill["heldout_loss"] == b.config.distill["heldout_loss"]
+    wa, wb = ({t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / f).graph.initializer}
+              for f in ("a.onnx", "b.onnx"))
+    assert wa.keys() == wb.keys() and [k for k in wa if not np.array_equal(wa[k], wb[k])] == []
+
+
+def test_relufy_exports_relu(tiny_bert_dir, tmp_path, calib):
+    out, saved = tmp_path / "r.onnx", tmp_path / "saved"
+    report, logs = run_export(tiny_bert_dir, out, calib=calib, relufy=0.1, relufy_minutes=1.0, distill_steps=20,
+                              save_moefied_dir=saved, **RECIPE)
+    assert report.config.activation == "relu" and report.max_rel_diff <= 1e-4
+    nodes = [n for n in onnx.load(out).graph.node if n.domain == spec.DOMAIN]
+    assert [onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "activation")) for n in nodes] \
+        == [b"relu"] * 2
+    record = report.config.relufy
+    assert record["shift"] == 0.1 and record["heldout_loss"][-1] < record["heldout_loss"][0]
+    assert json.loads((saved / "config.json").read_text())["hidden_act"] == "relu"  # reloads as a ReLU model
+    onnx_matches_torch(out, saved)
+    assert not report.config.distill  # --relufy alone does not distill the MoE
+
+
+def test_calibration_cache_hit_and_invalidated(tiny_bert_dir, tmp_path, calib, cache_dir):
+    _, first = run_export(tiny_bert_dir, tmp_path / "1.onnx", calib=calib, **RECIPE)
+    _, second = run_export(tiny_bert_dir, tmp_path / "2.onnx", calib=calib, **{**RECIPE, "top_k": 3})
+    assert any("calibration activations: computed and cached" in line for line in first)
+    assert any("calibration activations: cache hit" in line for line in second)
+    other = tmp_path / "other.txt"
+    other.write_text(calib.read_text().replace("the", "a"))
+    _, third = run_export(tiny_bert_dir, tmp_path / "3.onnx", calib=other, **RECIPE)
+    assert any("calibration activations: computed and cached" in line for line in third)
+    assert len(list(cache_dir.glob("*.npz"))) == 2
+    _, off = run_export(tiny_bert_dir, tmp_path / "4.onnx", calib=calib, calib_cache=False, **RECIPE)
+    assert not any("calibration activations" in line for line in off)
+
+
+def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
+    from exporter.calib_cache import calibrate
+    from exporter.moefy import ffn_inputs, load_model
+    model, tok, adapter, _, _ = load_model(tiny_bert_dir)
+    b = tok(calib.read_text().splitlines(), padding=True, return_tensors="pt")
+    batch = {k: b[k] for k in adapter.input_names}
+    fresh = calibrate(model, adapter, batch)
+    again = calibrate(model, adapter, batch)
+    whole = ffn_inputs(model, adapter, batch, chunk=len(calib.read_text().splitlines()))  # one forward pass
+    for x, y, z in zip(fresh.xs, again.xs, whole):
+        assert np.array_equal(x, y) and np.allclose(x, z, atol=1e-5)
+    assert np.array_equal(fresh.groups, again.groups) and fresh.groups[-1] == len(batch["input_ids"]) - 1
+
+
+def test_straight_through_router_keeps_the_forward_value():
+    """The surrogate changes gradients only: same output, and the router gets a gradient."""
+    g = torch.Generator().manual_seed(0)
+    E, m, d = 6, 4, 8
+    x, w1, w2 = torch.randn(10, d, generator=g), torch.randn(E, m, d, generator=g), torch.randn(E, m, d, generator=g)
+    b1, b2, u = torch.zeros(E, m), torch.zeros(d), torch.randn(E, d, generator=g)
+    rw = torch.randn(E, d, generator=g, requires_grad=True)
+    rb = torch.zeros(E, requires_grad=True)
+    plain = masked_dense(x, w1, b1, w2, b2, rw, rb, None, u, 2, "gelu")
+    soft = masked_dense(x, w1, b1, w2, b2, rw, rb, None, u, 2, "gelu", router_temperature=0.5)
+    assert torch.equal(plain, soft)
+    assert not plain.requires_grad  # the top-k selection alone passes no gradient
+    soft.sum().backward()
+    assert rw.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--distill", 0], "--distill takes a positive number of minutes, got 0"),
+    (["--distill", -2], "--distill takes a positive number of minutes"),
+    (["--distill", 1, "--distill-steps", -1], "--distill-steps must be >= 0, got -1"),
+    (["--relufy", -0.5], "--relufy takes a threshold shift >= 0, got -0.5"),
+    (["--relufy", "nan"], "--relufy takes a threshold shift >= 0"),
+    (["--relufy", "--relufy-minutes", 0], "--relufy-minutes must be positive"),
+])
+def test_bad_training_values_fail_cleanly(capsys, tmp_path, tiny_bert_dir, argv, message):
+    assert_fails_cleanly(capsys, tmp_path, [tiny_bert_dir, *argv], message)
+
+
+def test_non_numeric_distill_is_an_argparse_error(capsys, tmp_path, tiny_bert_dir):
+    from exporter.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_bert_dir), str(tmp_path / "out.onnx"), "--distill", "ten"])
+    assert e.value.code == 2 and "invalid float value: 'ten'" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_training_a_moefied_dir_is_refused(capsys, tmp_path, tiny_bert_dir):
+    saved = tmp_path / "saved"
+    run_export(tiny_bert_dir, tmp_path / "first.onnx", experts=4, top_k=2, save_moefied_dir=saved)
+    (tmp_path / "first.onnx").unlink()
+    assert_fails_cleanly(capsys, tmp_path, [saved, "--distill", 1], "--distill needs the original dense model")
+    assert_fails_cleanly(capsys, tmp_path, [saved, "--relufy"], "--relufy needs the original dense model")
+
+
+def test_curve_passes_the_training_flags(tiny_bert_dir):
+    from exporter.eval_cli import _export_kwargs, build_parser
+    args = build_parser().parse_args([str(tiny_bert_dir), "--curve", "out"])
+    kw = _export_kwargs(args, ["--distill", "2", "--distill-steps", "50", "--relufy", "0.25"])
+    assert (kw["distill"], kw["distill_steps"], kw["relufy"], kw["relufy_minutes"]) == (2.0, 50, 0.25, 2.0)
+    with pytest.raises(ValueError, match="--distill takes a positive number"):
+        _export_kwargs(args, ["--distill", "0"])
