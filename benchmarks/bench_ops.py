@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 import runtime
 from runtime.session import default_options
 from runtime.single_op import single_op_model
-from timing import CacheEvictor, last_level_cache_bytes, p50_p90, time_blocks
+from timing import CacheEvictor, last_level_cache_bytes, p50_p90, stream_bandwidth, time_blocks
 
 from exporter.quantize import quantize_experts
 
@@ -61,18 +61,17 @@ def touched_share(w: dict, xs: list[np.ndarray], k: int) -> float:
     return float(np.mean(shares))
 
 
-def add_ceilings(rows: list[dict], share: float) -> None:
-    """Each row's ceiling: the compute bound 1/share, or, when lower, the memory bound. The dense FFN at one
-    token only streams its weights, so its time measures this machine's bandwidth; a call that touches the
-    share u of the experts' bytes (a quarter with int8) cannot take less than u (u/4) of that time."""
-    one = next((r["p50_us"] for r in rows if r["backend"] == "dense ORT" and r["tokens"] == 1), None)
+def add_ceilings(rows: list[dict], share: float, expert_bytes: int, bandwidth: float) -> None:
+    """Each row's ceiling: the compute bound 1/share, or, when lower, the memory bound: a call that touches
+    the share u of the experts (``expert_bytes`` in float32, a quarter with int8) reads at least that many
+    bytes, at no more than the ``bandwidth`` (bytes/s) this machine streams from DRAM."""
     for r in rows:
-        dense = next(d["p50_us"] for d in rows if d["backend"] == "dense ORT" and d["tokens"] == r["tokens"])
-        if one is None or r["backend"] == "dense ORT":
-            r["ceiling"] = None if r["backend"] == "dense ORT" else 1 / share
+        if r["backend"] == "dense ORT":
+            r["ceiling"] = None
             continue
-        floor = one * r["touched_share"] * (0.25 if "int8" in r["backend"] else 1.0)
-        r["ceiling"] = min(1 / share, dense / floor)
+        dense = next(d["p50_us"] for d in rows if d["backend"] == "dense ORT" and d["tokens"] == r["tokens"])
+        floor_us = 1e6 * r["touched_share"] * expert_bytes * (0.25 if "int8" in r["backend"] else 1.0) / bandwidth
+        r["ceiling"] = min(1 / share, dense / floor_us)
 
 
 def machine() -> str:
@@ -196,7 +195,7 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
             rows.append({"backend": name, "tokens": T, "threads": threads, "cache": "cold" if args.cold else "warm",
                          "p50_us": p50, "p90_us": p90, "touched_share": touched,
                          "runs": int(us.size), "speedup_vs_dense": dense / p50})
-    add_ceilings(rows, k / w["W1"].shape[0])
+    add_ceilings(rows, k / w["W1"].shape[0], w["W1"].nbytes + w["W2"].nbytes, args.bandwidth[threads])
     return rows
 
 
@@ -243,6 +242,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import numba
 
+    args.bandwidth = {t: stream_bandwidth(t) for t in args.threads}  # bytes/s
+    bw = ", ".join(f"{args.bandwidth[t] / 1e9:.1f} GB/s with {t} thread{'s' * (t > 1)}" for t in args.threads)
+    print(f"DRAM read bandwidth: {bw}", file=sys.stderr)
     rows = []
     for shape in args.shapes:
         d, width = SHAPES[shape]
@@ -266,11 +268,11 @@ def main(argv=None) -> int:
     cache = ("caches evicted before every call" if args.cold else
              f"warm caches: weights that fit the {last_level_cache_bytes() >> 20} MiB last-level cache stay there")
     md = (f"Op alone vs the dense FFN; {machine()}; {args.inputs} inputs in turn; {cache}. Ceiling: 1/active share, "
-          "or lower when memory-bound: the dense FFN's one-token time (pure weight streaming) times the share of "
-          "expert bytes a call touches (a quarter for int8).\n\n" + "\n".join([header] + lines))
+          f"or lower when memory-bound: the expert bytes a call touches (a quarter for int8) read at this machine's "
+          f"DRAM bandwidth ({bw}; parallel sum over 16x the last-level cache).\n\n" + "\n".join([header] + lines))
     print(md)
     (out / "bench_ops.md").write_text(md + "\n")
-    (out / "bench_ops.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    (out / "bench_ops.json").write_text(json.dumps({"machine": machine(), "dram_bytes_per_s": args.bandwidth, "rows": rows}, indent=2))
     plot(rows, out / "bench_ops.png")
     print(f"saved {out / 'bench_ops.md'}, {out / 'bench_ops.json'}, {out / 'bench_ops.png'}", file=sys.stderr)
     return 0

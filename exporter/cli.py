@@ -8,6 +8,7 @@ from .distill import MAX_STEPS
 from .export import TARGETS, export
 from .moefy import CORRECTIONS, ROUTERS, SPLITS
 from .quantize import WEIGHT_TYPES
+from .text import CALIB_LINES, DISTILL_TEXTS
 from runtime.session import BACKENDS
 
 
@@ -63,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text "
                          "for at most MINUTES: first each FFN alone on the dense model's FFN inputs, then the whole "
                          "model (hidden states of every layer and the embedding cosine), with the model's own top-k "
-                         "routing in the loop; a tenth of the texts is held out and the best weights are kept. The "
+                         "routing in the loop; a tenth of the texts (at most 256) is held out and the best weights are kept. The "
                          "exported experts then no longer add up to the dense FFN (default: off)")
     ap.add_argument("--distill-steps", type=int, default=MAX_STEPS, metavar="N",
                     help=f"cap on the end-to-end steps (32 texts each) of every distillation (--distill, "
                          f"--relufy); a run that stops on this cap rather than on time is reproducible "
                          f"(default {MAX_STEPS})")
+    ap.add_argument("--distill-texts", type=int, default=DISTILL_TEXTS, metavar="N",
+                    help=f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
+                         f"or of --calib; the MoE's calibration uses the first {CALIB_LINES} of them; memory grows "
+                         f"with N (about 0.6 GB per 1,000 texts for MiniLM) (default {DISTILL_TEXTS})")
     ap.add_argument("--relufy", type=float, nargs="?", const=0.0, metavar="SHIFT",
                     help="before MoEfication, replace the GELU activation by ReLU(z - SHIFT) (SHIFT >= 0, default 0; "
                          "folded into the first-layer bias) and recover the dense model by distillation from the "
@@ -87,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text, one sample per line (default: "
                                                     "1,000 Debian fortunes once `make data` fetched them, else "
                                                     "sentences from Python's standard-library docstrings); "
-                                                    "at most the first 1,000 lines are used (said when cut); "
+                                                    "at most the first 1,000 lines calibrate the MoE (with "
+                                                    "--distill/--relufy up to --distill-texts train it; said when cut); "
                                                     "validation always uses built-in held-out sentences")
     ap.add_argument("--save-moefied", metavar="DIR", dest="save_moefied_dir",
                     help="also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + "
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                         shared_experts=args.shared_experts, budget=args.budget, dynamic_k=args.dynamic_k, calib=args.calib,
                         save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol,
                         weights=args.weights, distill=args.distill, distill_steps=args.distill_steps,
+                        distill_texts=args.distill_texts,
                         relufy=args.relufy, relufy_minutes=args.relufy_minutes, calib_cache=args.calib_cache,
                         progress=not args.quiet, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

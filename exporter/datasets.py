@@ -64,11 +64,11 @@ def fortunes() -> list[str]:
     return items
 
 
-def _split_fortunes() -> tuple[list[str], list[str]]:
-    """(held-out, calibration): the first HELDOUT_FORTUNES (at most half), then up to CALIB_FORTUNES."""
+def _split_fortunes(limit: int = CALIB_FORTUNES) -> tuple[list[str], list[str]]:
+    """(held-out, calibration): the first HELDOUT_FORTUNES (at most half), then up to ``limit``."""
     items = fortunes()
     n = min(HELDOUT_FORTUNES, len(items) // 2)
-    return items[:n], items[n:n + CALIB_FORTUNES]
+    return items[:n], items[n:n + limit]
 
 
 def heldout_texts() -> list[str]:
@@ -76,12 +76,13 @@ def heldout_texts() -> list[str]:
     return list(SAMPLE_TEXTS) + (_split_fortunes()[0] if fortunes_available() else [])
 
 
-def calibration_texts() -> tuple[list[str], str]:
-    """The default calibration text and a description of its source: fortunes after the held-out
-    ones when fetched, else standard-library docstrings (no download needed)."""
+def calibration_texts(limit: int = CALIB_FORTUNES) -> tuple[list[str], str]:
+    """The default calibration text (at most ``limit`` texts) and a description of its source: fortunes
+    after the held-out ones when fetched (about 12,000 are available), else standard-library docstrings
+    (no download needed; about 500)."""
     if fortunes_available():
-        return _split_fortunes()[1], "fortunes"
-    return default_calibration_texts(), "standard-library docstrings"
+        return _split_fortunes(limit)[1], "fortunes"
+    return default_calibration_texts(limit), "standard-library docstrings"
 
 
 def word_pairs(task: str) -> list[tuple[str, str, float]]:

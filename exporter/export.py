@@ -27,7 +27,7 @@ from .moe_ffn import MoEFFN
 from .datasets import calibration_texts
 from .quantize import WEIGHT_TYPES
 from .relufy import check_relufy, relufy as relufy_model
-from .text import CALIB_LINES, SAMPLE_TEXTS, load_texts
+from .text import CALIB_LINES, DISTILL_TEXTS, SAMPLE_TEXTS, load_texts
 
 TARGETS = ("custom", "standard")
 OPSET = 18  # what optimum uses for BERT, so both graphs get the same ORT fusions
@@ -107,15 +107,16 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
            calib: str | os.PathLike | None = None,
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
            rtol: float = 1e-4, weights: str = "float32", distill: float | None = None,
-           distill_steps: int = MAX_STEPS, relufy: float | None = None, relufy_minutes: float = 2.0,
-           calib_cache: bool = True, progress: bool = True, log=print) -> ExportReport:
+           distill_steps: int = MAX_STEPS, distill_texts: int = DISTILL_TEXTS, relufy: float | None = None,
+           relufy_minutes: float = 2.0, calib_cache: bool = True, progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
 
     ``top_k`` defaults to 8 (re-exporting a saved MoEfied directory: to its own); ``budget`` instead
     chooses each layer's top_k from calibration so that on average that share of FFN parameters is active.
     ``relufy`` (a threshold shift, 0 for plain ReLU) swaps GELU for ReLU and recovers the dense model by
     distillation for ``relufy_minutes`` before MoEfication; ``distill`` (minutes) fine-tunes the MoEfied
-    model towards the dense one; ``distill_steps`` caps each distillation's end-to-end steps.
+    model towards the dense one; ``distill_steps`` caps each distillation's end-to-end steps and
+    ``distill_texts`` the texts they train on (the calibration's first CALIB_LINES calibrate the MoE).
 
     The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
     model within ``rtol`` (max abs diff / max |output|) on the validation texts.
@@ -134,7 +135,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     if dynamic_k is not None and not (isinstance(dynamic_k, (int, float)) and 1 < dynamic_k <= 64):
         raise ValueError(f"--dynamic-k must be a factor in (1, 64] (e.g. 2: each token computes k/2 to 2k experts), "
                          f"got {dynamic_k!r}")
-    check_distill(distill, distill_steps)
+    check_distill(distill, distill_steps, distill_texts)
     if relufy is not None:
         check_relufy(relufy, relufy_minutes)
     if budget is not None:
@@ -144,10 +145,12 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     output = Path(output)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {output.parent} does not exist")
+    trains = distill is not None or relufy is not None
+    n_texts = max(CALIB_LINES, distill_texts) if trains else CALIB_LINES  # calibration + distillation texts
     calib_texts = load_texts(calib) if calib is not None else None  # fail early on a bad file
-    if calib_texts is not None and len(calib_texts) > CALIB_LINES:
-        log(f"--calib: using the first {CALIB_LINES} of its {len(calib_texts)} lines")
-        calib_texts = calib_texts[:CALIB_LINES]
+    if calib_texts is not None and len(calib_texts) > n_texts:
+        log(f"--calib: using the first {n_texts} of its {len(calib_texts)} lines")
+        calib_texts = calib_texts[:n_texts]
     texts = list(SAMPLE_TEXTS)  # validation text, never used for calibration
 
     log(f"loading {model_dir}")
@@ -191,31 +194,38 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     calibration = {"source": "none (not needed by this recipe)" if routers is None
                    else f"as when {model_dir} was MoEfied (--save-moefied)"}
     if routers is None:
-        calib_batch = None
-        if needs_calibration(moe_cfg) or distill is not None or relufy is not None:
-            sample, source = (calib_texts, f"--calib {calib}") if calib_texts else calibration_texts()
+        calib_batch = train_batch = None
+        if needs_calibration(moe_cfg) or trains:
+            pool, source = (calib_texts, f"--calib {calib}") if calib_texts else calibration_texts(n_texts)
+            sample = pool[:CALIB_LINES]
             calibration = {"source": source, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({source})")
             calib_batch = tokenize(sample)
-        calibrated = lambda m: calibrate(m, adapter, calib_batch, use_cache=calib_cache, log=log)  # noqa: E731
-        teacher = copy.deepcopy(model) if distill is not None or relufy is not None else None
-        teacher_calib = calibrated(teacher) if teacher is not None else None
+            if trains:
+                calibration["distillation_texts"] = len(pool)
+                log(f"distillation text: {len(pool)} texts ({source})")
+                train_batch = tokenize(pool) if len(pool) > len(sample) else calib_batch
+        calibrated = lambda m, b=calib_batch: calibrate(m, adapter, b, use_cache=calib_cache, log=log)  # noqa: E731
+        teacher = copy.deepcopy(model) if trains else None
+        teacher_train = calibrated(teacher, train_batch) if teacher is not None else None
         if relufy is not None:
             log(f"ReLU-fying (threshold shift {relufy:g}) and recovering the dense model by distillation")
-            result = relufy_model(model, teacher, adapter, teacher_calib, calib_batch, shift=relufy,
+            result = relufy_model(model, teacher, adapter, teacher_train, train_batch, shift=relufy,
                                   minutes=relufy_minutes, max_steps=distill_steps, seed=seed, progress=progress,
                                   log=log)
             moe_cfg.activation = adapter.activation(model.config)
             moe_cfg.relufy = {"shift": relufy, "minutes": relufy_minutes, "max_steps": distill_steps,
                               **_record(result)}
-        # The model's own FFN inputs: the teacher's unless --relufy changed the model.
+        # The model's own FFN inputs on the calibration text: the teacher's unless --relufy changed the model.
+        same_text = train_batch is calib_batch and relufy is None
         calib_acts = None if not needs_calibration(moe_cfg) else \
-            teacher_calib if teacher_calib is not None and relufy is None else calibrated(model)
+            teacher_train if teacher is not None and same_text else \
+            calibrated(teacher if teacher is not None and relufy is None else model)
         routers = moefy(model, adapter, moe_cfg, calib_acts, progress=progress, log=log)
         del calib_acts
         if distill is not None:
             log(f"distilling the MoEfied model for at most {distill:g} min, {distill_steps} end-to-end steps")
-            routers, result = distill_moe(model, teacher, adapter, moe_cfg, routers, teacher_calib, calib_batch,
+            routers, result = distill_moe(model, teacher, adapter, moe_cfg, routers, teacher_train, train_batch,
                                           minutes=distill, max_steps=distill_steps, seed=seed, progress=progress,
                                           log=log)
             moe_cfg.distill = {"minutes": distill, "max_steps": distill_steps, **_record(result)}

@@ -133,12 +133,32 @@ def test_straight_through_router_keeps_the_forward_value():
     (["--distill", 0], "--distill takes a positive number of minutes, got 0"),
     (["--distill", -2], "--distill takes a positive number of minutes"),
     (["--distill", 1, "--distill-steps", -1], "--distill-steps must be >= 0, got -1"),
+    (["--distill", 1, "--distill-texts", 1], "--distill-texts must be >= 2, got 1"),
     (["--relufy", -0.5], "--relufy takes a threshold shift >= 0, got -0.5"),
     (["--relufy", "nan"], "--relufy takes a threshold shift >= 0"),
     (["--relufy", "--relufy-minutes", 0], "--relufy-minutes must be positive"),
 ])
 def test_bad_training_values_fail_cleanly(capsys, tmp_path, tiny_bert_dir, argv, message):
     assert_fails_cleanly(capsys, tmp_path, [tiny_bert_dir, *argv], message)
+
+
+def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_path, calib, monkeypatch):
+    import importlib
+    ex = importlib.import_module("exporter.export")  # the module; `exporter.export` is also the function
+    monkeypatch.setattr(ex, "CALIB_LINES", 50)  # the MoE calibrates on the first 50 lines, distillation takes 120
+    report, logs = run_export(tiny_bert_dir, tmp_path / "d.onnx", calib=calib, distill=1.0, distill_steps=3,
+                              distill_texts=120, **RECIPE)
+    assert "--calib: using the first 120 of its 200 lines" in logs
+    assert any(line.startswith("calibrating on 50 texts") for line in logs)
+    assert "distillation text: 120 texts (--calib %s)" % calib in logs
+    assert report.config.distill["heldout_texts"] == 12  # a tenth of the distillation texts
+
+
+def test_heldout_share_is_capped():
+    from exporter.distill import HOLDOUT_MAX, _heldout_texts
+    assert _heldout_texts(100, 0).sum() == 10
+    assert _heldout_texts(10 * HOLDOUT_MAX + 500, 0).sum() == HOLDOUT_MAX
+    assert _heldout_texts(1, 0).sum() == 0
 
 
 def test_non_numeric_distill_is_an_argparse_error(capsys, tmp_path, tiny_bert_dir):

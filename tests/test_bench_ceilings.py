@@ -1,0 +1,29 @@
+"""The benchmark's ceilings (arithmetic only: no timing is asserted)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_ops import add_ceilings  # noqa: E402
+
+
+def rows(tokens, touched, p50):
+    return [{"backend": b, "tokens": tokens, "touched_share": touched, "p50_us": t} for b, t in p50.items()]
+
+
+def test_compute_bound_when_few_experts_are_touched():
+    r = rows(1, 0.25, {"dense ORT": 10_000, "moefy cpp": 2_500})
+    add_ceilings(r, 0.25, expert_bytes=400_000_000, bandwidth=400e9)  # floor 250 µs: far below dense/4
+    assert r[0]["ceiling"] is None and r[1]["ceiling"] == pytest.approx(4.0)
+
+
+def test_memory_bound_when_every_expert_is_read():
+    # 16 tokens touch 98% of 360 MB; at 45 GB/s that is 7.84 ms, so against a 16 ms dense call the bound is
+    # about 2.04x, below the 4x compute bound; int8 reads a quarter of the bytes.
+    r = rows(16, 0.98, {"dense ORT": 16_000, "moefy cpp": 9_000, "moefy cpp int8": 3_000})
+    add_ceilings(r, 0.25, expert_bytes=360_000_000, bandwidth=45e9)
+    assert r[1]["ceiling"] == pytest.approx(16_000 / 7_840, rel=1e-3)
+    assert r[2]["ceiling"] == pytest.approx(4.0)
