@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import numba
 import numpy as np
 
 SETTLE_SECONDS = 0.02  # longer than ONNX Runtime's spin-wait before its threads block
@@ -69,8 +70,6 @@ def stream_bandwidth(threads: int, repeats: int = 10, min_seconds: float = 1.0) 
     """Bytes per second this machine reads from DRAM with ``threads`` Numba threads: the best of at least
     ``repeats`` parallel sums (and ``min_seconds`` of them) over a buffer 16x the last-level cache (so no pass
     finds it in a cache). The bound on any kernel that must read a given number of weight bytes once per call."""
-    import numba
-
     buf = np.ones(max(16 * last_level_cache_bytes(), 256 << 20) // 4, np.float32)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     _chunked_sum(buf[:1 << 20])  # compile outside the timing
@@ -82,24 +81,14 @@ def stream_bandwidth(threads: int, repeats: int = 10, min_seconds: float = 1.0) 
     return buf.nbytes / best
 
 
-def _chunked_sum(a: np.ndarray) -> float:
-    global _chunked_sum_jit
-    if _chunked_sum_jit is None:
-        import numba
-
-        @numba.njit(parallel=True, fastmath=True, cache=True)  # fastmath: a vectorised, reassociated sum
-        def f(a):
-            chunks = 64  # several per thread, each vectorised by NumPy's sum
-            step = (a.size + chunks - 1) // chunks
-            part = np.zeros(chunks, np.float32)
-            for c in numba.prange(chunks):
-                part[c] = a[c * step:min(a.size, (c + 1) * step)].sum()
-            return part.sum()
-        _chunked_sum_jit = f
-    return _chunked_sum_jit(a)
-
-
-_chunked_sum_jit = None
+@numba.njit(parallel=True, fastmath=True, cache=True)  # fastmath: a vectorised, reassociated sum
+def _chunked_sum(a):
+    chunks = 64  # several per thread, each vectorised by NumPy's sum
+    step = (a.size + chunks - 1) // chunks
+    part = np.zeros(chunks, np.float32)
+    for c in numba.prange(chunks):
+        part[c] = a[c * step:min(a.size, (c + 1) * step)].sum()
+    return part.sum()
 
 
 def p50_p90(us: np.ndarray) -> tuple[float, float]:

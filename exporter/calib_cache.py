@@ -32,6 +32,11 @@ class Calibration:
     xs: list[np.ndarray]
     groups: np.ndarray
 
+    def first_texts(self, n: int) -> "Calibration":
+        """The tokens of the first ``n`` texts (views: tokens are stored text after text)."""
+        end = int(np.searchsorted(self.groups, n))
+        return Calibration([x[:end] for x in self.xs], self.groups[:end])
+
 
 def cache_dir() -> Path:
     """``$MOEFY_CACHE_DIR``, else ``${XDG_CACHE_HOME:-~/.cache}/moefy/calibration``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .distill import MAX_STEPS
+from .distill import HOLDOUT_MAX, MAX_STEPS
 from .export import TARGETS, export
 from .moefy import CORRECTIONS, ROUTERS, SPLITS
 from .quantize import WEIGHT_TYPES
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text "
                          "for at most MINUTES: first each FFN alone on the dense model's FFN inputs, then the whole "
                          "model (hidden states of every layer and the embedding cosine), with the model's own top-k "
-                         "routing in the loop; a tenth of the texts (at most 256) is held out and the best weights are kept. The "
-                         "exported experts then no longer add up to the dense FFN (default: off)")
+                         f"routing in the loop; a tenth of the texts (at most {HOLDOUT_MAX}) is held out and the best "
+                         "weights are kept. The exported experts then no longer add up to the dense FFN (default: off)")
     ap.add_argument("--distill-steps", type=int, default=MAX_STEPS, metavar="N",
                     help=f"cap on the end-to-end steps (32 texts each) of every distillation (--distill, "
                          f"--relufy); a run that stops on this cap rather than on time is reproducible "

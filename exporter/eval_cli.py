@@ -60,17 +60,17 @@ def _export_kwargs(args, rest: list[str]) -> dict:
     owned = [f for f in rest if f.split("=")[0] in CURVE_OWNS]
     if owned:
         raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
-                         "--router, --correction, --shared-experts, --calib, --seed, --distill, --distill-steps, "
+                         "--router, --correction, --shared-experts, --calib, --seed, --distill, --distill-steps, --distill-texts, "
                          "--relufy, --relufy-minutes, --weights, --no-calib-cache, --dynamic-k")
     ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
     if ns.calib:
         load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
-    check_distill(ns.distill, ns.distill_steps)
+    check_distill(ns.distill, ns.distill_steps, ns.distill_texts)
     if ns.relufy is not None:
         check_relufy(ns.relufy, ns.relufy_minutes)
     return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction,
                 shared_experts=ns.shared_experts, calib=ns.calib, seed=ns.seed, distill=ns.distill,
-                distill_steps=ns.distill_steps, relufy=ns.relufy, relufy_minutes=ns.relufy_minutes,
+                distill_steps=ns.distill_steps, distill_texts=ns.distill_texts, relufy=ns.relufy, relufy_minutes=ns.relufy_minutes,
                 weights=ns.weights, calib_cache=ns.calib_cache, dynamic_k=ns.dynamic_k)
 
 

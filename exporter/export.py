@@ -205,7 +205,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                 calibration["distillation_texts"] = len(pool)
                 log(f"distillation text: {len(pool)} texts ({source})")
                 train_batch = tokenize(pool) if len(pool) > len(sample) else calib_batch
-        calibrated = lambda m, b=calib_batch: calibrate(m, adapter, b, use_cache=calib_cache, log=log)  # noqa: E731
+        calibrated = lambda m, b: calibrate(m, adapter, b, use_cache=calib_cache, log=log)  # noqa: E731
         teacher = copy.deepcopy(model) if trains else None
         teacher_train = calibrated(teacher, train_batch) if teacher is not None else None
         if relufy is not None:
@@ -216,11 +216,11 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
             moe_cfg.activation = adapter.activation(model.config)
             moe_cfg.relufy = {"shift": relufy, "minutes": relufy_minutes, "max_steps": distill_steps,
                               **_record(result)}
-        # The model's own FFN inputs on the calibration text: the teacher's unless --relufy changed the model.
-        same_text = train_batch is calib_batch and relufy is None
+        # The model's own FFN inputs on the calibration text: the teacher's (the calibration texts are the first
+        # of the distillation texts) unless --relufy changed the model.
         calib_acts = None if not needs_calibration(moe_cfg) else \
-            teacher_train if teacher is not None and same_text else \
-            calibrated(teacher if teacher is not None and relufy is None else model)
+            teacher_train.first_texts(len(sample)) if teacher is not None and relufy is None else \
+            calibrated(model, calib_batch)
         routers = moefy(model, adapter, moe_cfg, calib_acts, progress=progress, log=log)
         del calib_acts
         if distill is not None:

@@ -27,3 +27,9 @@ def test_memory_bound_when_every_expert_is_read():
     add_ceilings(r, 0.25, expert_bytes=360_000_000, bandwidth=45e9)
     assert r[1]["ceiling"] == pytest.approx(16_000 / 7_840, rel=1e-3)
     assert r[2]["ceiling"] == pytest.approx(4.0)
+
+
+def test_no_memory_bound_for_weights_in_cache():
+    r = rows(16, 0.98, {"dense ORT": 100, "moefy cpp": 60})
+    add_ceilings(r, 0.25, expert_bytes=4_700_000, bandwidth=None)
+    assert r[1]["ceiling"] == pytest.approx(4.0)

@@ -154,6 +154,30 @@ def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_pa
     assert report.config.distill["heldout_texts"] == 12  # a tenth of the distillation texts
 
 
+def test_calibration_prefix_matches_its_own_capture(tiny_bert_dir, calib):
+    """The MoE's calibration activations are taken as the first texts of the distillation text's."""
+    from exporter.calib_cache import calibrate
+    from exporter.moefy import load_model
+    from exporter.text import load_texts
+    model, tok, adapter, _, _ = load_model(tiny_bert_dir)
+    texts = load_texts(calib)
+    batch = lambda t: dict(tok(t, padding=True, return_tensors="pt"))  # noqa: E731
+    full = calibrate(model, adapter, batch(texts[:150]), use_cache=False)
+    own = calibrate(model, adapter, batch(texts[:70]), use_cache=False)
+    prefix = full.first_texts(70)
+    np.testing.assert_array_equal(prefix.groups, own.groups)
+    for a, b in zip(prefix.xs, own.xs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_curve_passes_distill_texts(tiny_bert_dir):
+    from exporter.eval_cli import _export_kwargs, build_parser
+    args = build_parser().parse_args([str(tiny_bert_dir), "--curve", "out"])
+    assert _export_kwargs(args, ["--distill", "2", "--distill-texts", "5000"])["distill_texts"] == 5000
+    with pytest.raises(ValueError, match="--distill-texts must be >= 2"):
+        _export_kwargs(args, ["--distill", "2", "--distill-texts", "1"])
+
+
 def test_heldout_share_is_capped():
     from exporter.distill import HOLDOUT_MAX, _heldout_texts
     assert _heldout_texts(100, 0).sum() == 10
