@@ -113,6 +113,26 @@ def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
     assert np.array_equal(fresh.groups, again.groups) and fresh.groups[-1] == len(batch["input_ids"]) - 1
 
 
+def test_end_to_end_phase_keeps_the_routers(tiny_bert_dir, tmp_path, calib, monkeypatch):
+    """Routers trained end to end through the straight-through top-k wrecked MiniLM (distill.py), so that
+    phase trains the encoder and the experts and leaves every router weight where the layer-wise one put it."""
+    import exporter.distill as D
+    from exporter.moefy import load_model
+    monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
+    run_export(tiny_bert_dir, tmp_path / "p.onnx", calib=calib, save_moefied_dir=tmp_path / "plain", **RECIPE)
+    run_export(tiny_bert_dir, tmp_path / "d.onnx", calib=calib, distill=1.0, distill_steps=10,
+               save_moefied_dir=tmp_path / "e2e", **RECIPE)
+    plain, *_, plain_routers = load_model(tmp_path / "plain")
+    trained, *_, trained_routers = load_model(tmp_path / "e2e")
+    assert plain_routers.keys() == trained_routers.keys()
+    for k in plain_routers:
+        if not k.endswith("unselected_bias"):  # that one is a bias of the FFN's output and does train
+            np.testing.assert_array_equal(plain_routers[k], trained_routers[k], err_msg=k)
+    a, b = plain.state_dict(), trained.state_dict()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert any("intermediate" in k for k in changed) and any("attention" in k for k in changed)
+
+
 def test_straight_through_router_keeps_the_forward_value():
     """The surrogate changes gradients only: same output, and the router gets a gradient."""
     g = torch.Generator().manual_seed(0)
