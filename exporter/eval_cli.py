@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help=f"labelled tasks, comma-separated from {', '.join(TASKS)}, or 'none' (default all)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto", help="moefy runtime backend (default auto)")
+    ap.add_argument("--plot", metavar="FILE",
+                    help="with MOE.onnx files at different active shares (e.g. exported with their own --distill "
+                         "budgets): also plot their quality against the share into FILE (PNG), as --curve does")
     ap.add_argument("--json", metavar="FILE", help="also write the full reports as JSON to FILE")
     ap.add_argument("--quiet", action="store_true", help="no progress output, only the results")
     return ap
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give MoE ONNX files to evaluate, or --curve OUT_DIR")
     if args.curve and args.models:
         ap.error("give either MoE ONNX files or --curve, not both")
+    if args.plot and not args.models:
+        ap.error("--plot goes with MoE ONNX files (--curve writes OUT_DIR/curve.png itself)")
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     tasks = [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t]
     try:
@@ -93,10 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         top_ks = _top_ks(args.shares, export_kwargs["experts"]) if args.curve else []
         if not Path(args.dense_dir).is_dir():
             raise FileNotFoundError(f"dense model directory {args.dense_dir} does not exist")
-        if args.json and not Path(args.json).resolve().parent.is_dir():
-            raise FileNotFoundError(f"--json: directory {Path(args.json).resolve().parent} does not exist")
+        for flag, out in (("--json", args.json), ("--plot", args.plot)):
+            if out and not Path(out).resolve().parent.is_dir():
+                raise FileNotFoundError(f"{flag}: directory {Path(out).resolve().parent} does not exist")
+        shares = {}
         for path in args.models:  # before the slow dense side: bad files fail at once
-            read_moe_onnx(path)
+            config = read_moe_onnx(path)[0]
+            shares.setdefault(config.top_k / config.experts, []).append(Path(path).name)
+        if args.plot and (len(shares) < 2 or len(shares) < len(args.models)):
+            raise ValueError("--plot needs models at two or more different active shares, one model per share; got "
+                             + "; ".join(f"{100 * s:.1f}%: {', '.join(n)}" for s, n in sorted(shares.items())))
         evaluator = Evaluator(args.dense_dir, tasks=tasks, progress=not args.quiet, log=log)
         if args.curve:
             reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, backend=args.backend, log=log,
@@ -113,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 reports.append(evaluator(path, backend=args.backend))
                 print(reports[-1].summary(), flush=True)
             payload = {"dense": str(args.dense_dir), "reports": [r.to_dict() for r in reports]}
+            if args.plot:
+                plot_curve(sorted(reports, key=lambda r: r.active_share), args.plot,
+                           ", ".join(Path(p).name for p in args.models))
+                log(f"wrote {args.plot}")
         if args.json:
             Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -134,6 +134,21 @@ def test_curve_exports_evaluates_and_plots(tiny_bert_dir, tmp_path, capsys, with
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_of_given_models(tiny_bert_dir, models, tmp_path, capsys, with_data):
+    """Models exported one by one (their own distillation budgets) still make a curve, sorted by share."""
+    out = tmp_path / "given.png"
+    assert main([str(tiny_bert_dir), str(models / "all.onnx"), str(models / "k1.onnx"), "--tasks", "none",
+                 "--plot", str(out), "--quiet"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    _fails(capsys, [tiny_bert_dir, models / "k1.onnx", "--tasks", "none", "--plot", out],
+           "--plot needs models at two or more different active shares, one model per share; got 25.0%: k1.onnx")
+    _fails(capsys, [tiny_bert_dir, models / "k1.onnx", models / "all.onnx", "--plot", tmp_path / "no" / "p.png"],
+           "--plot: directory")
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_bert_dir), "--curve", str(tmp_path), "--plot", str(out)])
+    assert e.value.code == 2 and "--plot goes with MoE ONNX files" in capsys.readouterr().err
+
+
 def test_fetch_is_idempotent(data_dir, monkeypatch):
     import subprocess
 
