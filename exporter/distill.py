@@ -84,14 +84,19 @@ def _heldout_texts(n_texts: int, seed: int) -> np.ndarray:
     return held
 
 
+def _expert_tensors(moe: MoEFFN) -> list[torch.Tensor]:
+    """What both phases train in one MoE FFN: the experts and unselected_bias (buffers, not parameters)."""
+    return [moe.w1, moe.b1, moe.w2, moe.b2] + ([] if moe.unselected_bias is None else [moe.unselected_bias])
+
+
 def _router_tensors(moe: MoEFFN) -> list[torch.Tensor]:
+    """The router: buffers, and the MLP's parameters (which layer.parameters() also yields)."""
     return [moe.router_w, moe.router_b] + ([] if moe.router_mlp is None else list(moe.router_mlp))
 
 
 def _moe_tensors(moe: MoEFFN) -> list[torch.Tensor]:
-    """What distillation trains in one MoE FFN: experts, unselected_bias, router (with its MLP, if any)."""
-    ts = [moe.w1, moe.b1, moe.w2, moe.b2] + ([] if moe.unselected_bias is None else [moe.unselected_bias])
-    return ts + _router_tensors(moe)
+    """What the layer-wise phase trains: the experts and the router."""
+    return _expert_tensors(moe) + _router_tensors(moe)
 
 
 def _relative_error(moe, x, y) -> float:
@@ -210,10 +215,9 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     if max_steps == 0 or time.monotonic() >= deadline:
         return best, 0
     fit_targets = _teacher_targets(teacher, fit)
-    frozen = {id(t) for moe in moes for t in _router_tensors(moe)}  # module docstring: routers stay
-    params = {id(p): p for layer in adapter.layers(student) for p in layer.parameters()}
-    params.update({id(t): t for moe in moes for t in _moe_tensors(moe)})  # the MoE's buffers
-    params = [p for i, p in params.items() if i not in frozen]
+    router = {id(t) for moe in moes for t in _router_tensors(moe)}  # stays frozen: module docstring
+    params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
+    params += [t for moe in moes for t in _expert_tensors(moe)]
     best_state = copy.deepcopy(student.state_dict())
     for p in student.parameters():
         p.requires_grad_(False)
