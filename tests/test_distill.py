@@ -113,21 +113,27 @@ def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
     assert np.array_equal(fresh.groups, again.groups) and fresh.groups[-1] == len(batch["input_ids"]) - 1
 
 
-def test_end_to_end_phase_keeps_the_routers(tiny_bert_dir, tmp_path, calib, monkeypatch):
-    """Routers trained end to end through the straight-through top-k wrecked MiniLM (distill.py), so that
-    phase trains the encoder and the experts and leaves every router weight where the layer-wise one put it."""
+@pytest.mark.parametrize("router", ["ls", "mlp"])  # a linear router, and one with an MLP (its own parameters)
+@pytest.mark.parametrize("refit", [False, True])
+def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, router, refit):
+    """Routers trained end to end through the straight-through top-k wrecked MiniLM (distill.py), so the task
+    loss never reaches them: with the refit off (E2E_ROUTER_LR = 0) every router weight stays where the
+    layer-wise phase put it; with it on (the default) they move, on their own loss only."""
     import exporter.distill as D
     from exporter.moefy import load_model
+    recipe = {**RECIPE, "router": router}
     monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
-    run_export(tiny_bert_dir, tmp_path / "p.onnx", calib=calib, save_moefied_dir=tmp_path / "plain", **RECIPE)
+    if not refit:
+        monkeypatch.setattr(D, "E2E_ROUTER_LR", 0.0)
+    run_export(tiny_bert_dir, tmp_path / "p.onnx", calib=calib, save_moefied_dir=tmp_path / "plain", **recipe)
     run_export(tiny_bert_dir, tmp_path / "d.onnx", calib=calib, distill=1.0, distill_steps=10,
-               save_moefied_dir=tmp_path / "e2e", **RECIPE)
+               save_moefied_dir=tmp_path / "e2e", **recipe)
     plain, *_, plain_routers = load_model(tmp_path / "plain")
     trained, *_, trained_routers = load_model(tmp_path / "e2e")
     assert plain_routers.keys() == trained_routers.keys()
-    for k in plain_routers:
-        if not k.endswith("unselected_bias"):  # that one is a bias of the FFN's output and does train
-            np.testing.assert_array_equal(plain_routers[k], trained_routers[k], err_msg=k)
+    router_keys = [k for k in plain_routers if not k.endswith("unselected_bias")]  # that one is the FFN's, trains
+    moved = [k for k in router_keys if not np.array_equal(plain_routers[k], trained_routers[k])]
+    assert moved if refit else not moved, moved
     a, b = plain.state_dict(), trained.state_dict()
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert any("intermediate" in k for k in changed) and any("attention" in k for k in changed)
@@ -228,3 +234,33 @@ def test_curve_passes_the_training_flags(tiny_bert_dir):
     assert (kw["distill"], kw["distill_steps"], kw["relufy"], kw["relufy_minutes"]) == (2.0, 50, 0.25, 2.0)
     with pytest.raises(ValueError, match="--distill takes a positive number"):
         _export_kwargs(args, ["--distill", "0"])
+
+
+def test_router_refit_learns_its_own_oracle():
+    """The end-to-end router refit (E2E_ROUTER_LR > 0) trains the router alone towards the experts whose
+    skipping costs most on the FFN's current inputs."""
+    from exporter.distill import router_refit_loss
+    from exporter.moe_ffn import MoEFFN
+    g = torch.Generator().manual_seed(0)
+    E, m, d, k = 8, 4, 16, 2
+    moe = MoEFFN(torch.randn(E, m, d, generator=g), torch.zeros(E, m), torch.randn(E, m, d, generator=g),
+                 torch.zeros(d), torch.zeros(E, d), torch.zeros(E), torch.zeros(E, d), top_k=k, activation="gelu")
+    x = torch.randn(512, d, generator=g, requires_grad=True)
+    moe.router_w.requires_grad_(True)
+    moe.router_b.requires_grad_(True)
+    opt = torch.optim.Adam([moe.router_w, moe.router_b], lr=3e-2)
+    first = None
+    for _ in range(200):
+        loss = router_refit_loss(moe, x)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.8 * first
+    assert x.grad is None and moe.w1.grad is None  # inputs and experts are only read
+    with torch.no_grad():
+        h = torch.nn.functional.gelu(x @ moe.w1.reshape(E * m, d).T).unflatten(-1, (E, m))
+        oracle = torch.einsum("nem,emd->ned", h, moe.w2).norm(dim=-1).topk(k).indices
+        chosen = moe.scores(x).topk(k).indices
+    overlap = (chosen.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean()
+    assert overlap > 0.5  # chance: k / E = 0.25
