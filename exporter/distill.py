@@ -240,9 +240,10 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     params += [t for moe in moes for t in _expert_tensors(moe)]
     groups = [{"params": params, "lr": E2E_LR}]
     inputs, hooks = {}, []
-    if E2E_ROUTER_LR > 0:
-        groups.append({"params": [t for moe in moes for t in _router_tensors(moe)], "lr": E2E_ROUTER_LR})
-        hooks = [moe.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for moe in moes]
+    routed = [moe for moe in moes if moe.top_k < moe.w1.shape[0]]  # not relufy's one always-selected expert
+    if E2E_ROUTER_LR > 0 and routed:
+        groups.append({"params": [t for moe in routed for t in _router_tensors(moe)], "lr": E2E_ROUTER_LR})
+        hooks = [moe.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for moe in routed]
     best_state = copy.deepcopy(student.state_dict())
     for p in student.parameters():
         p.requires_grad_(False)
