@@ -238,11 +238,12 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     router = {id(t) for moe in moes for t in _router_tensors(moe)}  # frozen, or refit on its own: docstring
     params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
     params += [t for moe in moes for t in _expert_tensors(moe)]
-    groups = [{"params": params, "lr": E2E_LR}]
+    groups = [{"params": params, "lr": E2E_LR, "base_lr": E2E_LR}]
     inputs, hooks = {}, []
     routed = [moe for moe in moes if moe.top_k < moe.w1.shape[0]]  # not relufy's one always-selected expert
     if E2E_ROUTER_LR > 0 and routed:
-        groups.append({"params": [t for moe in routed for t in _router_tensors(moe)], "lr": E2E_ROUTER_LR})
+        groups.append({"params": [t for moe in routed for t in _router_tensors(moe)], "lr": E2E_ROUTER_LR,
+                       "base_lr": E2E_ROUTER_LR})
         hooks = [moe.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for moe in routed]
     best_state = copy.deepcopy(student.state_dict())
     for p in student.parameters():
@@ -267,8 +268,8 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         if step == E2E_WARMUP:
             pace = (time.monotonic() - t0) / step
             planned = min(max_steps, max(step + 1, int((deadline - t0) / pace)))
-        for g, lr in zip(opt.param_groups, (E2E_LR, E2E_ROUTER_LR)):
-            g["lr"] = lr * min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(step / planned, 1.0))
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(step / planned, 1.0))
         opt.zero_grad()
         loss.backward()
         opt.step()
