@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import DenseFFN
-from .moe_ffn import TORCH_ACTIVATIONS, MoEFFN
+from .moe_ffn import TORCH_ACTIVATIONS, MoEFFN, expert_hidden, selection_mask
 
 HOLDOUT = 0.1  # share of calibration texts held out to pick the best weights
 HOLDOUT_MAX = 256  # texts: enough to rank checkpoints; more would make every evaluation slower
@@ -111,11 +111,10 @@ def router_refit_loss(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     E, m, d = moe.w1.shape
     x = x.detach().reshape(-1, d)
     with torch.no_grad():
-        h = TORCH_ACTIVATIONS[moe.activation](x @ moe.w1.reshape(E * m, d).T + moe.b1.reshape(E * m))
+        h = expert_hidden(x, moe.w1, moe.b1, moe.activation)
         out = torch.einsum("nem,emd->ned", h.unflatten(-1, (E, m)), moe.w2)
         skipped = moe.unselected_bias if moe.unselected_bias is not None else out.mean(0)
-        deviation = (out - skipped).norm(dim=-1)
-        target = torch.zeros_like(deviation).scatter(-1, deviation.topk(moe.top_k, dim=-1).indices, 1.0)
+        target = selection_mask((out - skipped).norm(dim=-1), moe.top_k)
     return F.binary_cross_entropy_with_logits(moe.scores(x), target)
 
 

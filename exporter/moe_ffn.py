@@ -37,6 +37,12 @@ def selection_mask(scores: torch.Tensor, top_k: int, min_k: int = 1, score_thres
     return torch.zeros_like(scores).scatter(-1, top.indices, keep)
 
 
+def expert_hidden(x, w1, b1, activation: str) -> torch.Tensor:
+    """[..., E * m]: every expert's activations act(W1 x + B1), experts contiguous."""
+    E, m, d = w1.shape
+    return TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
+
+
 def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str,
                  min_k: int = 1, score_threshold: float = -math.inf, *, router_temperature: float | None = None
                  ) -> torch.Tensor:
@@ -57,7 +63,7 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselecte
         spread = (s - centre).abs().median(-1, keepdim=True).values.clamp_min(1e-12)  # robust to shared experts
         soft = torch.sigmoid((scores - threshold) / (router_temperature * spread))
         mask = mask + (soft - soft.detach())  # exactly the hard mask in the forward pass
-    h = TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
+    h = expert_hidden(x, w1, b1, activation)
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
     y = h @ w2.reshape(E * m, d) + b2
     return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
