@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from . import spec
-from .library import cpp_available, library_path
+from .library import ISA_CONFIG_KEY, cpp_available, library_path
 from .numba_backend import NumbaGraphSession, is_sparse_ffn
 
 BACKENDS = ("auto", "cpp", "numba", "numba-split")
@@ -48,11 +48,14 @@ class InferenceSession:
             Numba threads need the cores between ONNX Runtime calls). Turn it off when other sessions
             or engines share the cores.
         sess_options: ONNX Runtime options to start from (not numba-split; overrides threads and spinning).
+        isa: instruction-set path of the C++ kernels (backend cpp): "avx512", "avx2", "sse2" (x86-64), "neon"
+            (aarch64) or "auto" (the widest this CPU runs); default: $MOEFY_ISA, else "auto". A path this CPU
+            cannot run is refused with the features it lacks (``runtime.isa_paths()`` lists them).
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, backend: str = "auto", *,
                  threads: int | None = None, spinning: bool = True,
-                 sess_options: ort.SessionOptions | None = None):
+                 sess_options: ort.SessionOptions | None = None, isa: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "auto":
@@ -73,6 +76,8 @@ class InferenceSession:
                 so.register_custom_ops_library(numba_host.register())
                 numba_host.retarget(model)
             else:
+                if isa is not None:  # read by the library when it is registered, so set first
+                    so.add_session_config_entry(ISA_CONFIG_KEY, isa)
                 so.register_custom_ops_library(library_path())
             self._ort = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
             self._numba = None

@@ -68,16 +68,21 @@ std::string type_name(ONNXTensorElementDataType t) {
   }
 }
 
-struct ParallelForThunk {
-  const std::function<void(std::size_t)>* fn;
-  static void call(void* self, size_t i) { (*static_cast<ParallelForThunk*>(self)->fn)(i); }
+// ONNX Runtime's intra-op thread pool, as the kernels' ParallelFor.
+class OrtPool final : public ParallelFor {
+ public:
+  explicit OrtPool(Ort::KernelContext& ctx) : ctx_(ctx) {}
+  void operator()(std::size_t n, TaskRef fn) const override { ctx_.ParallelFor(&TaskRef::invoke, n, n, &fn); }
+
+ private:
+  Ort::KernelContext& ctx_;
 };
 
 }  // namespace
 
-Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
-    : numba_host_(numba_host), workers_(std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16)) {
-  if (numba_host_ && !numba_host::have_kernels())
+Kernel::Kernel(const OrtKernelInfo* info, const IsaKernels* isa)
+    : isa_(isa), workers_(std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16)) {
+  if (!isa_ && !numba_host::have_kernels())
     fail(std::string("the ") + spec::kNumbaHostDomain + " op runs Numba kernels that Python's moefy runtime installs "
          "(runtime.numba_host.register()); open the model with runtime.InferenceSession(..., backend='numba')");
   top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>(spec::kAttributeNames[spec::kAttr_top_k]);
@@ -94,7 +99,7 @@ Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
     fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
 
   // Prepack once when the expert weights are constant initializers; otherwise pack per call.
-  if (numba_host_) return;  // the Numba kernels read the weights as given
+  if (!isa_) return;  // the Numba kernels read the weights as given
   Ort::ConstKernelInfo ki(info);
   auto constant = [&](size_t i) -> Ort::ConstValue {
     int is_constant = 0;
@@ -123,7 +128,18 @@ Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
       Ort::ConstValue rw = constant(spec::krouter_w);
       if (rw != nullptr && rw.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[0], s[2]})
         p.router_w = rw.GetTensorData<float>();
-      packed_ = std::make_unique<PackedWeights>(pack_weights(p));
+      // B2 + sum_e U[e], the output every token starts from, precomputed when both are constant (or absent).
+      Ort::ConstValue b2 = constant(spec::kB2), ub = constant(spec::kunselected_bias);
+      const bool b2_absent = ki.GetInputCount() <= spec::kB2 || ki.GetInputName(spec::kB2).empty();
+      const bool ub_absent = ki.GetInputCount() <= spec::kunselected_bias ||
+                             ki.GetInputName(spec::kunselected_bias).empty();
+      if ((b2_absent || b2 != nullptr) && (ub_absent || ub != nullptr) &&
+          (b2 == nullptr || b2.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[2]}) &&
+          (ub == nullptr || ub.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[0], s[2]})) {
+        p.b2 = b2 != nullptr ? b2.GetTensorData<float>() : nullptr;
+        p.unselected_bias = ub != nullptr ? ub.GetTensorData<float>() : nullptr;
+      }
+      packed_ = std::make_unique<PackedWeights>(pack_weights(p, *isa_));
       packed_shape_ = s;
       packed_type_ = p.weight_type;
     }
@@ -224,21 +240,18 @@ void Kernel::Compute(OrtKernelContext* context) {
   p.activation = static_cast<Activation>(activation_);
   p.y = out.GetTensorMutableData<float>();
 
-  ParallelFor ort_pool = [&ctx](std::size_t n, const std::function<void(std::size_t)>& fn) {
-    ParallelForThunk thunk{&fn};
-    ctx.ParallelFor(&ParallelForThunk::call, n, n, &thunk);
-  };
-  if (numba_host_)
+  const OrtPool ort_pool(ctx);
+  if (!isa_)
     numba_host::run(p, raw, ort_pool, workers_);
   else if (packed_ && packed_shape_ == w1 && packed_type_ == p.weight_type)
     sparse_ffn(p, *packed_, ort_pool, workers_);
   else
-    sparse_ffn(p, ort_pool, workers_);
+    sparse_ffn(p, *isa_, ort_pool, workers_);
 }
 
 OrtStatusPtr Op::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
   try {
-    *kernel = new Kernel(info, numba_host_);
+    *kernel = new Kernel(info, isa_);
     return nullptr;
   } catch (const std::exception& e) {
     return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());

@@ -1,0 +1,8 @@
+// Portable path for other architectures: GCC/Clang vector extensions of 4 floats, lowered to whatever the
+// target has.
+#define MOEFY_ISA_NS generic
+#define MOEFY_LANES 4
+#define MOEFY_TILE_TOKENS 4
+#define MOEFY_TILE_VECS 2
+#define MOEFY_TILE_NAME "4x8"
+#include "simd_impl.h"
