@@ -6,6 +6,8 @@
 // Prints "ok <path> N cases" per path and one line per failing case; exit code 1 on a failure, 2 when the
 // forced path cannot run here (its message on stderr).
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -15,6 +17,17 @@
 #include <vector>
 
 #include "kernels/sparse_ffn.h"
+
+// Every operator new of the process, to check that a call of the kernel allocates nothing once its scratch
+// has grown (the kernel's std::vectors; packed weights use malloc directly, once per session).
+static std::atomic<long> g_allocations{0};
+void* operator new(std::size_t n) {
+  ++g_allocations;
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 using moefy::Activation;
 using moefy::SparseFFNProblem;
@@ -93,7 +106,13 @@ bool run(const Case& c, uint64_t seed, const moefy::IsaKernels& isa) {
   if (c.unselected) p.unselected_bias = ub.data();
   std::vector<float> y(T * d);
   p.y = y.data();
-  moefy::sparse_ffn(p, isa, moefy::SerialFor(), 3);  // 3 workers on one thread: the per-worker sums are exercised
+  // 3 workers on one thread: the per-worker sums are exercised. The first call grows the scratch; the
+  // second, on weights packed once as a session does, must allocate nothing.
+  const moefy::PackedWeights packed = moefy::pack_weights(p, isa);
+  moefy::sparse_ffn(p, packed, moefy::SerialFor(), 3);
+  const long before = g_allocations.load();
+  moefy::sparse_ffn(p, packed, moefy::SerialFor(), 3);
+  const long allocated = g_allocations.load() - before;
 
   double worst = 0, scale = 0;
   int skipped = 0;
@@ -135,11 +154,11 @@ bool run(const Case& c, uint64_t seed, const moefy::IsaKernels& isa) {
       scale = std::max(scale, std::fabs(out[i]));
     }
   }
-  const bool ok = worst <= 2e-5 * scale + 1e-6 && (skipped < T || T == 0);
+  const bool ok = worst <= 2e-5 * scale + 1e-6 && (skipped < T || T == 0) && allocated == 0;
   if (!ok)
     std::printf("FAIL %s T=%lld d=%lld E=%lld m=%lld k=%lld min_k=%lld act=%d gated=%d int8=%d: max err %.3g (scale %.3g, "
-                "%d tokens skipped)\n", isa.name, (long long)T, (long long)d, (long long)E, (long long)m, (long long)k,
-                (long long)c.min_k, int(c.a), c.gated, c.int8, worst, scale, skipped);
+                "%d tokens skipped, %ld allocations in a repeated call)\n", isa.name, (long long)T, (long long)d, (long long)E, (long long)m, (long long)k,
+                (long long)c.min_k, int(c.a), c.gated, c.int8, worst, scale, skipped, allocated);
   return ok;
 }
 
