@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -11,11 +12,32 @@ import onnx
 import onnxruntime as ort
 
 from . import spec
-from .library import ISA_CONFIG_KEY, cpp_available, library_path
+from .library import ISA_CONFIG_KEY, cpp_available, isa_paths, library_path
 from .numba_backend import NumbaGraphSession, is_sparse_ffn
 
 BACKENDS = ("auto", "cpp", "numba", "numba-split")
 METADATA_KEY = "moefy.config"
+log = logging.getLogger("moefy.runtime")
+
+
+def choose_backend(isa: str | None = None) -> tuple[str, str]:
+    """What ``backend="auto"`` runs on this machine, and why.
+
+    The rule comes from the side-by-side benchmarks (benchmarks/README.md, "Which backend auto picks"): with the
+    C++ library built, its kernels on the widest path the CPU runs were at least as fast as the Numba kernels on
+    every benchmarked shape, token count and thread count, on every path measured (avx512, avx2, sse2). Without
+    the library, only numba-split runs (the numba backend also needs the library, as its host op).
+    """
+    if not cpp_available():
+        return "numba-split", ("the C++ library was not built at install time (no C++ compiler or ONNX Runtime "
+                               "headers), so the Numba kernels run between ONNX Runtime sessions")
+    info = isa_paths()
+    path = isa or info["default"] or "auto"
+    tile = next((p["tile"] for p in info["paths"] if p["name"] == path), "?")
+    why = ("forced by MOEFY_ISA" if not isa and os.environ.get("MOEFY_ISA") else "forced by isa=" if isa
+           else "the widest this CPU runs")
+    return "cpp", (f"C++ kernels on the {path} path ({why}, {tile} register tile): at least as fast as the Numba "
+                   f"kernels on every benchmarked shape (benchmarks/README.md)")
 
 
 class InvalidInputError(ValueError):
@@ -41,8 +63,9 @@ class InferenceSession:
         backend: ``"cpp"`` (the C++ kernels of the custom-op library, inside ONNX Runtime), ``"numba"``
             (the Numba kernels inside ONNX Runtime, on its thread pool, through the library's
             ai.moefy.numba op), ``"numba-split"`` (no C++ library: the graph cut at each sparse FFN,
-            ONNX Runtime sessions with the Numba kernels between them) or ``"auto"`` (cpp if the
-            library was built, else numba-split).
+            ONNX Runtime sessions with the Numba kernels between them) or ``"auto"`` (the fastest here:
+            see :func:`choose_backend`; the choice and its reason are in ``backend`` and ``backend_reason``
+            and logged once to the "moefy.runtime" logger).
         threads: intra-op threads for ONNX Runtime (default: all cores).
         spinning: let idle ONNX Runtime threads spin (default: on; always off for numba-split, whose
             Numba threads need the cores between ONNX Runtime calls). Turn it off when other sessions
@@ -59,8 +82,14 @@ class InferenceSession:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "auto":
-            backend = "cpp" if cpp_available() else "numba-split"
+            backend, self.backend_reason = choose_backend(isa)
+            log.info("backend auto -> %s: %s", backend, self.backend_reason)
+        else:
+            self.backend_reason = "asked for"
         self.backend = backend
+        self.isa = None  # the C++ kernels' instruction-set path (backend cpp)
+        if backend == "cpp":
+            self.isa = isa if isa not in (None, "auto") else isa_paths()["default"] or None
         if isinstance(path_or_bytes, (bytes, bytearray)):
             model = onnx.load_from_string(bytes(path_or_bytes))
         else:
