@@ -2,7 +2,7 @@
 // target has.
 #define MOEFY_ISA_NS generic
 #define MOEFY_LANES 4
-#define MOEFY_TILE_TOKENS 4
-#define MOEFY_TILE_VECS 2
-#define MOEFY_TILE_NAME "4x8"
+#define MOEFY_TILE_TOKENS 2
+#define MOEFY_TILE_VECS 4
+#define MOEFY_TILE_NAME "2x16"
 #include "simd_impl.h"
