@@ -207,15 +207,16 @@ inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const W
 }
 
 // A single token (decode): the tile has only V accumulators, too few chains to hide the FMA latency, so
-// even and odd rows go to two accumulator sets.
-template <int V, typename Wt>
+// even and odd rows go to two accumulator sets. kHint: the prefetch's cache level (3: L1, 2: L2).
+template <int V, int kHint = 2, typename Wt>
 inline void panel_row(const float* a, int64_t r0, int64_t rows, const Wt* panel, float* out, bool accumulate,
                       const char* prefetch, int64_t prefetch_per_row) {
   vf acc0[V], acc1[V];
   for (int v = 0; v < V; ++v) acc0[v] = accumulate ? load(out + L * v) : vf{}, acc1[v] = vf{};
   int64_t r = 0;
   for (; r + 2 <= rows; r += 2) {
-    for (int64_t q = 0; q < 2 * prefetch_per_row; ++q) __builtin_prefetch(prefetch + (r * prefetch_per_row + q) * 64, 0, 2);
+    for (int64_t q = 0; q < 2 * prefetch_per_row; ++q)
+      __builtin_prefetch(prefetch + (r * prefetch_per_row + q) * 64, 0, kHint);
     const vf a0 = splat(a[r0 + r]), a1 = splat(a[r0 + r + 1]);
     for (int v = 0; v < V; ++v) {
       acc0[v] += a0 * load(panel + r * L * V + L * v);
@@ -239,9 +240,11 @@ inline int64_t next_group(int64_t left) {
 
 // Rows per step: a step of a panel stays in L1 while every token group of the block uses it.
 constexpr int64_t kRowStep = 64;
-// How far ahead the token groups prefetch the packed stream, into L2 (prefetcht1): far enough that many
-// lines are in flight (prefetches into L1 are capped by its few miss buffers, and one step ahead left the
-// loads waiting: 16 tokens on 4096x11008 ran at 17 GB/s, 26 GB/s this way).
+// How far ahead the token groups of a block prefetch the packed stream, and into which cache. Several tokens:
+// 32 KiB ahead into L2 (prefetcht1), so that many lines are in flight while the math runs (prefetching one
+// step ahead into L1, whose few miss buffers cap the lines in flight, left 16 tokens on 4096x11008 at 17-18
+// GB/s; this way 23-26). A single token does almost no math per byte: one step ahead into L1 streams fastest
+// there (AVX2 path, 4096x11008: 3.6-3.8 ms against 4.6-4.9 ms at one token). benchmarks/README.md, item 11.
 constexpr int64_t kPrefetchBytes = 32 << 10;
 
 template <int V, typename Wt>
@@ -278,14 +281,19 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
     const Wt* panel = packed + rows * c;
     for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
     const int64_t step_bytes = kRowStep * w * static_cast<int64_t>(sizeof(Wt));
-    const int64_t ahead = (kPrefetchBytes + step_bytes - 1) / step_bytes * step_bytes;
+    const int64_t ahead = n == 1 ? step_bytes : (kPrefetchBytes + step_bytes - 1) / step_bytes * step_bytes;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowStep) {
       const int64_t step = rows - r0 < kRowStep ? rows - r0 : kRowStep;
       const Wt* chunk = panel + r0 * w;
       // The bytes of the packed stream `ahead` of this step (panels and experts lie back to back; past the
       // end of the buffer a prefetch is harmless).
       const char* next = reinterpret_cast<const char*>(chunk) + ahead;
-      if (w == kPanel)
+      const int64_t per_row = (step_bytes / 64 + step - 1) / step;
+      if (n == 1 && w == kPanel)
+        panel_row<kV, 3>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, per_row);
+      else if (n == 1)
+        panel_row<1, 3>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, per_row);
+      else if (w == kPanel)
         panel_tokens<kV>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, step_bytes / 64);
       else
         panel_tokens<1>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, step_bytes / 64);
