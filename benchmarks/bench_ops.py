@@ -40,8 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 import runtime
 from runtime.session import default_options
 from runtime.single_op import single_op_model
-from timing import (CacheEvictor, background_load, last_level_cache_bytes, machine, p50_p90, stream_bandwidth,
-                    time_blocks)
+from timing import (BandwidthProbe, CacheEvictor, background_load, last_level_cache_bytes, machine, p50_p90,
+                    stream_bandwidth, time_blocks)
 
 from exporter.quantize import quantize_experts
 
@@ -66,20 +66,21 @@ def touched_share(w: dict, xs: list[np.ndarray], k: int) -> float:
     return float(np.mean(shares))
 
 
-def add_ceilings(rows: list[dict], share: float, expert_bytes: int, bandwidth: float | None) -> None:
+def add_ceilings(rows: list[dict], share: float, expert_bytes: int, from_dram: bool) -> None:
     """Each row's ceiling: the compute bound 1/share, or, when lower, the memory bound: a call that touches
     the share u of the experts (``expert_bytes`` in float32, a quarter with int8) reads at least that many
-    bytes, at no more than the ``bandwidth`` (bytes/s) this machine streams from DRAM. ``bandwidth`` None:
-    the weights come from the cache (no DRAM bound)."""
+    bytes, at no more than the DRAM bandwidth measured beside it (the row's ``dram_bytes_per_s``). Without
+    ``from_dram`` the weights come from the cache (no DRAM bound)."""
     for r in rows:
         if r["backend"] == "dense ORT":
             r["ceiling"] = None
             continue
         dense = next(d["p50_us"] for d in rows if d["backend"] == "dense ORT" and d["tokens"] == r["tokens"]
                      and d.get("background_load", 0) == r.get("background_load", 0))
-        if bandwidth is None:
+        if not from_dram:
             r["ceiling"] = 1 / share
             continue
+        bandwidth = r["dram_bytes_per_s"]
         floor_us = 1e6 * r["touched_share"] * expert_bytes * (0.25 if "int8" in r["backend"] else 1.0) / bandwidth
         r["ceiling"] = min(1 / share, dense / floor_us)
 
@@ -203,6 +204,7 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
     eager = torch_sparse(w, k) if "torch" in wanted and "Wg" not in w else None
     rng = np.random.default_rng(1)
     before = CacheEvictor() if args.cold else None
+    probe = args.probe
     loads = [0] + ([args.background_load] if args.background_load else [])
     rows = []
     for T in tokens_list:
@@ -216,19 +218,22 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
         fns = {name: rotating(lambda i, s=s: s.run(None, {"X": xs[i]})) for name, s in sessions.items()}
         if eager is not None:
             fns["torch eager"] = rotating(lambda i: eager(xts[i]))
+        fns["DRAM probe"] = probe  # the bandwidth of this very case, in the same rotation
         for load in loads:
             with background_load(load):
                 t = time_blocks(fns, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
                                 before=before)
+            bandwidth = probe.bytes_per_s(t.pop("DRAM probe"))
             dense = p50_p90(t["dense ORT"])[0]
             for name, us in t.items():
                 p50, p90 = p50_p90(us)
                 rows.append({"backend": name, "tokens": T, "threads": threads, "background_load": load,
                              "cache": "cold" if args.cold else "warm", "p50_us": p50, "p90_us": p90,
-                             "touched_share": touched, "runs": int(us.size), "speedup_vs_dense": dense / p50})
+                             "touched_share": touched, "runs": int(us.size), "speedup_vs_dense": dense / p50,
+                             "dram_bytes_per_s": bandwidth})
     expert_bytes = w["W1"].nbytes + w["W2"].nbytes + (w["Wg"].nbytes if "Wg" in w else 0)
     from_dram = args.cold or expert_bytes > last_level_cache_bytes()  # else warm calls find them in the cache
-    add_ceilings(rows, k / w["W1"].shape[0], expert_bytes, args.bandwidth[threads] if from_dram else None)
+    add_ceilings(rows, k / w["W1"].shape[0], expert_bytes, from_dram)
     return rows
 
 
@@ -292,9 +297,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import numba
 
-    args.bandwidth = {t: stream_bandwidth(t) for t in args.threads}  # bytes/s
+    args.bandwidth = {t: stream_bandwidth(t) for t in args.threads}  # bytes/s, at the start (for reference)
     bw = ", ".join(f"{args.bandwidth[t] / 1e9:.1f} GB/s with {t} thread{'s' * (t > 1)}" for t in args.threads)
-    print(f"DRAM read bandwidth: {bw}", file=sys.stderr)
+    print(f"DRAM read bandwidth at the start: {bw}", file=sys.stderr)
+    args.probe = BandwidthProbe()
     rows = []
     for shape in args.shapes:
       for form in args.forms:
@@ -310,19 +316,21 @@ def main(argv=None) -> int:
                 for r in run_case(w, k, args.tokens, threads, args):
                     rows.append({"shape": shape, "form": form, "d": d, "ffn": width, "experts": EXPERTS, "top_k": k,
                                  "share": k / EXPERTS, **r})
-    header = ("| shape | form | active | threads | load | tokens | experts touched | backend | p50 µs | p90 µs | "
-              "vs dense | ceiling | of ceiling |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    header = ("| shape | form | active | threads | load | tokens | experts touched | DRAM GB/s | backend | p50 µs | "
+              "p90 µs | vs dense | ceiling | of ceiling |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     lines = [f"| {r['shape']} | {r['form']} | {r['share']:.1%} | {r['threads']} | {r['background_load']} | "
-             f"{r['tokens']} | {r['touched_share']:.0%} | "
+             f"{r['tokens']} | {r['touched_share']:.0%} | {r['dram_bytes_per_s'] / 1e9:.1f} | "
              f"{r['backend']} | {r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['speedup_vs_dense']:.2f}x | "
              + ("— | — |" if r["ceiling"] is None else f"{r['ceiling']:.2f}x | {r['speedup_vs_dense'] / r['ceiling']:.0%} |")
              for r in rows]
     cache = ("caches evicted before every call" if args.cold else
              f"warm caches: weights that fit the {last_level_cache_bytes() >> 20} MiB last-level cache stay there")
     md = (f"Op alone vs the dense FFN; {machine()}; {args.inputs} inputs in turn; {cache}. Ceiling: 1/active share, "
-          f"or lower when memory-bound: the expert bytes a call touches (a quarter for int8) read at this machine's "
-          f"DRAM bandwidth ({bw}; parallel sum over 16x the last-level cache), for experts that do not fit the "
-          f"last-level cache or with --cold. Load: CPU-bound background processes during the timing.\n\n"
+          f"or lower when memory-bound: the expert bytes a call touches (a quarter for int8) read at the DRAM "
+          f"bandwidth measured beside the kernels in the same timing rotation (DRAM GB/s: a parallel sum over 16x the "
+          f"last-level cache; {bw} at the start), for experts that do not fit the last-level cache or with --cold. "
+          f"Load: CPU-bound background processes during the timing.\n\n"
           + "\n".join([header] + lines))
     print(md)
     (out / "bench_ops.md").write_text(md + "\n")

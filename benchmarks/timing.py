@@ -87,6 +87,23 @@ def stream_bandwidth(threads: int, repeats: int = 10, min_seconds: float = 1.0) 
     return buf.nbytes / best
 
 
+class BandwidthProbe:
+    """One parallel sum over a buffer 16x the last-level cache (Numba's threads, as many as set): timed in the
+    same rotation as the kernels, its median gives the DRAM read bandwidth available during that very case
+    (this machine's varies by tens of percent from minute to minute, so a figure taken once at the start
+    would misplace the ceilings)."""
+
+    def __init__(self):
+        self.buf = np.ones(max(16 * last_level_cache_bytes(), 256 << 20) // 4, np.float32)
+        _chunked_sum(self.buf[:1 << 20])  # compile outside the timing
+
+    def __call__(self) -> None:
+        _chunked_sum(self.buf)
+
+    def bytes_per_s(self, us: np.ndarray) -> float:
+        return self.buf.nbytes / (float(np.median(us)) * 1e-6)
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)  # fastmath: a vectorised, reassociated sum
 def _chunked_sum(a):
     chunks = 64  # several per thread, each vectorised by NumPy's sum
