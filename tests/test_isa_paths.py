@@ -230,3 +230,27 @@ def test_kernel_core_neon_under_qemu(tmp_path):
     got = run_check([shutil.which("qemu-aarch64"), str(exe)])
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
     assert "ok neon " in got.stdout and "ok generic " in got.stdout and "default neon" in got.stdout
+
+
+# ------------------------------------------------------------------------------------------------- backend=auto
+def test_auto_says_what_it_picked_and_why(rng, caplog, monkeypatch):
+    import logging
+
+    from runtime import session as session_module
+    a = make_inputs(rng, lead=(2,))
+    model = single_op_model(a, top_k=2).SerializeToString()
+    monkeypatch.delenv("MOEFY_ISA", raising=False)
+    with caplog.at_level(logging.INFO, logger="moefy.runtime"):
+        sess = runtime.InferenceSession(model)
+    if runtime.cpp_available():
+        best = runtime.isa_paths()["best"]
+        assert (sess.backend, sess.isa) == ("cpp", best)
+        assert f"on the {best} path" in sess.backend_reason
+    else:
+        assert sess.backend == "numba-split" and "not built" in sess.backend_reason
+    assert [r.getMessage() for r in caplog.records] == [f"backend auto -> {sess.backend}: {sess.backend_reason}"]
+    # Without the library auto falls back to the Numba kernels between ONNX Runtime sessions, and says why.
+    monkeypatch.setattr(session_module, "cpp_available", lambda: False)
+    sess = runtime.InferenceSession(model)
+    assert sess.backend == "numba-split" and "C++ library was not built" in sess.backend_reason
+    np.testing.assert_allclose(sess.run(None, {"X": a["X"]})[0], reference.sparse_expert_ffn(a, top_k=2), atol=1e-5)
