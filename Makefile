@@ -7,7 +7,7 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench clean
+.PHONY: setup data demo eval test bench wheel-check clean
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -52,6 +52,24 @@ bench: setup
 
 test: setup
 	cd tests && ../$(BIN)/python -m pytest -q
+
+# The wheel as a user gets it: `pip wheel .`, installed into a fresh venv, the kernels of every instruction-set
+# path this CPU runs checked against the NumPy reference from outside the source tree (a few minutes).
+WHEEL_DIR ?= build/wheel-check
+wheel-check:
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps -w $(WHEEL_DIR)/dist .
+	$(PY) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/dist/moefy-*.whl pytest
+	cp -r tests $(WHEEL_DIR)/tests
+	cd $(WHEEL_DIR)/tests && ../venv/bin/python -c "import runtime; assert 'site-packages' in runtime.__file__; \
+	  print('installed:', runtime.__file__, runtime.isa_paths())"
+	cd $(WHEEL_DIR)/tests && ../venv/bin/python -m pytest -q test_isa_paths.py -p no:cacheprovider -k "not kernel_core"
+	cd $(WHEEL_DIR)/tests && for isa in $$(../venv/bin/python -c "import runtime; \
+	  print(' '.join(p['name'] for p in runtime.isa_paths()['paths'] if p['runs']))"); do \
+	  echo "MOEFY_ISA=$$isa"; MOEFY_ISA=$$isa ../venv/bin/python -m pytest -q test_kernels.py test_int8.py \
+	  -p no:cacheprovider || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(OUT) build
