@@ -238,8 +238,11 @@ inline int64_t next_group(int64_t left) {
   return left >= kTB ? kTB : left >= kTB2 ? kTB2 : left >= kTB4 ? kTB4 : 1;
 }
 
-// Rows per step: a step of a panel stays in L1 while every token group of the block uses it.
-constexpr int64_t kRowStep = 64;
+// Rows per step: a step of a panel stays in L1 while every token group of the block uses it. Blocks of
+// many tokens take long steps (fewer reloads of the output tile); blocks of few tokens, which mostly stream
+// weights, take short ones (4096x11008, one thread: 32 rows made 1 and 16 tokens 5-10% faster on the avx512
+// path and 128 tokens 10% slower; benchmarks/README.md, item 14).
+constexpr int64_t kRowStep = 64, kShortRowStep = 32, kLongStepTokens = 16;
 // How far ahead the token groups of a block prefetch the packed stream, and into which cache. Several tokens:
 // 32 KiB ahead into L2 (prefetcht1), so that many lines are in flight while the math runs (prefetching one
 // step ahead into L1, whose few miss buffers cap the lines in flight, left 16 tokens on 4096x11008 at 17-18
@@ -280,10 +283,11 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
     const int64_t w = c + kPanel <= cols ? kPanel : L;
     const Wt* panel = packed + rows * c;
     for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
-    const int64_t step_bytes = kRowStep * w * static_cast<int64_t>(sizeof(Wt));
+    const int64_t row_step = n >= kLongStepTokens ? kRowStep : kShortRowStep;
+    const int64_t step_bytes = row_step * w * static_cast<int64_t>(sizeof(Wt));
     const int64_t ahead = n == 1 ? step_bytes : (kPrefetchBytes + step_bytes - 1) / step_bytes * step_bytes;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowStep) {
-      const int64_t step = rows - r0 < kRowStep ? rows - r0 : kRowStep;
+    for (int64_t r0 = 0; r0 < rows; r0 += row_step) {
+      const int64_t step = rows - r0 < row_step ? rows - r0 : row_step;
       const Wt* chunk = panel + r0 * w;
       // The bytes of the packed stream `ahead` of this step (panels and experts lie back to back; past the
       // end of the buffer a prefetch is harmless).
