@@ -293,7 +293,17 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
       // end of the buffer a prefetch is harmless).
       const char* next = reinterpret_cast<const char*>(chunk) + ahead;
       const int64_t per_row = (step_bytes / 64 + step - 1) / step;
-      if (n == 1 && w == kPanel)
+      if (sizeof(Wt) == 1 && n >= 2 * kTB) {
+        // int8 weights and several token groups: widen the step once into an L1 buffer that every group
+        // then reads as floats, instead of each group widening every weight again (with one group, that
+        // is an extra store and load per weight: slower).
+        float wide[kRowStep * kPanel];
+        for (int64_t i = 0; i < step * w; i += L) store(wide + i, load(chunk + i));
+        if (w == kPanel)
+          panel_tokens<kV>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, step_bytes / 64);
+        else
+          panel_tokens<1>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, step_bytes / 64);
+      } else if (n == 1 && w == kPanel)
         panel_row<kV, 3>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, per_row);
       else if (n == 1)
         panel_row<1, 3>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, per_row);
