@@ -71,7 +71,7 @@ class InferenceSession:
             Numba threads need the cores between ONNX Runtime calls). Turn it off when other sessions
             or engines share the cores.
         sess_options: ONNX Runtime options to start from (not numba-split; overrides threads and spinning).
-        isa: instruction-set path of the C++ kernels (backend cpp): "avx512", "avx2", "sse2" (x86-64), "neon"
+        isa: instruction-set path of the C++ kernels (backend cpp): "avx512", "avx2", "sse41", "sse2" (x86-64), "neon"
             (aarch64) or "auto" (the widest this CPU runs); default: $MOEFY_ISA, else "auto". A path this CPU
             cannot run is refused with the features it lacks (``runtime.isa_paths()`` lists them).
     """

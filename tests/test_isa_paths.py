@@ -107,11 +107,13 @@ def test_each_path_matches_the_reference(isa, case, rng):
 def test_dispatcher_picks_the_widest_path_the_cpu_runs():
     info = runtime.isa_paths()
     flags = cpu_flags()
-    if X86:
+    if X86:  # /proc/cpuinfo's names: pni is SSE3, abm is LZCNT
         v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
         v3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"}
-        want = "avx512" if v4 | v3 <= flags else "avx2" if v3 <= flags else "sse2"
-        assert [p["name"] for p in info["paths"]] == ["avx512", "avx2", "sse2"]
+        v2 = {"pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16", "lahf_lm"}
+        want = ("avx512" if v4 | v3 | v2 <= flags else "avx2" if v3 | v2 <= flags else "sse41" if v2 <= flags
+                else "sse2")
+        assert [p["name"] for p in info["paths"]] == ["avx512", "avx2", "sse41", "sse2"]
     else:
         want = "neon"
     assert info["best"] == want
@@ -190,7 +192,7 @@ def run_check(cmd: list[str], env_isa: str | None = None) -> subprocess.Complete
 def test_kernel_core_every_path_here(kernel_check):
     got = run_check([str(kernel_check)])
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
-    native = runnable_paths() or (["avx512", "avx2", "sse2"] if X86 else ["neon"])
+    native = runnable_paths() or (["avx512", "avx2", "sse41", "sse2"] if X86 else ["neon"])
     for isa in [*native, "generic"]:
         assert f"ok {isa} " in got.stdout
     # A forced path of another architecture: a clear error and exit code 2, not a signal.
@@ -200,7 +202,8 @@ def test_kernel_core_every_path_here(kernel_check):
 
 # CPU models (qemu-x86_64 -cpu) and what the dispatcher must make of them. TCG emulates AVX2 since QEMU 7.2, never
 # AVX-512, so these are the CPUs a laptop may have that this machine may not be.
-QEMU_CPUS = {"Nehalem": ("sse2", ["sse2"]), "Haswell": ("avx2", ["avx2", "sse2"])}
+QEMU_CPUS = {"qemu64": ("sse2", ["sse2"]), "Nehalem": ("sse41", ["sse41", "sse2"]),
+             "Haswell": ("avx2", ["avx2", "sse41", "sse2"])}
 
 
 @needs_toolchain

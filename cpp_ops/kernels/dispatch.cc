@@ -23,6 +23,9 @@ namespace avx512 { extern const IsaKernels kKernels; }
 #if MOEFY_HAVE_AVX2
 namespace avx2 { extern const IsaKernels kKernels; }
 #endif
+#if MOEFY_HAVE_SSE41
+namespace sse41 { extern const IsaKernels kKernels; }
+#endif
 #if MOEFY_HAVE_SSE2
 namespace sse2 { extern const IsaKernels kKernels; }
 #endif
@@ -42,8 +45,8 @@ struct Feature {
 
 #if MOEFY_X86
 struct X86Features {
-  Feature sse2, avx, avx2, fma, f16c, bmi1, bmi2, lzcnt, movbe, avx512f, avx512bw, avx512cd, avx512dq, avx512vl,
-      os_avx, os_avx512;
+  Feature sse2, sse3, ssse3, sse41, sse42, popcnt, cx16, lahf, avx, avx2, fma, f16c, bmi1, bmi2, lzcnt, movbe,
+      avx512f, avx512bw, avx512cd, avx512dq, avx512vl, os_avx, os_avx512;
   X86Features() {
     unsigned a = 0, b = 0, c = 0, d = 0;
     unsigned c1 = 0, d1 = 0, b7 = 0, c81 = 0;
@@ -58,6 +61,13 @@ struct X86Features {
     }
     auto bit = [](unsigned r, int i) { return ((r >> i) & 1u) != 0; };
     sse2 = {"sse2", bit(d1, 26)};
+    sse3 = {"sse3", bit(c1, 0)};
+    ssse3 = {"ssse3", bit(c1, 9)};
+    sse41 = {"sse4.1", bit(c1, 19)};
+    sse42 = {"sse4.2", bit(c1, 20)};
+    popcnt = {"popcnt", bit(c1, 23)};
+    cx16 = {"cx16", bit(c1, 13)};
+    lahf = {"lahf_lm", bit(c81, 0)};
     avx = {"avx", bit(c1, 28)};
     fma = {"fma", bit(c1, 12)};
     f16c = {"f16c", bit(c1, 29)};
@@ -90,7 +100,9 @@ std::string missing_features(const std::string& name) {
   };
 #if MOEFY_X86
   const X86Features& f = x86();
-  if (name == "sse2") need(f.sse2);
+  need(f.sse2);
+  if (name == "sse41" || name == "avx2" || name == "avx512")  // x86-64-v2, which v3 and v4 include
+    for (const Feature& g : {f.sse3, f.ssse3, f.sse41, f.sse42, f.popcnt, f.cx16, f.lahf}) need(g);
   if (name == "avx2" || name == "avx512")  // x86-64-v3, which the avx512 path's -march=x86-64-v4 includes
     for (const Feature& g : {f.avx, f.avx2, f.fma, f.f16c, f.bmi1, f.bmi2, f.lzcnt, f.movbe, f.os_avx}) need(g);
   if (name == "avx512")
@@ -109,6 +121,9 @@ const IsaKernels* const kPaths[] = {
 #if MOEFY_HAVE_AVX2
     &avx2::kKernels,
 #endif
+#if MOEFY_HAVE_SSE41
+    &sse41::kKernels,
+#endif
 #if MOEFY_HAVE_SSE2
     &sse2::kKernels,
 #endif
@@ -121,7 +136,7 @@ const IsaKernels* const kPaths[] = {
 };
 
 // Every path name any build knows, so a request for a path of another build gets a precise answer.
-const char* const kKnown[] = {"avx512", "avx2", "sse2", "neon", "generic"};
+const char* const kKnown[] = {"avx512", "avx2", "sse41", "sse2", "neon", "generic"};
 
 std::string runnable_list() {
   std::string s;

@@ -81,6 +81,11 @@ inline vf load(const int8_t* p) {
 #elif MOEFY_LANES == 8 && defined(__AVX2__)
   __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   __builtin_memcpy(&out, &f, sizeof out);
+#elif MOEFY_LANES == 4 && defined(__SSE4_1__)
+  int32_t bytes;
+  __builtin_memcpy(&bytes, p, 4);
+  __m128 f = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(bytes)));
+  __builtin_memcpy(&out, &f, sizeof out);
 #elif MOEFY_LANES == 4 && defined(__SSE2__)
   int32_t bytes;
   __builtin_memcpy(&bytes, p, 4);
@@ -249,6 +254,11 @@ constexpr int64_t kRowStep = 64, kShortRowStep = 32, kLongStepTokens = 16;
 // GB/s; this way 23-26). A single token does almost no math per byte: one step ahead into L1 streams fastest
 // there (AVX2 path, 4096x11008: 3.6-3.8 ms against 4.6-4.9 ms at one token). benchmarks/README.md, item 11.
 constexpr int64_t kPrefetchBytes = 32 << 10;
+// int8 blocks of at least this many tokens widen each step once into an L1 float buffer (apply_panels). On
+// the AVX paths a block of one or two groups is faster widening in registers (the buffer costs a store and a
+// load per weight); on the 4-lane paths widening takes three to five instructions per vector, so any block
+// of two tokens or more gains (measured: BERT-base int8, 16 tokens, sse41 path 1745 -> 1601 us).
+constexpr int64_t kWidenTokens = kTB > 2 ? 2 * kTB : 2;
 
 template <int V, typename Wt>
 void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, const Wt* panel,
@@ -293,10 +303,9 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
       // end of the buffer a prefetch is harmless).
       const char* next = reinterpret_cast<const char*>(chunk) + ahead;
       const int64_t per_row = (step_bytes / 64 + step - 1) / step;
-      if (sizeof(Wt) == 1 && n >= 2 * kTB) {
+      if (sizeof(Wt) == 1 && n >= kWidenTokens) {
         // int8 weights and several token groups: widen the step once into an L1 buffer that every group
-        // then reads as floats, instead of each group widening every weight again (with one group, that
-        // is an extra store and load per weight: slower).
+        // then reads as floats, instead of each group widening every weight again.
         float wide[kRowStep * kPanel];
         for (int64_t i = 0; i < step * w; i += L) store(wide + i, load(chunk + i));
         if (w == kPanel)

@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
     }
     paths.push_back(c.kernels);
   } else {
-    for (const char* name : {"avx512", "avx2", "sse2", "neon", "generic"})
+    for (const char* name : {"avx512", "avx2", "sse41", "sse2", "neon", "generic"})
       if (const moefy::IsaChoice c = moefy::choose_isa(name); c.kernels) paths.push_back(c.kernels);
   }
   int failed = 0;
