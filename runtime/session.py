@@ -23,10 +23,11 @@ log = logging.getLogger("moefy.runtime")
 def choose_backend(isa: str | None = None) -> tuple[str, str]:
     """What ``backend="auto"`` runs on this machine, and why.
 
-    The rule comes from the side-by-side benchmarks (benchmarks/README.md, "Which backend auto picks"): with the
-    C++ library built, its kernels on the widest path the CPU runs were at least as fast as the Numba kernels on
-    every benchmarked shape, token count and thread count, on every path measured (avx512, avx2, sse2). Without
-    the library, only numba-split runs (the numba backend also needs the library, as its host op).
+    The rule comes from the side-by-side benchmarks (benchmarks/README.md, item 15): with the C++ library
+    built, its kernels on the path the CPU gets were faster than the Numba kernels on every benchmarked shape
+    (MiniLM, BERT-base, SmolLM2 gated, 4096x11008), token count (1, 16, 128), thread count (1, 2) and weight type
+    on the avx512 and avx2 paths, and within 10% of Numba compiled for the same CPU on the sse41 path. Without
+    the library only numba-split runs (the numba backend needs the library too, as its host op).
     """
     if not cpp_available():
         return "numba-split", ("the C++ library was not built at install time (no C++ compiler or ONNX Runtime "
