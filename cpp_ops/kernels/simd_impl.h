@@ -45,19 +45,19 @@ typedef int32_t vi __attribute__((vector_size(L * 4)));
 // Unaligned loads and stores and broadcasts through the ISA's own instructions: GCC's lowering of the
 // generic forms (memcpy into a vector, a vector filled lane by lane) gave lane-by-lane inserts and stack
 // round trips on AVX2 builds.
-#if MOEFY_LANES == 16 && defined(__AVX512F__)
+#if MOEFY_LANES == 16 && defined(__AVX512F__) && !defined(MOEFY_PORTABLE)
 inline vf load(const float* p) { return (vf)_mm512_loadu_ps(p); }
 inline void store(float* p, vf v) { _mm512_storeu_ps(p, (__m512)v); }
 inline vf splat(float s) { return (vf)_mm512_set1_ps(s); }
-#elif MOEFY_LANES == 8 && defined(__AVX__)
+#elif MOEFY_LANES == 8 && defined(__AVX__) && !defined(MOEFY_PORTABLE)
 inline vf load(const float* p) { return (vf)_mm256_loadu_ps(p); }
 inline void store(float* p, vf v) { _mm256_storeu_ps(p, (__m256)v); }
 inline vf splat(float s) { return (vf)_mm256_set1_ps(s); }
-#elif MOEFY_LANES == 4 && defined(__SSE2__)
+#elif MOEFY_LANES == 4 && defined(__SSE2__) && !defined(MOEFY_PORTABLE)
 inline vf load(const float* p) { return (vf)_mm_loadu_ps(p); }
 inline void store(float* p, vf v) { _mm_storeu_ps(p, (__m128)v); }
 inline vf splat(float s) { return (vf)_mm_set1_ps(s); }
-#elif MOEFY_LANES == 4 && defined(__ARM_NEON)
+#elif MOEFY_LANES == 4 && defined(__ARM_NEON) && !defined(MOEFY_PORTABLE)
 inline vf load(const float* p) { return (vf)vld1q_f32(p); }
 inline void store(float* p, vf v) { vst1q_f32(p, (float32x4_t)v); }
 inline vf splat(float s) { return (vf)vdupq_n_f32(s); }
@@ -75,18 +75,18 @@ inline vf splat(float s) { return s - vf{}; }  // x - (+0) == x for every x, so 
 // vector. Intrinsics, because GCC 12 lowers a vector-extension int8 -> float conversion to scalar ones.
 inline vf load(const int8_t* p) {
   vf out;
-#if MOEFY_LANES == 16 && defined(__AVX512F__)
+#if MOEFY_LANES == 16 && defined(__AVX512F__) && !defined(MOEFY_PORTABLE)
   __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   __builtin_memcpy(&out, &f, sizeof out);
-#elif MOEFY_LANES == 8 && defined(__AVX2__)
+#elif MOEFY_LANES == 8 && defined(__AVX2__) && !defined(MOEFY_PORTABLE)
   __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   __builtin_memcpy(&out, &f, sizeof out);
-#elif MOEFY_LANES == 4 && defined(__SSE4_1__)
+#elif MOEFY_LANES == 4 && defined(__SSE4_1__) && !defined(MOEFY_PORTABLE)
   int32_t bytes;
   __builtin_memcpy(&bytes, p, 4);
   __m128 f = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(bytes)));
   __builtin_memcpy(&out, &f, sizeof out);
-#elif MOEFY_LANES == 4 && defined(__SSE2__)
+#elif MOEFY_LANES == 4 && defined(__SSE2__) && !defined(MOEFY_PORTABLE)
   int32_t bytes;
   __builtin_memcpy(&bytes, p, 4);
   __m128i b = _mm_cvtsi32_si128(bytes);
@@ -94,7 +94,7 @@ inline vf load(const int8_t* p) {
   b = _mm_unpacklo_epi16(b, b);  // each byte four times: the arithmetic shift keeps its sign
   __m128 f = _mm_cvtepi32_ps(_mm_srai_epi32(b, 24));
   __builtin_memcpy(&out, &f, sizeof out);
-#elif MOEFY_LANES == 4 && defined(__ARM_NEON)
+#elif MOEFY_LANES == 4 && defined(__ARM_NEON) && !defined(MOEFY_PORTABLE)
   int32_t bytes;
   __builtin_memcpy(&bytes, p, 4);
   int16x8_t h = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(bytes)));
