@@ -212,8 +212,8 @@ inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const W
 }
 
 // A single token (decode): the tile has only V accumulators, too few chains to hide the FMA latency, so
-// even and odd rows go to two accumulator sets. kHint: the prefetch's cache level (3: L1, 2: L2).
-template <int V, int kHint = 2, typename Wt>
+// even and odd rows go to two accumulator sets.
+template <int V, typename Wt>
 inline void panel_row(const float* a, int64_t r0, int64_t rows, const Wt* panel, float* out, bool accumulate,
                       const char* prefetch, int64_t prefetch_per_row) {
   vf acc0[V], acc1[V];
@@ -221,7 +221,7 @@ inline void panel_row(const float* a, int64_t r0, int64_t rows, const Wt* panel,
   int64_t r = 0;
   for (; r + 2 <= rows; r += 2) {
     for (int64_t q = 0; q < 2 * prefetch_per_row; ++q)
-      __builtin_prefetch(prefetch + (r * prefetch_per_row + q) * 64, 0, kHint);
+      __builtin_prefetch(prefetch + (r * prefetch_per_row + q) * 64, 0, 2);
     const vf a0 = splat(a[r0 + r]), a1 = splat(a[r0 + r + 1]);
     for (int v = 0; v < V; ++v) {
       acc0[v] += a0 * load(panel + r * L * V + L * v);
@@ -248,12 +248,17 @@ inline int64_t next_group(int64_t left) {
 // weights, take short ones (4096x11008, one thread: 32 rows made 1 and 16 tokens 5-10% faster on the avx512
 // path and 128 tokens 10% slower; benchmarks/README.md, item 14).
 constexpr int64_t kRowStep = 64, kShortRowStep = 32, kLongStepTokens = 16;
-// How far ahead the token groups of a block prefetch the packed stream, and into which cache. Several tokens:
-// 32 KiB ahead into L2 (prefetcht1), so that many lines are in flight while the math runs (prefetching one
-// step ahead into L1, whose few miss buffers cap the lines in flight, left 16 tokens on 4096x11008 at 17-18
-// GB/s; this way 23-26). A single token does almost no math per byte: one step ahead into L1 streams fastest
-// there (AVX2 path, 4096x11008: 3.6-3.8 ms against 4.6-4.9 ms at one token). benchmarks/README.md, item 11.
-constexpr int64_t kPrefetchBytes = 32 << 10;
+// How far ahead the token groups of a block prefetch the packed stream, into L2 (prefetcht1); 0: not at all;
+// kPrefetchBytes for blocks of kLongStepTokens or more, kPrefetchFewBytes for fewer. Measured on AMD Zen 4,
+// 4096x11008, one thread (benchmarks/README.md, items 11 and 14): prefetching one step ahead into L1 left the
+// loads waiting at 16 tokens (17-18 GB/s: L1's few miss buffers cap the lines in flight); 32 KiB ahead into L2
+// streams at 23-26 GB/s, except that the AVX-512 path does better at 16 tokens leaving it to the hardware
+// prefetcher (13.5 vs 14.9 ms; at 128 tokens it needs it: 78 vs 63 ms). A single token does almost no math per
+// byte and streams fastest with no software prefetch on every path (3.0 vs 3.5 ms).
+#ifndef MOEFY_PREFETCH_FEW_BYTES
+#define MOEFY_PREFETCH_FEW_BYTES (32 << 10)
+#endif
+constexpr int64_t kPrefetchBytes = 32 << 10, kPrefetchFewBytes = MOEFY_PREFETCH_FEW_BYTES;
 // int8 blocks of at least this many tokens widen each step once into an L1 float buffer (apply_panels). On
 // the AVX paths a block of one or two groups is faster widening in registers (the buffer costs a store and a
 // load per weight); on the 4-lane paths widening takes three to five instructions per vector, so any block
@@ -295,31 +300,32 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
     for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
     const int64_t row_step = n >= kLongStepTokens ? kRowStep : kShortRowStep;
     const int64_t step_bytes = row_step * w * static_cast<int64_t>(sizeof(Wt));
-    const int64_t ahead = n == 1 ? step_bytes : (kPrefetchBytes + step_bytes - 1) / step_bytes * step_bytes;
+    const int64_t distance = n >= kLongStepTokens ? kPrefetchBytes : kPrefetchFewBytes;
+    const int64_t ahead = (distance + step_bytes - 1) / step_bytes * step_bytes;
+    const int64_t lines = distance > 0 ? step_bytes / 64 : 0;  // to prefetch per step
     for (int64_t r0 = 0; r0 < rows; r0 += row_step) {
       const int64_t step = rows - r0 < row_step ? rows - r0 : row_step;
       const Wt* chunk = panel + r0 * w;
       // The bytes of the packed stream `ahead` of this step (panels and experts lie back to back; past the
       // end of the buffer a prefetch is harmless).
       const char* next = reinterpret_cast<const char*>(chunk) + ahead;
-      const int64_t per_row = (step_bytes / 64 + step - 1) / step;
       if (sizeof(Wt) == 1 && n >= kWidenTokens) {
         // int8 weights and several token groups: widen the step once into an L1 buffer that every group
         // then reads as floats, instead of each group widening every weight again.
         float wide[kRowStep * kPanel];
         for (int64_t i = 0; i < step * w; i += L) store(wide + i, load(chunk + i));
         if (w == kPanel)
-          panel_tokens<kV>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, step_bytes / 64);
+          panel_tokens<kV>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, lines);
         else
-          panel_tokens<1>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, step_bytes / 64);
+          panel_tokens<1>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, lines);
       } else if (n == 1 && w == kPanel)
-        panel_row<kV, 3>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, per_row);
+        panel_row<kV>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, 0);
       else if (n == 1)
-        panel_row<1, 3>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, per_row);
+        panel_row<1>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, 0);
       else if (w == kPanel)
-        panel_tokens<kV>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, step_bytes / 64);
+        panel_tokens<kV>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, lines);
       else
-        panel_tokens<1>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, step_bytes / 64);
+        panel_tokens<1>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, lines);
     }
     c += w;
   }
