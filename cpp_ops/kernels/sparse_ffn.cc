@@ -395,7 +395,7 @@ void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t 
 
 void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const ParallelFor& pfor, std::size_t workers) {
   const int64_t T = p.tokens, d = p.d, E = p.experts, k = p.top_k;
-  if (T == 0) return;
+  if (T == 0 || d == 0) return;  // Y is empty (and memcpy below must not be handed null pointers)
 
   // Output starts at B2 + sum_e U[e]; each selected expert then adds its output minus U[e].
   std::vector<float> base(d, 0.f);
