@@ -7,7 +7,7 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench clean
+.PHONY: setup data demo eval test test-sanitize bench clean
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -52,6 +52,11 @@ bench: setup
 
 test: setup
 	cd tests && ../$(BIN)/python -m pytest -q
+
+# The sanitizer job alone (also part of `make test`): the C++ library built with -fsanitize=address,undefined
+# into build/sanitize, a seeded sweep of valid and malformed problems through it; fails on any report.
+test-sanitize: setup
+	cd tests && ../$(BIN)/python -m pytest -q test_sanitize.py
 
 clean:
 	rm -rf $(VENV) $(OUT) build
