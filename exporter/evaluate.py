@@ -85,8 +85,10 @@ def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[SparseFFNLayer]]:
     """The exporter's config and calibration metadata, and each layer's operator (node order = layer order)."""
     path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"{path} is a directory; pass an ONNX file written by moe-export")
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist or is not a file")
+        raise FileNotFoundError(f"ONNX model {path} does not exist")
     try:
         model = onnx.load(os.fspath(path))
     except Exception as e:  # protobuf's DecodeError and friends

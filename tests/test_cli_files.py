@@ -107,6 +107,8 @@ def test_moe_eval_refuses_bad_outputs_before_the_work(capsys, tmp_path, tiny_ber
     code = eval_main([str(tiny_bert_dir), "--curve", str(tmp_path / "afile" / "curve"), "--experts", "4", "--shares",
                       "0.25,0.5"])
     assert_clean_error(code, capsys.readouterr().err, "exists and is not a directory")
+    code = eval_main([str(tiny_bert_dir), str(tmp_path / "adir"), "--tasks", "none"])  # a directory as the model
+    assert_clean_error(code, capsys.readouterr().err, f"{tmp_path / 'adir'} is a directory; pass an ONNX file")
 
 
 @pytest.mark.parametrize("tool", ["moe-export", "moe-eval"])
