@@ -7,7 +7,7 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench wheel-check clean
+.PHONY: setup data demo eval test test-sanitize bench wheel-check clean
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -70,6 +70,11 @@ wheel-check:
 	  print(' '.join(p['name'] for p in runtime.isa_paths()['paths'] if p['runs']))"); do \
 	  echo "MOEFY_ISA=$$isa"; MOEFY_ISA=$$isa ../venv/bin/python -m pytest -q test_kernels.py test_int8.py \
 	  -p no:cacheprovider || exit 1; done
+
+# The sanitizer job alone (also part of `make test`): the C++ library built with -fsanitize=address,undefined
+# into build/sanitize, a seeded sweep of valid and malformed problems through it; fails on any report.
+test-sanitize: setup
+	cd tests && ../$(BIN)/python -m pytest -q test_sanitize.py
 
 clean:
 	rm -rf $(VENV) $(OUT) build

@@ -7,6 +7,7 @@ import sys
 from .distill import HOLDOUT_MAX, MAX_STEPS
 from .export import TARGETS, export
 from .moefy import CORRECTIONS, ROUTERS, SPLITS
+from .outfile import Interrupted, interruptible
 from .quantize import WEIGHT_TYPES
 from .text import CALIB_LINES, DISTILL_TEXTS
 from runtime.session import BACKENDS
@@ -111,15 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
-        report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
-                        split=args.split, router=args.router, correction=args.correction,
-                        shared_experts=args.shared_experts, budget=args.budget, dynamic_k=args.dynamic_k, calib=args.calib,
-                        save_moefied_dir=args.save_moefied_dir, seed=args.seed, backend=args.backend, rtol=args.rtol,
-                        weights=args.weights, distill=args.distill, distill_steps=args.distill_steps,
-                        distill_texts=args.distill_texts,
-                        relufy=args.relufy, relufy_minutes=args.relufy_minutes, calib_cache=args.calib_cache,
-                        progress=not args.quiet, log=log)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        with interruptible():
+            report = export(args.model_dir, args.output, experts=args.experts, top_k=args.top_k, target=args.target,
+                            split=args.split, router=args.router, correction=args.correction,
+                            shared_experts=args.shared_experts, budget=args.budget, dynamic_k=args.dynamic_k,
+                            calib=args.calib, save_moefied_dir=args.save_moefied_dir, seed=args.seed,
+                            backend=args.backend, rtol=args.rtol, weights=args.weights, distill=args.distill,
+                            distill_steps=args.distill_steps, distill_texts=args.distill_texts,
+                            relufy=args.relufy, relufy_minutes=args.relufy_minutes, calib_cache=args.calib_cache,
+                            progress=not args.quiet, log=log)
+    except Interrupted as e:
+        print(f"moe-export: interrupted ({e}); nothing was written", file=sys.stderr)
+        return 128 + e.signum
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: an output path or disk that fails (outfile.py)
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -5,10 +5,8 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,6 +22,7 @@ from .distill import MAX_STEPS, DistillResult, check_distill, distill as distill
 from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split, install_moe, last_hidden_state,
                     load_model, moefy, needs_calibration, save_moefied)
 from .moe_ffn import MoEFFN
+from .outfile import atomic_path, check_output, check_output_dir, writing
 from .datasets import calibration_texts
 from .quantize import WEIGHT_TYPES
 from .relufy import check_relufy, relufy as relufy_model
@@ -142,9 +141,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         check_budget(budget, experts, shared_experts)
     else:
         check_split(experts, 8 if top_k is None else top_k, shared=shared_experts)  # before the (slow) model load
-    output = Path(output)
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"output directory {output.parent} does not exist")
+    output = check_output(output)  # a directory, a read-only place ...: said now, not after the work
+    if save_moefied_dir:
+        check_output_dir(save_moefied_dir, "--save-moefied")
     trains = distill is not None or relufy is not None
     n_texts = max(CALIB_LINES, distill_texts) if trains else CALIB_LINES  # calibration + distillation texts
     calib_texts = load_texts(calib) if calib is not None else None  # fail early on a bad file
@@ -252,12 +251,12 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     log(f"tracing to ONNX ({target} target)")
     wrapper = _Outputs(model, batch, adapter.output_names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in list(batch) + list(adapter.output_names)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
+    # Written to a temporary file beside the output, renamed onto it once validated (outfile.py).
+    with atomic_path(output) as tmp:
+        tmp = str(tmp)
         # The TorchScript exporter is deprecated upstream but is the one that carries custom ops
         # through autograd.Function.symbolic; its warnings (and HF's tracer warnings) are noise here.
-        with torch.no_grad(), warnings.catch_warnings():
+        with writing(output), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, tuple(batch.values()), tmp, dynamo=False, input_names=list(batch),
                               output_names=list(adapter.output_names), dynamic_axes=axes, opset_version=OPSET,
@@ -265,7 +264,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         proto = onnx.load(tmp)
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps({**moe_cfg.to_dict(), "weights": weights}))
         proto.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(calibration))
-        onnx.save(proto, tmp)
+        with writing(output):
+            onnx.save(proto, tmp)
         onnx.checker.check_model(tmp, full_check=False)
 
         log("validating with ONNX Runtime")
@@ -285,9 +285,5 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         if not max_rel <= rtol:
             raise ValidationError(f"ONNX model differs from the PyTorch MoEfied model: max rel diff {max_rel:.2e} "
                                   f"> {rtol:.0e} (max abs {max_abs:.2e}); nothing was written")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return ExportReport(str(output), target, moe_cfg, output.stat().st_size, max_abs, max_rel, cos,
                         int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0, weights)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .adapters import FFNAdapter, adapter_for
 from .config import CONFIG_FILE, ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
+from .outfile import staged_directory
 from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
 from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
 
@@ -34,8 +35,12 @@ def _read_model_type(model_dir: Path) -> tuple[str, dict]:
         config = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {cfg}: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
     if "model_type" not in config:
         raise ModelLoadError(f"{cfg} has no model_type")
+    if not isinstance(config["model_type"], str):
+        raise ModelLoadError(f"{cfg}: model_type must be a string, got {config['model_type']!r}")
     return config["model_type"], config
 
 
@@ -318,12 +323,11 @@ def mean_correction(ffn, selected: np.ndarray, h: np.ndarray, config: MoEConfig,
 
 def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:
     """A Hugging Face directory (permuted weights: still the dense model) plus the MoE config and routers."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    save_file({k: np.ascontiguousarray(v) for k, v in routers.items()}, directory / ROUTERS_FILE)
-    config.save(directory)
+    with staged_directory(directory, "--save-moefied") as tmp:  # whole or not at all
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: np.ascontiguousarray(v) for k, v in routers.items()}, tmp / ROUTERS_FILE)
+        config.save(tmp)
 
 
 def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> None:

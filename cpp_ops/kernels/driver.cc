@@ -188,7 +188,7 @@ void sparse_ffn(const SparseFFNProblem& p, const IsaKernels& isa, const Parallel
 
 void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const ParallelFor& pfor, std::size_t workers) {
   const int64_t T = p.tokens, d = p.d, E = p.experts, k = p.top_k;
-  if (T == 0) return;
+  if (T == 0 || d == 0) return;  // Y is empty (and memcpy below must not be handed null pointers)
   const IsaKernels& isa = *pk.isa;
   CallScratch& cs = call_scratch();
 

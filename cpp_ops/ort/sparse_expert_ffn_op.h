@@ -9,6 +9,7 @@
 #include <memory>
 #include <string_view>
 
+#include "attributes.h"
 #include "kernels/sparse_ffn.h"
 #include "moefy_spec.h"
 
@@ -31,9 +32,7 @@ class Kernel {
   void Compute(OrtKernelContext* context);
   const IsaKernels* isa_ = nullptr;
   std::size_t workers_ = 1;  // per-worker output accumulators (ONNX Runtime's pool spans the cores)
-  int64_t top_k_ = 0, min_k_ = spec::kDefaultMinK;
-  float score_threshold_ = -std::numeric_limits<float>::infinity();
-  int activation_ = 0;
+  OpAttributes attrs_;
   // First-layer (and gate) weights repacked at session creation when they are initializers.
   std::unique_ptr<PackedWeights> packed_;
   std::vector<int64_t> packed_shape_;
