@@ -52,6 +52,32 @@ def _prefer_512_bit_vectors() -> None:
 
 _prefer_512_bit_vectors()
 
+
+def _cache_by_content() -> None:
+    """Numba keys a cached function on its own source file only: numba_host's cfuncs inline this module's
+    functions, so after an upgrade that changed only this file they would load stale machine code (an
+    upgrade that fixed the NaN rule of the selection kept the old rule that way). So, unless NUMBA_CACHE_DIR
+    is set, the kernels cache in a directory named after the content of the kernel sources."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from numba.core import config
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = Path(__file__).parent
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("numba_kernels.py", "numba_host.py",
+                                                                         "spec.py"))).hexdigest()[:16]
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moefy" / "numba" / digest
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache: Numba's own places (next to the sources, else its user dir)
+        return
+    config.CACHE_DIR = str(path)
+
+
+_cache_by_content()
+
 # OpenMP's wait policy is left to the user (OMP_WAIT_POLICY / GOMP_SPINCOUNT): measured here, "passive"
 # makes each 2-thread parallel region cost ~0.6 ms on a quiet machine (25 us by default), while on a
 # machine another process keeps busy the default spinning costs ~8 ms per region and "passive" ~5 us.
