@@ -94,3 +94,12 @@ def minilm_dir():
         return bundled_minilm_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def minilm_export(minilm_dir, tmp_path_factory):
+    """The bundled MiniLM exported as `make example` does (32 experts, top-8, custom target), once per run."""
+    from exporter import export
+    out = tmp_path_factory.mktemp("minilm-export") / "minilm-moe.onnx"
+    export(minilm_dir, out, experts=32, top_k=8, progress=False, log=lambda *a: None)
+    return out
