@@ -1,11 +1,14 @@
 """End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's backends (what
 ``backend="auto"`` picks, the C++ kernels on each instruction-set path given by --isa, the Numba kernels inside
-ONNX Runtime, and the graph cut at each FFN with Numba between), side by side in one process. Batch 1, real
+ONNX Runtime, and the graph cut at each FFN with Numba between) and, with --ort-moe, each MoEfied model rewritten
+onto ONNX Runtime's own MoE / QMoE operators (moe-convert --target ort-moe, a stock session with no custom-op
+library), side by side in one process. Batch 1, real
 text cut to each sequence length; backends timed in rotating blocks (benchmarks/timing.py); medians after
 warm-up. --background-load N also times every length with N CPU-bound processes running.
 
     python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx [out/minilm-moe-int8.onnx ...] --out out
     python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx --isa avx512 avx2 --background-load 1
+    python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx --ort-moe --backends auto
 """
 from __future__ import annotations
 
@@ -101,6 +104,21 @@ def numba_vs_cpp(rows: list[dict], isa: str | None) -> list[str]:
             if r["backend"].startswith("moefy numba") and key(r) in cpp]
 
 
+def ort_moe_session(path: Path, out: Path, threads: int) -> dict:
+    """{row name: stock ONNX Runtime session} of ``path`` rewritten onto com.microsoft::MoE / QMoE; empty (and said
+    why) when the stock operators cannot express it."""
+    from exporter.ort_moe import ConversionError, convert
+    converted = out / f"{path.stem}-ort-moe.onnx"
+    try:
+        report = convert(path, converted, check=False)
+    except ConversionError as e:
+        print(f"--ort-moe: {path} not converted: {e}", file=sys.stderr)
+        return {}
+    name = f"ORT {'/'.join(report.ops)} (moe-convert)" + (" int8" if "QMoE" in report.ops else "")
+    return {name: ort.InferenceSession(str(converted), default_options(threads),
+                                                      providers=["CPUExecutionProvider"])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--moe", required=True, nargs="+",
@@ -117,6 +135,9 @@ def main(argv=None) -> int:
                     help=f"instruction-set paths of the C++ kernels to time, each forced in turn (default {default_isa})")
     ap.add_argument("--backends", nargs="+", default=["auto", "cpp", "numba", "numba-split"],
                     choices=["auto", "cpp", "numba", "numba-split"], help="moefy backends to time (default all)")
+    ap.add_argument("--ort-moe", action="store_true",
+                    help="also time each --moe model converted to ONNX Runtime's own MoE / QMoE operators "
+                         "(exporter/ort_moe.py, written to OUT/NAME-ort-moe.onnx) in a stock ONNX Runtime session")
     ap.add_argument("--background-load", type=int, default=0, metavar="N",
                     help="also time with N CPU-bound background processes running (default 0: quiet only)")
     ap.add_argument("--out", default="out", help="directory for bench_e2e.json / bench_e2e.md (default out)")
@@ -146,6 +167,8 @@ def main(argv=None) -> int:
                 name = f"moefy auto (= {auto_choice})" + (" int8" if cfg.get("weights") == "int8" else "")
             sessions[name] = sess
         configs.append(cfg)
+        if args.ort_moe:
+            sessions.update(ort_moe_session(Path(path), out, args.threads))
     moe_cfg = configs[0]
     if any((c.get("experts"), c.get("top_k")) != (moe_cfg.get("experts"), moe_cfg.get("top_k")) for c in configs):
         ap.error("--moe models must share experts and top-k (one Amdahl ceiling per row)")

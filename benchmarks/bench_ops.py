@@ -8,8 +8,9 @@ Backends (same experts, same router, one process, timed in rotating blocks: benc
   moefy numba-split  the Numba kernels called from Python on Numba's own threads (backend="numba-split")
   ... int8      the same with int8 expert weights and row scales (moe-export --weights int8)
   moefy std     the standard-ONNX export (TopK + masked dense; portable, computes every expert)
-  ORT MoE       ONNX Runtime's com.microsoft::MoE fed the same experts and router scores (it weights the
-                selected experts by softmax: timing comparison only)
+  ORT MoE       ONNX Runtime's own com.microsoft::MoE (int8: QMoE) computing the same function: the op's model
+                through moe-convert --target ort-moe (exporter/ort_moe.py; the erf GELU as its tanh form; int8
+                plain GELU has no QMoE form and no row)
   torch eager   a per-expert index_select loop in PyTorch
 
 Methodology after optimum-benchmark: >= 10 warm-up runs, >= 10 timed runs and >= --min-seconds per case,
@@ -127,22 +128,16 @@ def dense_model(w: dict) -> bytes:
                                  helper.make_node("Add", ["y0", "b2"], ["Y"])], inits, domains=["com.microsoft"])
 
 
-def ort_moe_model(w: dict, k: int) -> bytes:
-    """com.microsoft::MoE: fc1 [E, m, d] (gated: [E, 2m, d], gate and up rows interleaved, SwiGLU with alpha 1,
-    beta 0), fc2 [E, d, m]; router scores computed in the graph."""
-    init = lambda a, n: numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n)  # noqa: E731
-    fc1, fc1_b, attrs = w["W1"], w["B1"], {"activation_type": "gelu"}
-    if "Wg" in w:
-        E, m, d = w["W1"].shape
-        fc1 = np.stack([w["Wg"], w["W1"]], axis=2).reshape(E, 2 * m, d)  # gate_0, up_0, gate_1, up_1, ...
-        fc1_b = np.stack([np.zeros_like(w["B1"]), w["B1"]], axis=2).reshape(E, 2 * m)
-        attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
-    return _model([helper.make_node("MatMul", ["X", "Rt"], ["s"]),
-                   helper.make_node("MoE", ["X", "s", "fc1", "fc1_b", "fc2", "fc2_b"], ["Y"], domain="com.microsoft",
-                                    k=k, normalize_routing_weights=0, **attrs)],
-                  [init(w["router_w"].T, "Rt"), init(fc1, "fc1"), init(fc1_b, "fc1_b"),
-                   init(w["W2"].transpose(0, 2, 1), "fc2"),
-                   init(np.tile(w["B2"] / k, (EXPERTS, 1)), "fc2_b")], domains=["com.microsoft"])
+def ort_moe_model(model: bytes) -> bytes | None:
+    """The op's one-node model on ONNX Runtime's com.microsoft::MoE / QMoE, as moe-convert --target ort-moe writes
+    it; None when the stock ops cannot express it."""
+    import onnx
+
+    from exporter.ort_moe import ConversionError, convert_model
+    try:
+        return convert_model(onnx.load_from_string(model))[0].SerializeToString()
+    except ConversionError:
+        return None
 
 
 def standard_model(w: dict, k: int) -> bytes:
@@ -199,8 +194,9 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
                                                                            sess_options=opts)
     if "std" in wanted and "Wg" not in w:
         sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
-    if "ort-moe" in wanted:
-        sessions["ORT MoE"] = ort.InferenceSession(ort_moe_model(w, k), so(), providers=["CPUExecutionProvider"])
+    for suffix, model in models.items() if "ort-moe" in wanted else ():
+        if (converted := ort_moe_model(model)) is not None:
+            sessions[f"ORT MoE{suffix}"] = ort.InferenceSession(converted, so(), providers=["CPUExecutionProvider"])
     eager = torch_sparse(w, k) if "torch" in wanted and "Wg" not in w else None
     rng = np.random.default_rng(1)
     before = CacheEvictor() if args.cold else None
