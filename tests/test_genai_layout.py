@@ -20,7 +20,7 @@ from runtime import spec
 from runtime.reference import sparse_expert_ffn
 
 og = pytest.importorskip("onnxruntime_genai")
-from exporter.genai_layout import GenaiLayoutError, builder_python, export_genai  # noqa: E402
+from exporter.genai_layout import GenaiLayoutError, builder_python, export_genai, greedy  # noqa: E402
 
 try:
     builder_python()
@@ -80,18 +80,7 @@ def contiguous_experts(model_dir: Path, *, top_k: int, seed: int = 0, int8: bool
 
 
 def generate(model_dir: Path, prompt=PROMPT, new_tokens=NEW_TOKENS) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens and the logits of every step (the prompt's last position first) through og.Generator."""
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(prompt, np.int32))
-    tokens, logits = [], []
-    while not gen.is_done():
-        logits.append(np.asarray(gen.get_logits(), np.float32).reshape(-1))
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens, np.stack(logits)
+    return greedy(model_dir, prompt, new_tokens)
 
 
 def reference_logits(model_dir: Path, layers: list[dict], tokens: list[int]) -> np.ndarray:
@@ -187,6 +176,16 @@ def test_bad_operator_inputs_are_refused_before_the_build(tiny_llama, tmp_path, 
     layers[0] = change(layers[0])
     with pytest.raises(GenaiLayoutError, match=message):
         export_genai(tiny_llama, layers, tmp_path / "moe", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_check_leaves_nothing(tiny_llama, tmp_path):
+    def check(model_dir):
+        assert (model_dir / "genai_config.json").is_file()
+        raise ValueError("validation failed")
+    with pytest.raises(ValueError, match="validation failed"):
+        export_genai(tiny_llama, contiguous_experts(tiny_llama, top_k=2), tmp_path / "moe", check=check,
+                     progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
