@@ -9,8 +9,8 @@ Rows (batch 1, greedy; each backend at 1 and 2 threads):
   moefy P% E/D        moefy's fast layout (exporter/genai_layout.py) run by onnxruntime-genai: P% of the FFN
                       active (top 8 or 16 of 32 experts), E = expert weights fp32/int8, D = dense parts fp32/int4
 Each row: prefill ms (a 16- and a 128-token prompt, to the first token) and decode tokens/s after each prompt
-(32 more tokens: (t(prompt + 33 tokens) - t(prompt + 1 token)) / 32, p50s). Backends run in rotating blocks
-(benchmarks/timing.py), all loaded in one process.
+(the 32 tokens after the first), medians of --iters generations timed inside the generation loop (optimum:
+a logits processor stamps each token). Backends run in rotating blocks, all loaded in one process.
 
 The MoE here is for speed, not quality: each FFN split into 32 contiguous experts of 48 neurons, routed by a
 least-squares fit of the experts' output norms on calibration text (a stand-in for moe-export's MoEfication:
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_ops import machine
-from timing import p50_p90, stream_bandwidth, time_blocks
+from timing import SETTLE_SECONDS, stream_bandwidth
 
 EXPERTS = 32
 SHARES = (0.25, 0.5)
@@ -177,7 +177,8 @@ def genai_models(cache: Path, hf: Path, shares, expert_types, dense_types) -> di
     return models
 
 
-# ----------------------------------------------------------------------------- runners: (ids, n) -> n new tokens
+# ----------------------------------------------------------------------------- runners
+# runner(ids, n) -> (n greedy tokens, prefill seconds: prompt to the first token, decode seconds: the n - 1 after)
 class Genai:
     def __init__(self, path: Path, threads: int, profile: str | None = None):
         import onnxruntime_genai as og
@@ -189,15 +190,19 @@ class Genai:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
 
-    def __call__(self, ids: list[int], n: int) -> list[int]:
+    def __call__(self, ids: list[int], n: int):
         og = self.og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
         gen = og.Generator(self.model, params)
-        gen.append_tokens(np.asarray(ids, np.int32))  # prefill
-        for _ in range(n):  # the first picks from the prefill's logits; each later one runs a decode step
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(ids, np.int32))  # the prefill
+        gen.generate_next_token()  # picks from the prefill's logits
+        t1 = time.perf_counter()
+        for _ in range(n - 1):  # each runs one decode step, then picks
             gen.generate_next_token()
-        return [int(t) for t in gen.get_sequence(0)[len(ids):]]
+        t2 = time.perf_counter()
+        return [int(t) for t in gen.get_sequence(0)[len(ids):]], t1 - t0, t2 - t1
 
 
 class Optimum:
@@ -210,10 +215,19 @@ class Optimum:
 
     def __call__(self, ids, n):
         import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+        stamps = []
+
+        class Stamp(LogitsProcessor):  # called once per new token, right after its forward pass
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
         x = torch.tensor([ids])
+        t0 = time.perf_counter()
         out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
-        return out[0, len(ids):].tolist()
+                                  do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Stamp()]))
+        t2 = time.perf_counter()
+        return out[0, len(ids):].tolist(), stamps[0] - t0, t2 - stamps[0]
 
 
 class LlamaCpp:
@@ -224,13 +238,31 @@ class LlamaCpp:
 
     def __call__(self, ids, n):
         llm, out = self.llm, []
+        t0 = time.perf_counter()
         llm.reset()
         llm.eval(ids)
-        for i in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval(out[-1:])
             out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            if i + 1 < n:
-                llm.eval(out[-1:])
-        return out
+        return out, t1 - t0, time.perf_counter() - t1
+
+
+def time_generations(runners: dict, ids: list[int], iters: int, rounds: int = 3) -> dict[str, np.ndarray]:
+    """Per backend [runs, 2]: prefill and decode seconds of generations of 1 + NEW_TOKENS tokens, after one
+    warm-up; backends in blocks rotating over ``rounds`` (benchmarks/timing.py explains why blocks, and the
+    pause that lets a spinning thread pool go idle before the next backend)."""
+    for r in runners.values():
+        r(ids, 1 + NEW_TOKENS)
+    times = {k: [] for k in runners}
+    names = list(runners)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            time.sleep(SETTLE_SECONDS)
+            for _ in range(max(1, -(-iters // rounds))):
+                times[name].append(runners[name](ids, 1 + NEW_TOKENS)[1:])
+    return {k: np.asarray(v) for k, v in times.items()}
 
 
 # ----------------------------------------------------------------------------- ceilings
@@ -282,17 +314,18 @@ def profile_ops(models: dict, prompt: list[int]) -> list[dict]:
         events = json.loads(Path(files[-1]).read_text())
         for f in files:
             os.unlink(f)
-        runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
         by_node: dict[str, list[float]] = {}
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 by_node.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"])
-        # Medians over the node's calls: the decode steps outnumber the one prefill 32 to 1.
-        mlp = sum(np.median(v) for k, v in by_node.items() if "/mlp/" in k)
-        layers = len({m.group(1) for k in by_node if (m := re.search(r"/layers\.(\d+)/mlp/", k))})
+        # Medians over each node's calls: the decode steps outnumber the one prefill 32 to 1, and a median
+        # ignores the calls a busy core preempted. A decode step runs every node once.
+        median = {k: float(np.median(v)) for k, v in by_node.items()}
+        mlp = sum(v for k, v in median.items() if "/mlp/" in k)
+        layers = len({hit.group(1) for k in median if (hit := re.search(r"/layers\.(\d+)/mlp/", k))})
+        step = sum(median.values())
         rows.append({"backend": name, "mlp_us_per_layer": mlp / max(layers, 1), "layers": layers,
-                     "step_us": float(np.median(runs)) if runs else None,
-                     "mlp_share": mlp / float(np.median(runs)) if runs else None})
+                     "step_us": step, "mlp_share": mlp / step})
         log(f"  profile {name}: MLP {rows[-1]['mlp_us_per_layer']:.1f} us per layer and step")
     return rows
 
@@ -317,10 +350,11 @@ def markdown(rows: list[dict], prof: list[dict], header: str) -> str:
                          f"{r['vs_dense']:.2f}x / {r['ceiling_bytes']:.0f}, {r['ceiling_amdahl']:.0f}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     if prof:
-        lines += ["", "ONNX Runtime profile, one thread, decode (medians per node over a 16+33-token generation):", "",
-                  "| model | MLP µs per layer per step | step µs | MLP share of step |", "|---|---:|---:|---:|"]
-        lines += [f"| {p['backend']} | {p['mlp_us_per_layer']:.1f} | {p['step_us'] or float('nan'):.0f} | "
-                  f"{(p['mlp_share'] or float('nan')):.0%} |" for p in prof]
+        lines += ["", "ONNX Runtime profile, one thread, decode: medians per node over a 16+33-token generation, summed "
+                  "(the MLP's nodes per layer; all nodes per step):", "",
+                  "| model | MLP µs per layer per step | all nodes µs per step | MLP share |", "|---|---:|---:|---:|"]
+        lines += [f"| {p['backend']} | {p['mlp_us_per_layer']:.1f} | {p['step_us']:.0f} | {p['mlp_share']:.0%} |"
+                  for p in prof]
     return "\n".join(lines)
 
 
@@ -361,7 +395,7 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     ap.add_argument("--dense", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4", "int8"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["optimum", "llama.cpp"], help="leave these out")
-    ap.add_argument("--iters", type=int, default=3, help="timed runs per backend and case (p50)")
+    ap.add_argument("--iters", type=int, default=6, help="timed generations per backend and case (medians)")
     ap.add_argument("--profile", action="store_true", help="also ONNX Runtime's per-node times (one thread)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -390,20 +424,16 @@ def main(argv=None) -> int:
         runners = {name: runner_class[m["kind"]](m["path"], threads) for name, m in models.items()}
         for n_prompt, ids in prompts.items():
             if threads == args.threads[0] and n_prompt == PROMPT_LENGTHS[0]:
-                first_tokens = {name: r(ids, 8) for name, r in runners.items()}
-            log(f"  prompt {n_prompt} tokens, {threads} thread(s): prefill")
-            pre = time_blocks({k: (lambda r=r: r(ids, 1)) for k, r in runners.items()},
-                              warmup=1, iters=2 * args.iters, min_seconds=0, rounds=args.iters)
-            log(f"  prompt {n_prompt} tokens, {threads} thread(s): decode {NEW_TOKENS} tokens")
-            dec = time_blocks({k: (lambda r=r: r(ids, 1 + NEW_TOKENS)) for k, r in runners.items()},
-                              warmup=1, iters=args.iters, min_seconds=0, rounds=args.iters)
+                first_tokens = {name: r(ids, 8)[0] for name, r in runners.items()}
+            log(f"  prompt {n_prompt} tokens, {threads} thread(s), {NEW_TOKENS} new tokens")
+            t = time_generations(runners, ids, args.iters)
             for name in runners:
-                p50_pre, p90_pre = p50_p90(pre[name])
-                p50_all = p50_p90(dec[name])[0]
-                rows.append({"backend": name, "threads": threads, "prompt": n_prompt, "prefill_ms": p50_pre / 1e3,
-                             "prefill_p90_ms": p90_pre / 1e3,
-                             "decode_tok_s": NEW_TOKENS / ((p50_all - p50_pre) / 1e6)})
-                log(f"    {name:28s} prefill {p50_pre / 1e3:7.1f} ms  decode {rows[-1]['decode_tok_s']:6.1f} tok/s")
+                pre, dec = np.median(t[name], axis=0)
+                rows.append({"backend": name, "threads": threads, "prompt": n_prompt, "prefill_ms": pre * 1e3,
+                             "prefill_p90_ms": float(np.percentile(t[name][:, 0], 90)) * 1e3,
+                             "decode_tok_s": (NEW_TOKENS) / dec,
+                             "decode_p10_tok_s": NEW_TOKENS / float(np.percentile(t[name][:, 1], 90))})
+                log(f"    {name:28s} prefill {pre * 1e3:7.1f} ms  decode {rows[-1]['decode_tok_s']:6.1f} tok/s")
         del runners
         gc.collect()
     add_ceilings(rows, models, bandwidth)
@@ -413,7 +443,7 @@ def main(argv=None) -> int:
     agree = {k: sum(a == b for a, b in zip(v, ref)) for k, v in first_tokens.items()} if ref else {}
     bw = ", ".join(f"{b / 1e9:.1f} GB/s with {t} thread{'s' * (t > 1)}" for t, b in bandwidth.items())
     header = (f"SmolLM2-135M-Instruct generation, batch 1, greedy; {machine()}; DRAM read {bw}. "
-              f"Prefill: p50 ms to the first token; decode: tokens/s over {NEW_TOKENS} tokens after the prompt. "
+              f"Prefill: median ms to the first token; decode: median tokens/s over the {NEW_TOKENS} tokens after it. "
               f"moefy rows: vs the genai dense model at the same dense precision, and their ceilings in tok/s "
               f"(bytes: weights read per decode step at the DRAM bandwidth; Amdahl: genai dense / ((1-phi) + "
               f"phi x share), phi = FFN share of its step bytes). Command: python benchmarks/bench_generate.py "
