@@ -18,8 +18,9 @@ the time depends on the share active, not on which neurons an expert holds).
 
 Ceilings of a moefy row: "bytes" = the weights a decode step must read (dense parts, LM head, routers and the
 active share of the experts, from the written model) at the DRAM read bandwidth measured at start;
-"Amdahl" = the dense genai model's measured decode rate at the same dense precision x 1/((1 - phi) + phi x
-share), phi the FFN's share of the dense step's bytes. --profile adds ONNX Runtime's per-node times (one
+"Amdahl" = the dense genai model's measured decode rate at the same dense precision x 1/((1 - phi) + phi x f),
+phi the FFN's share of the dense step's bytes and f the FFN bytes a moefy step reads relative to the dense
+FFN's (share x expert bytes / dense FFN bytes: int8 experts against an fp32 FFN read a quarter). --profile adds ONNX Runtime's per-node times (one
 thread): the operator's time per decode step per layer against the dense model's MLP nodes.
 
     make bench-generate-setup                      # llama-cpp-python (built from source, ~15 min), GGUF, builder env
@@ -292,8 +293,9 @@ def add_ceilings(rows: list[dict], models: dict, bandwidth: dict[int, float]) ->
                      and x["prompt"] == r["prompt"])
         db = step_bytes(models[f"genai {m['dense']}"]["path"])
         phi = db["ffn"] / (db["ffn"] + db["dense"])
-        r.update(step_mb=read / 1e6, ceiling_bytes=bandwidth[r["threads"]] / read, ffn_share=phi,
-                 ceiling_amdahl=dense["decode_tok_s"] / ((1 - phi) + phi * m["share"]),
+        f = m["share"] * b["experts"] / db["ffn"]  # the FFN bytes read per step, relative to the dense model's
+        r.update(step_mb=read / 1e6, ceiling_bytes=bandwidth[r["threads"]] / read, ffn_share=phi, ffn_bytes_ratio=f,
+                 ceiling_amdahl=dense["decode_tok_s"] / ((1 - phi) + phi * f),
                  vs_dense=r["decode_tok_s"] / dense["decode_tok_s"])
 
 
@@ -446,7 +448,7 @@ def main(argv=None) -> int:
               f"Prefill: median ms to the first token; decode: median tokens/s over the {NEW_TOKENS} tokens after it. "
               f"moefy rows: vs the genai dense model at the same dense precision, and their ceilings in tok/s "
               f"(bytes: weights read per decode step at the DRAM bandwidth; Amdahl: genai dense / ((1-phi) + "
-              f"phi x share), phi = FFN share of its step bytes). Command: python benchmarks/bench_generate.py "
+              f"phi x f), phi = FFN share of its step bytes, f = FFN bytes read relative to its). Command: python benchmarks/bench_generate.py "
               + " ".join(argv if argv is not None else sys.argv[1:]))
     md = markdown(rows, prof, header)
     print(md)
