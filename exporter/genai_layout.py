@@ -112,7 +112,7 @@ def _write_layers(layers: Sequence, directory: Path, metadata: Mapping[str, str]
     summary = {"layers": len(entries), "op": f"{spec.DOMAIN}::{spec.OP_TYPE}", "op_version": spec.VERSION,
                "top_k": [e["attrs"]["top_k"] for e in entries],
                "weights": str(np.load(directory / first["inputs"]["W1"], mmap_mode="r").dtype)}
-    meta = {METADATA_KEY: json.dumps(summary), **metadata}
+    meta = {METADATA_KEY: json.dumps(summary), **{str(k): str(v) for k, v in metadata.items()}}
     (directory / "layers.json").write_text(json.dumps({"layers": entries, "metadata": meta}))
     return summary
 
