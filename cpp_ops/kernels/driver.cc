@@ -28,26 +28,30 @@ void pack_panels(const Wt* src, int64_t rows, int64_t cols, int64_t valid_cols, 
   }
 }
 
+// One expert's packed blocks lie back to back: its first layer, its gate, its second layer, then the next
+// expert's. So the weights a call reads for an expert are one contiguous stream that the hardware prefetcher
+// follows from one matrix into the next (three separate streams per expert restarted it each time: with int8
+// weights at one token, each stream is only tens of KB).
 template <typename Wt>
-void pack_experts(const SparseFFNProblem& p, PackedView& v, HugeVector<Wt>& w1p, HugeVector<Wt>& wgp,
-                  HugeVector<Wt>& w2p) {
+void pack_experts(const SparseFFNProblem& p, PackedView& v, HugeVector<Wt>& storage) {
   const int64_t E = p.experts, m = p.m, d = p.d;
-  // First layer: W[e] is [m, d]; panels run over neurons (columns), rows over d.
-  auto pack_first = [&](const void* w, HugeVector<Wt>& out) {
-    out.resize(E * d * v.mp);
-    for (int64_t e = 0; e < E; ++e)
-      pack_panels(static_cast<const Wt*>(w) + e * m * d, d, v.mp, m, 1, d, v.panel, v.lanes,
-                  out.data() + e * d * v.mp);
-    return out.data();
-  };
-  v.w1p = pack_first(p.w1, w1p);
-  if (p.wg) v.wgp = pack_first(p.wg, wgp);
-  // Second layer: W2[e] is [m, d]; panels run over output columns, rows over m.
-  w2p.resize(E * m * v.dl);
-  for (int64_t e = 0; e < E; ++e)
+  const int64_t first = d * v.mp, second = m * v.dl;
+  v.expert_stride = first * (p.wg ? 2 : 1) + second;
+  storage.resize(E * v.expert_stride);
+  Wt* base = storage.data();
+  for (int64_t e = 0; e < E; ++e) {
+    Wt* dst = base + e * v.expert_stride;
+    // First layer (and gate): W[e] is [m, d]; panels run over neurons (columns), rows over d.
+    pack_panels(static_cast<const Wt*>(p.w1) + e * m * d, d, v.mp, m, 1, d, v.panel, v.lanes, dst);
+    if (p.wg)
+      pack_panels(static_cast<const Wt*>(p.wg) + e * m * d, d, v.mp, m, 1, d, v.panel, v.lanes, dst + first);
+    // Second layer: W2[e] is [m, d]; panels run over output columns, rows over m.
     pack_panels(static_cast<const Wt*>(p.w2) + e * m * d, m, v.dl, v.dl, d, 1, v.panel, v.lanes,
-                w2p.data() + e * m * v.dl);
-  v.w2p = w2p.data();
+                dst + first * (p.wg ? 2 : 1));
+  }
+  v.w1p = base;
+  v.wgp = p.wg ? base + first : nullptr;
+  v.w2p = base + first * (p.wg ? 2 : 1);
 }
 
 // NaN ranks below every number; equal scores keep the lower index (callers scan upwards).
@@ -154,9 +158,9 @@ PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa) {
   v.dl = d / L * L;
   pk.weight_type = p.weight_type;
   if (p.weight_type == WeightType::kInt8)
-    pack_experts<int8_t>(p, v, pk.w1q, pk.wgq, pk.w2q);
+    pack_experts<int8_t>(p, v, pk.experts_q);
   else
-    pack_experts<float>(p, v, pk.w1f, pk.wgf, pk.w2f);
+    pack_experts<float>(p, v, pk.experts_f);
   // Router: router_w [E, d] as panels over experts (columns), rows over d.
   if (p.router_w) {
     v.ep = (E + L - 1) / L * L;

@@ -342,7 +342,7 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
   // h = scale * (W x) + bias (scale: int8 row scales, else none); rows of h are mp apart.
   auto first_layer = [&](const void* packed, const float* scale, const float* bias, float* h) {
     for (int64_t r = 0; r < n; ++r) s.h[r] = h + r * mp;
-    apply_panels(s.a, n, d, static_cast<const Wt*>(packed) + e * d * mp, mp, s.h, false, s.shifted);
+    apply_panels(s.a, n, d, static_cast<const Wt*>(packed) + e * pk.expert_stride, mp, s.h, false, s.shifted);
     if (scale)
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < m; ++j) h[r * mp + j] *= scale[e * m + j];
@@ -363,7 +363,7 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
     for (int64_t r = 0; r < n; ++r)
       for (int64_t j = 0; j < m; ++j) s.up[r * mp + j] *= p.w2_scale[e * m + j];
   for (int64_t r = 0; r < n; ++r) s.a[r] = s.up + r * mp;
-  apply_panels(s.a, n, m, static_cast<const Wt*>(pk.w2p) + e * m * pk.dl, pk.dl, s.out, true, s.shifted);
+  apply_panels(s.a, n, m, static_cast<const Wt*>(pk.w2p) + e * pk.expert_stride, pk.dl, s.out, true, s.shifted);
   if (pk.dl < d) {
     const Wt* w2 = static_cast<const Wt*>(p.w2) + e * m * d;
     for (int64_t r = 0; r < n; ++r)

@@ -120,13 +120,13 @@ inline constexpr int64_t kTokenBlock = 64;
 
 // The packed layout as the hot loops see it (plain data). Expert blocks are repacked once per session (for
 // constant weights) into contiguous panels of `panel` columns (tail panels `lanes` wide), so both layers
-// stream memory sequentially: first layer (and gate) [E][d x mp] with panels over neurons (mp = m rounded up
-// to `lanes`, zero padded); second layer [E][m x dl] with panels over the first dl = lanes * floor(d / lanes)
-// output columns (the rest is read from W2 directly); router [d x ep] over experts (ep = E rounded up to
-// `lanes`). Panels keep the weights' element type (int8 panels are a quarter of the bytes); scales apply
-// outside the panels.
+// stream memory sequentially: first layer (and gate) [d x mp] with panels over neurons (mp = m rounded up to
+// `lanes`, zero padded); second layer [m x dl] with panels over the first dl = lanes * floor(d / lanes) output
+// columns (the rest is read from W2 directly); expert e's blocks start at w1p / wgp / w2p + e * expert_stride
+// (one expert's three blocks are adjacent). Router [d x ep] over experts (ep = E rounded up to `lanes`).
+// Panels keep the weights' element type (int8 panels are a quarter of the bytes); scales apply outside.
 struct PackedView {
-  int64_t panel = 0, lanes = 0, mp = 0, dl = 0, ep = 0;
+  int64_t panel = 0, lanes = 0, mp = 0, dl = 0, ep = 0, expert_stride = 0;
   const float* routerp = nullptr;
   const void* w1p = nullptr;  // of the problem's weight type
   const void* wgp = nullptr;
@@ -182,8 +182,8 @@ struct PackedWeights {
   std::vector<float> base;
   const float *base_b2 = nullptr, *base_unselected = nullptr;
   bool has_base = false;
-  HugeVector<float> routerp_storage, w1f, wgf, w2f;
-  HugeVector<int8_t> w1q, wgq, w2q;
+  HugeVector<float> routerp_storage, experts_f;
+  HugeVector<int8_t> experts_q;
 };
 // Reads p.w1, p.wg, p.w2, p.router_w, p.b2, p.unselected_bias, E, m, d.
 PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa);
