@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "at most the first 1,000 lines calibrate the MoE (with "
                                                     "--distill/--relufy up to --distill-texts train it; said when cut); "
                                                     "validation always uses built-in held-out sentences")
+    ap.add_argument("--with-tokenizer", action="store_true",
+                    help="write a model from strings to sentence embeddings instead: input 'text' (1-D string "
+                         "tensor), output 'sentence_embedding' [N, hidden], onnxruntime-extensions' tokenizer in "
+                         "front (BERT WordPiece), mean (or the directory's sentence-transformers) pooling and L2 "
+                         "normalisation behind; a host registers onnxruntime-extensions' library (and moefy's for "
+                         "--target custom) and passes strings (examples/cpp)")
     ap.add_argument("--save-moefied", metavar="DIR", dest="save_moefied_dir",
                     help="also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + "
                          "routers) to DIR, so it can be re-exported without redoing the split")
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                             backend=args.backend, rtol=args.rtol, weights=args.weights, distill=args.distill,
                             distill_steps=args.distill_steps, distill_texts=args.distill_texts,
                             relufy=args.relufy, relufy_minutes=args.relufy_minutes, calib_cache=args.calib_cache,
+                            with_tokenizer=args.with_tokenizer,
                             progress=not args.quiet, log=log)
     except Interrupted as e:
         print(f"moe-export: interrupted ({e}); nothing was written", file=sys.stderr)

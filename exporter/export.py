@@ -52,6 +52,7 @@ class ExportReport:
     backend: str
     seconds: float
     weights: str = "float32"
+    embedding: str | None = None  # --with-tokenizer: what the strings -> embeddings model does, and its check
 
     def summary(self) -> str:
         c = self.config
@@ -67,6 +68,7 @@ class ExportReport:
             f"{f', {self.tied_texts} with near-tied routing left out' if self.tied_texts else ''}): "
             f"max abs diff {self.max_abs_diff:.2e}, max rel diff {self.max_rel_diff:.2e}",
             f"  mean embedding cosine to the dense model: {self.cosine_moe_vs_dense:.4f}",
+            *([f"  {self.embedding}"] if self.embedding else []),
             f"  took {self.seconds:.1f} s",
         ])
 
@@ -107,7 +109,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
            rtol: float = 1e-4, weights: str = "float32", distill: float | None = None,
            distill_steps: int = MAX_STEPS, distill_texts: int = DISTILL_TEXTS, relufy: float | None = None,
-           relufy_minutes: float = 2.0, calib_cache: bool = True, progress: bool = True, log=print) -> ExportReport:
+           relufy_minutes: float = 2.0, calib_cache: bool = True, with_tokenizer: bool = False,
+           progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
 
     ``top_k`` defaults to 8 (re-exporting a saved MoEfied directory: to its own); ``budget`` instead
@@ -119,6 +122,11 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
 
     The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
     model within ``rtol`` (max abs diff / max |output|) on the validation texts.
+
+    ``with_tokenizer`` (sentence encoders): the file is instead a model from strings to sentence embeddings,
+    onnxruntime-extensions' tokenizer in front and the model directory's pooling (sentence-transformers' config,
+    else mean) and L2 normalisation behind (exporter/embed_model.py), written only after it also matched the HF
+    tokenizer + session + NumPy pooling within 1e-4.
     """
     t0 = time.perf_counter()
     if target not in TARGETS:
@@ -177,6 +185,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     else:  # the budget itself was checked above, or its per-layer top-k are being reused
         check_split(moe_cfg.experts, 1, moe_cfg.intermediate_size)
 
+    if with_tokenizer:
+        embedding = _embedding_settings(model_dir, tokenizer, adapter, target)
     if relufy is not None and moe_cfg.activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"--relufy replaces a GELU activation; this model's is {moe_cfg.activation}")
 
@@ -285,5 +295,32 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         if not max_rel <= rtol:
             raise ValidationError(f"ONNX model differs from the PyTorch MoEfied model: max rel diff {max_rel:.2e} "
                                   f"> {rtol:.0e} (max abs {max_abs:.2e}); nothing was written")
+        del sess
+        embedded = None
+        if with_tokenizer:
+            from .embed_model import INPUT, OUTPUT, write_checked
+            with writing(output):
+                diff = write_checked(proto, tokenizer, tmp, **embedding, log=log)
+            embedded = (f"strings '{INPUT}' [N] -> '{OUTPUT}' [N, {hf.hidden_size}]: onnxruntime-extensions' "
+                        f"tokenizer (at most {embedding['max_length']} tokens per text), {embedding['pooling']} "
+                        f"pooling, L2-normalised; max abs diff to HF tokenizer + session + NumPy pooling {diff:.1e}")
     return ExportReport(str(output), target, moe_cfg, output.stat().st_size, max_abs, max_rel, cos,
-                        int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0, weights)
+                        int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0, weights, embedded)
+
+
+def _embedding_settings(model_dir, tokenizer, adapter, target: str) -> dict:
+    """--with-tokenizer's max_length and pooling (from the model directory), or why it cannot be done here."""
+    from pathlib import Path
+
+    from .embed_model import check_tokenizer, settings
+    if "last_hidden_state" not in adapter.output_names:
+        raise ValueError("--with-tokenizer makes sentence embeddings from an encoder's last_hidden_state; this "
+                         f"model's outputs are {', '.join(adapter.output_names)}")
+    check_tokenizer(tokenizer)
+    if target == "custom":
+        from runtime import cpp_available
+        if not cpp_available():  # the strings model runs in plain ONNX Runtime, with moefy's library registered
+            raise ValueError("--with-tokenizer with --target custom needs moefy's C++ op library, which was not "
+                             "built (see cpp_ops/README.md); use --target standard, or build the library")
+    max_length, pooling = settings(Path(model_dir), tokenizer, None, None)
+    return {"max_length": max_length, "pooling": pooling}

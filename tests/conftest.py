@@ -116,3 +116,12 @@ def minilm_export(minilm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm-export") / "minilm-moe.onnx"
     export(minilm_dir, out, experts=32, top_k=8, progress=False, log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def minilm_embed_export(minilm_dir, tmp_path_factory):
+    """The same export with --with-tokenizer (strings -> sentence embeddings), as `make example` writes it."""
+    from exporter import export
+    out = tmp_path_factory.mktemp("minilm-embed") / "minilm-moe-embed.onnx"
+    export(minilm_dir, out, experts=32, top_k=8, with_tokenizer=True, progress=False, log=lambda *a: None)
+    return out
