@@ -9,9 +9,9 @@ GENAI_VENV ?= .venv-genai
 BIN     := $(VENV)/bin
 OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
-SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
+SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*.cmake cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test test-sanitize bench wheel-check clean genai-venv test-genai smollm2 \
+.PHONY: setup data demo eval test test-sanitize bench wheel-check clean genai-venv test-genai smollm2 example \
         bench-generate-setup bench-generate
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
@@ -44,6 +44,20 @@ demo: setup
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
+
+# A desktop host in C++ (examples/cpp): MiniLM exported with the tokenizer in the graph (strings in, embeddings
+# out), a CMake build against the onnxruntime wheel's libonnxruntime, a semantic search over a text file.
+EXAMPLE_MODEL ?= $(OUT)/minilm-moe-embed.onnx
+EXAMPLE_TEXT  ?= examples/cpp/sample.txt
+EXAMPLE_QUERY ?= How do I get to the airport?
+example: setup $(EXAMPLE_MODEL)
+	$(BIN)/cmake -S examples/cpp -B build/example -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(BIN))/python
+	$(BIN)/cmake --build build/example
+	build/example/semantic_search --model $(EXAMPLE_MODEL) $(EXAMPLE_TEXT) "$(EXAMPLE_QUERY)"
+
+$(EXAMPLE_MODEL): $(STAMP)
+	@mkdir -p $(dir $@)
+	$(BIN)/moe-export $(MINILM) $@ --experts 32 --top-k 8 --with-tokenizer --quiet
 
 # Quality vs active share: export MiniLM at each of SHARES with RECIPE (moe-export flags, e.g.
 # RECIPE="--router ls --correction mean"), evaluate each against the dense model (several minutes).
