@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", choices=TARGETS, default="custom",
                     help="custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); "
                          "standard: standard ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX "
-                         "Runtime but computes every expert (default custom)")
+                         "Runtime but computes every expert; ort-moe: ONNX Runtime's own com.microsoft::MoE "
+                         "(float32 experts) / QMoE (int8, ReLU experts) nodes, runs on a stock ONNX Runtime (CPU "
+                         "build with those contrib ops; checked on 1.32; no custom-op library) computing only the "
+                         "selected experts; BERT's erf GELU becomes its tanh form there (validated against it, the "
+                         "distance reported) (default custom)")
     ap.add_argument("--split", choices=SPLITS, default="param",
                     help="param: balanced k-means over normalised first-layer rows (MoEfication); coact: balanced "
                          "k-means on how neurons' output deviations move together on calibration text; metis: the "
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", choices=WEIGHT_TYPES, default="float32",
                     help="element type of the exported expert weights: int8 stores each weight row as int8 with a "
                          "float scale (a quarter of the bytes; few-token latency is bound by reading them); needs "
-                         "--target custom (default float32)")
+                         "--target custom, or ort-moe with ReLU experts (default float32)")
     ap.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text, one sample per line (default: "
                                                     "1,000 Debian fortunes once `make data` fetched them, else "
                                                     "sentences from Python's standard-library docstrings); "

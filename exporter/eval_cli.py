@@ -15,7 +15,7 @@ from .relufy import check_relufy
 from .text import load_texts
 
 # moe-export flags the curve sets itself, or that make no sense for it.
-CURVE_OWNS = ("--top-k", "--budget", "--target", "--save-moefied", "--rtol")
+CURVE_OWNS = ("--top-k", "--budget", "--target", "--save-moefied", "--rtol", "--with-tokenizer")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from .quantize import WEIGHT_TYPES
 from .relufy import check_relufy, relufy as relufy_model
 from .text import CALIB_LINES, DISTILL_TEXTS, SAMPLE_TEXTS, load_texts
 
-TARGETS = ("custom", "standard")
+TARGETS = ("custom", "standard", "ort-moe")
 OPSET = 18  # what optimum uses for BERT, so both graphs get the same ORT fusions
 TIE_MARGIN = 1e-5  # routing margins below this (relative to the largest score) count as ties
 CALIBRATION_KEY = "moefy.calibration"  # metadata: which text calibrated the model (moe-eval reports it)
@@ -53,6 +53,7 @@ class ExportReport:
     seconds: float
     weights: str = "float32"
     embedding: str | None = None  # --with-tokenizer: what the strings -> embeddings model does, and its check
+    notes: tuple = ()  # what the target approximates (ort-moe: the erf GELU), one line each
 
     def summary(self) -> str:
         c = self.config
@@ -69,6 +70,7 @@ class ExportReport:
             f"max abs diff {self.max_abs_diff:.2e}, max rel diff {self.max_rel_diff:.2e}",
             f"  mean embedding cosine to the dense model: {self.cosine_moe_vs_dense:.4f}",
             *([f"  {self.embedding}"] if self.embedding else []),
+            *(f"  note: {n}" for n in self.notes),
             f"  took {self.seconds:.1f} s",
         ])
 
@@ -135,8 +137,9 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                                  ("--correction", correction, CORRECTIONS), ("--weights", weights, WEIGHT_TYPES)):
         if value not in allowed:
             raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-    if weights == "int8" and target != "custom":
-        raise ValueError("--weights int8 needs --target custom (standard ONNX ops would compute with float weights)")
+    if weights == "int8" and target == "standard":
+        raise ValueError("--weights int8 needs --target custom or ort-moe (standard ONNX ops would compute with float "
+                         "weights)")
     if budget is not None and top_k is not None:
         raise ValueError("give --top-k or --budget, not both")
     if dynamic_k is not None and not (isinstance(dynamic_k, (int, float)) and 1 < dynamic_k <= 64):
@@ -187,6 +190,10 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
 
     if with_tokenizer:
         embedding = _embedding_settings(model_dir, tokenizer, adapter, target)
+    if target == "ort-moe":  # what ONNX Runtime's MoE / QMoE cannot express, said before the work
+        from .ort_moe import check_config
+        check_config(moe_cfg.activation if relufy is None else "relu", weights=weights,
+                     dynamic_k=moe_cfg.dynamic_k is not None)
     if relufy is not None and moe_cfg.activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"--relufy replaces a GELU activation; this model's is {moe_cfg.activation}")
 
@@ -241,13 +248,19 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         if save_moefied_dir:
             save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
             log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")
-    install_moe(model, adapter, moe_cfg, routers, target=target)
+    install_moe(model, adapter, moe_cfg, routers, target="standard" if target == "standard" else "custom")
     moe_modules = [m for m in model.modules() if isinstance(m, MoEFFN)]
     if weights == "int8":
         for m in moe_modules:
             m.quantize_int8()
+    # ort-moe computes BERT's erf GELU as ONNX Runtime's tanh form: the file is validated against the PyTorch model
+    # with that GELU (what it computes), and its distance to the erf model is reported.
+    approximated = target == "ort-moe" and moe_cfg.activation == "gelu"
+    moe_erf = last_hidden_state(model, batch) if approximated else None
     for m in moe_modules:
         m.record_gaps = True
+        if approximated:
+            m.activation = "gelu_tanh"
     moe_torch = last_hidden_state(model, batch)
     # Texts with a near-tied routing decision anywhere are left out of the comparison: there float32
     # rounding differences between PyTorch and ONNX Runtime may legitimately select another expert.
@@ -255,10 +268,13 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     clear = np.where(mask, margin, np.inf).min(1) >= TIE_MARGIN
     for m in moe_modules:
         m.record_gaps, m.gaps = False, None
+        if approximated:
+            m.activation = "gelu"  # the traced graph carries the model's own activation; the rewrite maps it
     if not clear.any():
         raise ValidationError("every validation text has a near-tied routing decision; cannot validate")
 
     log(f"tracing to ONNX ({target} target)")
+    notes = []
     wrapper = _Outputs(model, batch, adapter.output_names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in list(batch) + list(adapter.output_names)}
     # Written to a temporary file beside the output, renamed onto it once validated (outfile.py).
@@ -276,6 +292,12 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         proto.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(calibration))
         with writing(output):
             onnx.save(proto, tmp)
+        if target == "ort-moe":
+            from .ort_moe import convert_model
+            log("rewriting the sparse FFNs onto ONNX Runtime's com.microsoft::MoE / QMoE")
+            proto, ops, notes = convert_model(proto)
+            with writing(output):
+                onnx.save(proto, tmp)
         onnx.checker.check_model(tmp, full_check=False)
 
         log("validating with ONNX Runtime")
@@ -284,7 +306,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
             from runtime import InferenceSession
             sess = InferenceSession(tmp, backend=backend)
             used = sess.backend
-        else:
+        else:  # standard, ort-moe: a stock session, no custom-op library
             import onnxruntime as ort
             sess, used = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]), "onnxruntime"
         got = sess.run([adapter.output_names[0]], feed)[0]
@@ -292,6 +314,12 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         max_abs = float(np.abs(got - moe_torch)[keep].max())
         max_rel = max_abs / float(np.abs(moe_torch[keep]).max())
         cos = float(_cosine(mean_pool(got, mask), mean_pool(dense, mask)).mean())
+        if approximated:
+            erf_cos = float(_cosine(mean_pool(got, mask), mean_pool(moe_erf, mask)).min())
+            erf_abs = float(np.abs(got - moe_erf)[keep].max())
+            notes = [f"validated against the MoEfied model with tanh GELU; to its erf-GELU form (PyTorch): lowest "
+                     f"embedding cosine {erf_cos:.6f}, max abs diff {erf_abs:.2e} (a near-tied routing decision "
+                     "may go the other way)", *notes]
         if not max_rel <= rtol:
             raise ValidationError(f"ONNX model differs from the PyTorch MoEfied model: max rel diff {max_rel:.2e} "
                                   f"> {rtol:.0e} (max abs {max_abs:.2e}); nothing was written")
@@ -305,7 +333,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                         f"tokenizer (at most {embedding['max_length']} tokens per text), {embedding['pooling']} "
                         f"pooling, L2-normalised; max abs diff to HF tokenizer + session + NumPy pooling {diff:.1e}")
     return ExportReport(str(output), target, moe_cfg, output.stat().st_size, max_abs, max_rel, cos,
-                        int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0, weights, embedded)
+                        int(clear.sum()), int((~clear).sum()), used, time.perf_counter() - t0, weights, embedded,
+                        tuple(notes))
 
 
 def _embedding_settings(model_dir, tokenizer, adapter, target: str) -> dict:

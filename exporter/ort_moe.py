@@ -278,6 +278,21 @@ def _subgraphs(node: onnx.NodeProto):
             yield from attr.graphs
 
 
+def check_config(activation: str, *, weights: str = "float32", gated: bool = False, dynamic_k: bool = False) -> None:
+    """What :func:`convert_model` would refuse, from a model's MoE recipe (moe-export checks it before the work).
+    Raises ConversionError."""
+    if dynamic_k:
+        raise ConversionError("--target ort-moe: dynamic k cannot be expressed (ONNX Runtime's MoE and QMoE compute "
+                              "exactly k experts per token); export with a fixed --top-k")
+    if gated and activation != "silu":
+        raise ConversionError(f"--target ort-moe: a gated FFN with activation {activation} cannot be expressed "
+                              "(ONNX Runtime's CPU MoE and QMoE have only SwiGLU as a gated activation)")
+    if weights == "int8" and not gated and activation != "relu":
+        raise ConversionError(f"--target ort-moe: int8 experts with a plain {activation} activation cannot be "
+                              "expressed (QMoE has no per-neuron second-layer scales; they fold into the first layer "
+                              "only for ReLU and SwiGLU); use float32 weights, or --relufy")
+
+
 def convert_model(model: onnx.ModelProto, *, exact: bool = False,
                   dequantize: bool = False) -> tuple[onnx.ModelProto, dict, list[str]]:
     """A copy of ``model`` (external data loaded) with every SparseExpertFFN node on MoE / QMoE.

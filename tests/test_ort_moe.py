@@ -182,3 +182,79 @@ def test_minilm_export_converted(minilm_export, minilm_dir, tmp_path):
         pool = lambda h: (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # noqa: E731
         pw, pg = pool(want), pool(got)
         assert ((pw * pg).sum(1) / np.linalg.norm(pw, axis=1) / np.linalg.norm(pg, axis=1)).min() > 0.99999
+
+
+# ---- moe-export --target ort-moe ---------------------------------------------------------------------------------
+
+def _relu_bert(tiny_bert_dir, tmp_path):
+    """The tiny BERT with ReLU: semantics both targets compute exactly (int8 experts too, as QMoE)."""
+    import shutil
+    d = tmp_path / "relu-bert"
+    shutil.copytree(tiny_bert_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    return d
+
+
+def _tiny_feed(model_dir):
+    from transformers import AutoTokenizer
+    b = AutoTokenizer.from_pretrained(model_dir)(["the cat is on the mat.", "a b c d e f", "it is a fox, is it?"],
+                                                 padding=True, return_tensors="np")
+    return {k: b[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@pytest.mark.parametrize("weights, op", [("float32", "MoE"), ("int8", "QMoE")])
+def test_export_target_ort_moe_runs_stock_with_custom_op_parity(tiny_bert_dir, tmp_path, capsys, weights, op):
+    import runtime
+    from exporter.cli import main as export_main
+    d = _relu_bert(tiny_bert_dir, tmp_path)
+    custom, stock = tmp_path / "custom.onnx", tmp_path / "stock.onnx"
+    common = ["--experts", "4", "--top-k", "2", "--weights", weights, "--quiet"]
+    assert export_main([str(d), str(custom), *common]) == 0
+    assert export_main([str(d), str(stock), *common, "--target", "ort-moe"]) == 0
+    assert f"target ort-moe, {weights} experts" in capsys.readouterr().out
+    model = onnx.load(stock)
+    assert {o.domain for o in model.opset_import} >= {"com.microsoft"} and \
+        spec.DOMAIN not in {o.domain for o in model.opset_import}
+    assert sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"}) == [op]
+    feed = _tiny_feed(d)
+    mask = feed["attention_mask"].astype(bool)
+    got = ort.InferenceSession(str(stock), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    want = runtime.InferenceSession(str(custom)).run(None, feed)[0]
+    assert np.abs(got - want)[mask].max() <= 1e-4
+
+
+def test_export_target_ort_moe_refusals_before_the_work(tiny_bert_dir, tmp_path, capsys):
+    from exporter.cli import main as export_main
+    out = tmp_path / "out.onnx"
+    for extra, message in ((["--dynamic-k", "2"], "dynamic k cannot be expressed"),
+                           (["--weights", "int8"], "int8 experts with a plain gelu activation")):
+        assert export_main([str(tiny_bert_dir), str(out), "--experts", "4", "--top-k", "2", "--target", "ort-moe",
+                            "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("moe-export: error: --target ort-moe: ") and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_minilm_export_target_ort_moe(minilm_dir, minilm_export, tmp_path):
+    """MiniLM through moe-export --target ort-moe on a stock session: the custom-op model's numbers within 1e-4 where
+    the semantics allow (both with the tanh GELU that ONNX Runtime's MoE computes), its erf GELU approximated."""
+    import runtime
+    from exporter import export
+    out = tmp_path / "minilm-ort-moe.onnx"
+    report = export(minilm_dir, out, experts=32, top_k=8, target="ort-moe", progress=False, log=lambda *a: None)
+    assert "validated against the MoEfied model with tanh GELU" in report.notes[0]
+    feed = _feed(minilm_dir)
+    mask = feed["attention_mask"].astype(bool)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    model = onnx.load(minilm_export)
+    for node in model.graph.node:
+        if node.op_type == spec.OP_TYPE:
+            next(a for a in node.attribute if a.name == "activation").s = b"gelu_tanh"
+    tanh = runtime.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    assert np.abs(got - tanh)[mask].max() <= 1e-4
+    erf = runtime.InferenceSession(str(minilm_export)).run(None, feed)[0]
+    pool = lambda h: (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # noqa: E731
+    pe, pg = pool(erf), pool(got)
+    assert ((pe * pg).sum(1) / np.linalg.norm(pe, axis=1) / np.linalg.norm(pg, axis=1)).min() > 0.9999
