@@ -23,8 +23,8 @@ def semantic_search(tmp_path_factory):
     if not cmake.exists():
         pytest.skip("cmake not installed in this environment (make setup installs it)")
     build = tmp_path_factory.mktemp("example-build")
-    for cmd in ([cmake, "-S", EXAMPLE, "-B", build, "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"],
-                [cmake, "--build", build]):
+    for cmd in ([cmake, "-S", EXAMPLE, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DPython_EXECUTABLE={sys.executable}"], [cmake, "--build", build]):
         r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return build / "semantic_search"
