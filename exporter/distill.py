@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .adapters import DenseFFN
 from .moe_ffn import TORCH_ACTIVATIONS, MoEFFN, expert_hidden, selection_mask

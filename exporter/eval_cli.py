@@ -65,7 +65,7 @@ def _export_kwargs(args, rest: list[str]) -> dict:
     if owned:
         raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
                          "--router, --correction, --shared-experts, --calib, --seed, --distill, --distill-steps, --distill-texts, "
-                         "--relufy, --relufy-minutes, --weights, --no-calib-cache, --dynamic-k")
+                         "--relufy, --relufy-minutes, --weights, --no-calib-cache, --calib-cache-max-gb, --dynamic-k")
     ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
     if ns.calib:
         load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
@@ -75,7 +75,8 @@ def _export_kwargs(args, rest: list[str]) -> dict:
     return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction,
                 shared_experts=ns.shared_experts, calib=ns.calib, seed=ns.seed, distill=ns.distill,
                 distill_steps=ns.distill_steps, distill_texts=ns.distill_texts, relufy=ns.relufy, relufy_minutes=ns.relufy_minutes,
-                weights=ns.weights, calib_cache=ns.calib_cache, dynamic_k=ns.dynamic_k)
+                weights=ns.weights, calib_cache=ns.calib_cache, calib_cache_max_gb=ns.calib_cache_max_gb,
+                dynamic_k=ns.dynamic_k)
 
 
 def main(argv: list[str] | None = None) -> int:

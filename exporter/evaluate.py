@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from runtime import spec
 from runtime.reference import ACTIVATION_FUNCTIONS, selected_mask, sparse_expert_ffn

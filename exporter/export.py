@@ -16,7 +16,7 @@ from torch import nn
 from runtime import spec
 from runtime.session import METADATA_KEY
 
-from .calib_cache import calibrate
+from .calib_cache import calibrate, max_bytes
 from .config import MoEConfig
 from .distill import MAX_STEPS, DistillResult, check_distill, distill as distill_moe
 from .moefy import (CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split, install_moe, last_hidden_state,
@@ -111,7 +111,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
            save_moefied_dir: str | os.PathLike | None = None, seed: int = 0, backend: str = "auto",
            rtol: float = 1e-4, weights: str = "float32", distill: float | None = None,
            distill_steps: int = MAX_STEPS, distill_texts: int = DISTILL_TEXTS, relufy: float | None = None,
-           relufy_minutes: float = 2.0, calib_cache: bool = True, with_tokenizer: bool = False,
+           relufy_minutes: float = 2.0, calib_cache: bool = True, calib_cache_max_gb: float | None = None,
+           with_tokenizer: bool = False,
            progress: bool = True, log=print) -> ExportReport:
     """MoEfy ``model_dir`` and write it to ``output`` as ONNX; see ``moe-export --help``.
 
@@ -121,6 +122,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
     distillation for ``relufy_minutes`` before MoEfication; ``distill`` (minutes) fine-tunes the MoEfied
     model towards the dense one; ``distill_steps`` caps each distillation's end-to-end steps and
     ``distill_texts`` the texts they train on (the calibration's first CALIB_LINES calibrate the MoE).
+    ``calib_cache`` reads and writes the calibration activations' cache, trimmed to ``calib_cache_max_gb``
+    (default: $MOEFY_CALIB_CACHE_MAX_GB, else calib_cache.DEFAULT_MAX_GB).
 
     The file appears only after the model passed ``onnx.checker`` and matched the PyTorch MoEfied
     model within ``rtol`` (max abs diff / max |output|) on the validation texts.
@@ -146,6 +149,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
         raise ValueError(f"--dynamic-k must be a factor in (1, 64] (e.g. 2: each token computes k/2 to 2k experts), "
                          f"got {dynamic_k!r}")
     check_distill(distill, distill_steps, distill_texts)
+    if calib_cache:
+        max_bytes(calib_cache_max_gb)  # a bad cap (flag or environment) fails now
     if relufy is not None:
         check_relufy(relufy, relufy_minutes)
     if budget is not None:
@@ -221,7 +226,8 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, *, experts: 
                 calibration["distillation_texts"] = len(pool)
                 log(f"distillation text: {len(pool)} texts ({source})")
                 train_batch = tokenize(pool) if len(pool) > len(sample) else calib_batch
-        calibrated = lambda m, b: calibrate(m, adapter, b, use_cache=calib_cache, log=log)  # noqa: E731
+        calibrated = lambda m, b: calibrate(m, adapter, b, use_cache=calib_cache, max_gb=calib_cache_max_gb,
+                                               log=log)  # noqa: E731
         teacher = copy.deepcopy(model) if trains else None
         teacher_train = calibrated(teacher, train_batch) if teacher is not None else None
         if relufy is not None:

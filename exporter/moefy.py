@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .adapters import FFNAdapter, adapter_for
 from .config import CONFIG_FILE, ROUTERS_FILE, MoEConfig

@@ -88,7 +88,7 @@ def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top
     """
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     target = expert_deviation(h, w2, n_experts)
     chosen = oracle_top_k(target, top_k)
