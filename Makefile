@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
-SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
+SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py exporter/*/*.py runtime/*.py)
 
 .PHONY: setup data demo eval test bench clean
 

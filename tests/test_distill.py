@@ -102,9 +102,10 @@ def test_calibration_cache_hit_and_invalidated(tiny_bert_dir, tmp_path, calib, c
 def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
     from exporter.calib_cache import calibrate
     from exporter.moefy import ffn_inputs, load_model
+    from exporter.tasks import task_for
     model, tok, adapter, _, _ = load_model(tiny_bert_dir)
     b = tok(calib.read_text().splitlines(), padding=True, return_tensors="pt")
-    batch = {k: b[k] for k in adapter.input_names}
+    batch = {k: b[k] for k in task_for(adapter).model_inputs(model)}
     fresh = calibrate(model, adapter, batch)
     again = calibrate(model, adapter, batch)
     whole = ffn_inputs(model, adapter, batch, chunk=len(calib.read_text().splitlines()))  # one forward pass
@@ -197,11 +198,11 @@ def test_calibration_prefix_matches_its_own_capture(tiny_bert_dir, calib):
 
 
 def test_curve_passes_distill_texts(tiny_bert_dir):
-    from exporter.eval_cli import _export_kwargs, build_parser
+    from exporter.eval_cli import _recipe, build_parser
     args = build_parser().parse_args([str(tiny_bert_dir), "--curve", "out"])
-    assert _export_kwargs(args, ["--distill", "2", "--distill-texts", "5000"])["distill_texts"] == 5000
+    assert _recipe(args, ["--distill", "2", "--distill-texts", "5000"]).distill_texts == 5000
     with pytest.raises(ValueError, match="--distill-texts must be >= 2"):
-        _export_kwargs(args, ["--distill", "2", "--distill-texts", "1"])
+        _recipe(args, ["--distill", "2", "--distill-texts", "1"])
 
 
 def test_heldout_share_is_capped():
@@ -228,12 +229,12 @@ def test_training_a_moefied_dir_is_refused(capsys, tmp_path, tiny_bert_dir):
 
 
 def test_curve_passes_the_training_flags(tiny_bert_dir):
-    from exporter.eval_cli import _export_kwargs, build_parser
+    from exporter.eval_cli import _recipe, build_parser
     args = build_parser().parse_args([str(tiny_bert_dir), "--curve", "out"])
-    kw = _export_kwargs(args, ["--distill", "2", "--distill-steps", "50", "--relufy", "0.25"])
-    assert (kw["distill"], kw["distill_steps"], kw["relufy"], kw["relufy_minutes"]) == (2.0, 50, 0.25, 2.0)
+    r = _recipe(args, ["--distill", "2", "--distill-steps", "50", "--relufy", "0.25"])
+    assert (r.distill, r.distill_steps, r.relufy, r.relufy_minutes) == (2.0, 50, 0.25, 2.0)
     with pytest.raises(ValueError, match="--distill takes a positive number"):
-        _export_kwargs(args, ["--distill", "0"])
+        _recipe(args, ["--distill", "0"])
 
 
 def test_router_refit_learns_its_own_oracle():

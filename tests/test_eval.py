@@ -237,7 +237,7 @@ def test_curve_forwards_every_recipe_flag(tiny_bert_dir):
     """Recipe flags given to --curve reach the exports (none silently dropped)."""
     import argparse
 
-    from exporter.eval_cli import _export_kwargs
-    kw = _export_kwargs(argparse.Namespace(dense_dir=str(tiny_bert_dir)),
-                        ["--split", "coact", "--shared-experts", "1", "--dynamic-k", "2", "--weights", "int8"])
-    assert (kw["split"], kw["shared_experts"], kw["dynamic_k"], kw["weights"]) == ("coact", 1, 2.0, "int8")
+    from exporter.eval_cli import _recipe
+    r = _recipe(argparse.Namespace(dense_dir=str(tiny_bert_dir)),
+                ["--split", "coact", "--shared-experts", "1", "--dynamic-k", "2", "--weights", "int8"])
+    assert (r.split, r.shared_experts, r.dynamic_k, r.weights) == ("coact", 1, 2.0, "int8")
