@@ -29,7 +29,7 @@ def gguf_model_type(path: Path) -> str:
                                         f"{', '.join(supported())} (GGUF: those transformers reads: "
                                         f"{', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a in supported())})"
                                         ) from None
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
     except ImportError as e:
         raise ModelLoadError(f"reading GGUF files needs the gguf package: {e}") from None
     except Exception as e:  # a truncated or corrupt file: numpy / struct / KeyError from the reader

@@ -210,7 +210,7 @@ class Generator:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, *, chat: bool = False) -> Iterator[str]:
         """The generated text, piece by piece as tokens come (end-of-sequence tokens are not shown)."""
-        tokens, shown = [], ""
+        tokens, shown, text = [], "", ""
         for token in self.generate_ids(self.encode(prompt, chat=chat), max_new_tokens):
             if token in self.eos_token_id:
                 break
@@ -220,6 +220,8 @@ class Generator:
                 continue
             yield text[len(shown):]
             shown = text
+        if len(text) > len(shown):  # what an incomplete sequence at the end left
+            yield text[len(shown):]
 
     def __call__(self, prompt: str, max_new_tokens: int = 64, *, chat: bool = False) -> str:
         return "".join(self.stream(prompt, max_new_tokens, chat=chat))

@@ -8,6 +8,8 @@ import pytest
 
 import runtime
 
+QUIET = dict(progress=False, log=lambda *a: None)
+BACKEND = "cpp" if runtime.cpp_available() else "numba-split"  # the fastest there is
 requires_cpp = pytest.mark.skipif(not runtime.cpp_available(), reason="C++ op library not built")
 # InferenceSession backends; numba (Numba kernels inside ONNX Runtime) runs through the C++ library too.
 SESSION_BACKENDS = ["numba-split", pytest.param("numba", marks=requires_cpp), pytest.param("cpp", marks=requires_cpp)]
@@ -108,7 +110,8 @@ def _tiny_bpe_tokenizer(directory, *, chat: bool = False):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([*SAMPLE_TEXTS, *SAMPLE_PROMPTS, " ".join(TINY_WORDS)] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_input_names=["input_ids", "attention_mask"])
     if chat:
         fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                               "{% if add_generation_prompt %}<s>assistant:{% endif %}")
@@ -175,3 +178,20 @@ def tiny_model_dir(tmp_path_factory, tiny_bert_dir):
         return d
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir, tmp_path_factory):
+    """family -> (export directory, report, saved MoEfied directory) of the tiny model, 4 experts, top-2."""
+    from exporter import export
+    made = {}
+
+    def get(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"export-{family}")
+            report = export(tiny_model_dir(family), root / "out", experts=4, top_k=2, backend=BACKEND,
+                            save_moefied_dir=root / "saved", **QUIET)
+            made[family] = root / "out", report, root / "saved"
+        return made[family]
+
+    return get
