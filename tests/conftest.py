@@ -195,3 +195,13 @@ def exported(tiny_model_dir, tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (`make smollm` fetches it from PyPI), or a clean skip."""
+    from exporter.models import smollm2_gguf as find
+    try:
+        return find()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
