@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -31,8 +30,8 @@ from .config import MoEConfig
 from .datasets import calibration_texts
 from .distill import DistillResult, distill as distill_moe
 from .moe_ffn import MoEFFN
-from .moefy import build_moes, check_budget, check_split, moefy, needs_calibration, operator_inputs, save_moefied
-from .recipe import DEFAULT_TOP_K, ExportOptions, Recipe, split_settings
+from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
+from .recipe import DEFAULT_TOP_K, Recipe, split_settings
 from .relufy import relufy as relufy_model
 from .source import check_source, load_model
 from .tasks import Task, ValidationError, task_for
@@ -127,15 +126,16 @@ def _calibration_pool(recipe: Recipe, log) -> list[str] | None:
     return texts
 
 
-def convert(source: str | os.PathLike, recipe: Recipe | None = None, *, target: str = "custom",
-            save_moefied_dir: str | os.PathLike | None = None, progress: bool = True, log=print,
-            **recipe_fields) -> Converted:
-    """MoEfy a Hugging Face directory, ``.gguf`` file or ``--save-moefied`` directory with ``recipe`` (fields
-    as keywords also work: ``convert(path, experts=32, top_k=8)``). No ONNX: see :func:`export`."""
-    recipe, _ = split_settings(recipe, recipe_fields)
+def convert(source: str | os.PathLike, recipe: Recipe | None = None, *, progress: bool = True, log=print,
+            **settings) -> Converted:
+    """MoEfy a Hugging Face directory, ``.gguf`` file or ``--save-moefied`` directory with ``recipe`` (its fields
+    as keywords also work: ``convert(path, experts=32, top_k=8)``; of the export options, ``target`` and
+    ``save_moefied_dir`` apply). No ONNX: see :func:`export`."""
+    recipe, options = split_settings(recipe, settings)
     recipe.check()
+    options.check(recipe)
     calib_texts = _calibration_pool(recipe, log)
-    return _convert(source, recipe, calib_texts, target=target, save_moefied_dir=save_moefied_dir,
+    return _convert(source, recipe, calib_texts, target=options.target, save_moefied_dir=options.save_moefied_dir,
                     progress=progress, log=log)
 
 

@@ -4,7 +4,6 @@ through optimum, moefy's API and moe-generate with greedy tokens identical to th
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import BACKEND, requires_cpp
 
 import runtime

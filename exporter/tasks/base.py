@@ -58,7 +58,7 @@ class Task(abc.ABC):
     name: str = ""  # moefy's name, also the family's FFNAdapter.task
     optimum_task: str = ""  # the task of optimum's ONNX config
     auto_class: str = ""  # the transformers class that loads the model for it
-    padding_side = "right"
+    onnx_config_kwargs: dict = {}  # for optimum's ONNX config of the task
 
     def model_class(self):
         import transformers
@@ -73,7 +73,7 @@ class Task(abc.ABC):
         from optimum.exporters.tasks import TasksManager
         ctor = TasksManager.get_exporter_config_constructor(exporter="onnx", model=model, task=self.optimum_task,
                                                             library_name="transformers")
-        return ctor(model.config)
+        return ctor(model.config, **self.onnx_config_kwargs)
 
     @abc.abstractmethod
     def model_inputs(self, model) -> tuple[str, ...]:

@@ -89,18 +89,12 @@ class TextGeneration(Task):
     name = "text-generation"
     optimum_task = "text-generation-with-past"
     auto_class = "AutoModelForCausalLM"
+    onnx_config_kwargs = {"use_past": True, "use_past_in_inputs": True}  # one graph for every step
 
     def prepare_tokenizer(self, tokenizer):
         if tokenizer.pad_token is None:  # batches are right-padded and masked: any token will do
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
-
-    def onnx_config(self, model):
-        import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs)
-        from optimum.exporters.tasks import TasksManager
-        ctor = TasksManager.get_exporter_config_constructor(exporter="onnx", model=model, task=self.optimum_task,
-                                                            library_name="transformers")
-        return ctor(model.config, use_past=True, use_past_in_inputs=True)  # one graph for every step
 
     def model_inputs(self, model):
         return ("input_ids", "attention_mask")
