@@ -3,6 +3,7 @@ directory written by ``--save-moefied``) into a loaded model, its tokenizer, its
 Every check that needs no weights comes first, so a bad input fails in seconds."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,6 +20,15 @@ class ModelLoadError(ValueError):
 
 def gguf_model_type(path: Path) -> str:
     """The Hugging Face model type of a GGUF file, from its metadata (no tensors read)."""
+    stat = path.stat()
+    return _gguf_model_type(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_model_type(path: str, mtime: int, size: int) -> str:
+    """(Parsing a GGUF's metadata takes seconds: the tokenizer's vocabulary is in it. Keyed by the file's
+    modification time and size, so a changed file is read again.)"""
+    path = Path(path)
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
     try:
         config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]

@@ -167,3 +167,23 @@ def test_operator_inputs_are_what_the_nodes_hold(tiny_model_dir):
     inputs = {k: v for k, v in layers[0].items() if k in spec.INPUT_INDEX}
     attrs = {k: v for k, v in layers[0].items() if k in {a.name for a in spec.ATTRIBUTES}}
     np.testing.assert_allclose(sparse_expert_ffn({**inputs, "X": x}, **attrs), want, rtol=1e-4, atol=1e-5)
+
+
+@requires_cpp
+def test_weights_past_the_protobuf_limit_go_to_external_data(tiny_model_dir, tmp_path, monkeypatch):
+    """Past 2 GB (here: a threshold made tiny) the weights go to model.onnx_data, and optimum still loads the
+    directory as it is."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    import sys
+    monkeypatch.setattr(sys.modules["exporter.export"], "MAX_PROTOBUF", 10_000)  # (the package's `export` is the function)
+    out = tmp_path / "out"
+    export(tiny_model_dir("qwen2"), out, experts=4, top_k=2, backend=BACKEND, **QUIET)
+    assert (out / "model.onnx_data").stat().st_size > (out / "model.onnx").stat().st_size
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=2)
+    ort_model = ORTModelForCausalLM.from_pretrained(out, session_options=runtime.session_options(threads=1))
+    assert ort_model.generate(ids, **kw)[0, 4:].tolist() == list(runtime.DecoderSession(out, BACKEND).greedy(ids[0].tolist(), 6))
+    single = tmp_path / "single.onnx"
+    export(tiny_model_dir("qwen2"), single, experts=4, top_k=2, backend=BACKEND, **QUIET)
+    assert (tmp_path / "single.onnx_data").is_file()
