@@ -256,7 +256,10 @@ def ffn_inputs(model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUN
     finally:
         for h in hooks:
             h.remove()
-    return [np.concatenate(xs) for xs in per_layer]
+    out = []
+    while per_layer:  # layer by layer, freeing the chunks as we go: peak memory one layer above the result
+        out.append(np.concatenate(per_layer.pop(0)))
+    return out
 
 
 def text_ids(batch) -> np.ndarray:
