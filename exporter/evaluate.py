@@ -37,7 +37,8 @@ from . import datasets
 from .arch import DenseFFN
 from .config import MoEConfig
 from .export import CALIBRATION_KEY, MODEL_FILE
-from .moefy import ffn_inputs, load_model
+from .moefy import ffn_inputs
+from .source import load_model
 from .tasks import task_for
 from .tasks.decoder import NextTokenFidelity
 from .tasks.encoder import mean_pool

@@ -13,7 +13,6 @@ from .arch import FFNAdapter
 from .config import ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
 from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
-from .source import ModelLoadError, load_model  # noqa: F401  (re-exported: where callers found them before)
 from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
 
 

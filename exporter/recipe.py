@@ -11,9 +11,10 @@ import argparse
 import dataclasses
 import math
 
-from .distill import HOLDOUT_MAX, MAX_STEPS
+from .distill import HOLDOUT_MAX, MAX_STEPS, check_distill
 from .moefy import CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split
 from .quantize import WEIGHT_TYPES
+from .relufy import check_relufy
 from .text import CALIB_LINES, DISTILL_TEXTS
 from runtime.session import BACKENDS
 
@@ -142,9 +143,7 @@ class Recipe(_Settings):
         return self.distill is not None or self.relufy is not None
 
     def check(self) -> None:
-        """Every range the recipe alone decides (the FFN width is checked by :meth:`check_width`)."""
-        from .distill import check_distill
-        from .relufy import check_relufy
+        """Every range the recipe alone decides (the FFN width is checked once the model is loaded)."""
         for name, allowed in (("split", SPLITS), ("router", ROUTERS), ("correction", CORRECTIONS),
                               ("weights", WEIGHT_TYPES)):
             if getattr(self, name) not in allowed:

@@ -98,8 +98,6 @@ def load_model(source):
     except Exception as e:
         raise ModelLoadError(f"cannot load a tokenizer from {source} ({type(e).__name__}: {e}); moefy needs the "
                              "model's tokenizer files (tokenizer.json or the vocabulary) beside the weights") from None
-    if not getattr(tokenizer, "is_fast", True) and tokenizer.vocab_size == 0:
-        raise ModelLoadError(f"{source}: the tokenizer has an empty vocabulary")
     task.prepare_tokenizer(tokenizer)
     if source.is_dir() and (source / CONFIG_FILE).is_file():
         return model, tokenizer, adapter, MoEConfig.load(source), load_file(source / ROUTERS_FILE)

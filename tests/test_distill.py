@@ -101,7 +101,8 @@ def test_calibration_cache_hit_and_invalidated(tiny_bert_dir, tmp_path, calib, c
 
 def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
     from exporter.calib_cache import calibrate
-    from exporter.moefy import ffn_inputs, load_model
+    from exporter.moefy import ffn_inputs
+    from exporter.source import load_model
     from exporter.tasks import task_for
     model, tok, adapter, _, _ = load_model(tiny_bert_dir)
     b = tok(calib.read_text().splitlines(), padding=True, return_tensors="pt")
@@ -121,7 +122,7 @@ def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, r
     loss never reaches them: with the refit off (E2E_ROUTER_LR = 0) every router weight stays where the
     layer-wise phase put it; with it on (the default) they move, on their own loss only."""
     import exporter.distill as D
-    from exporter.moefy import load_model
+    from exporter.source import load_model
     recipe = {**RECIPE, "router": router}
     monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
     if not refit:
@@ -184,7 +185,7 @@ def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_pa
 def test_calibration_prefix_matches_its_own_capture(tiny_bert_dir, calib):
     """The MoE's calibration activations are taken as the first texts of the distillation text's."""
     from exporter.calib_cache import calibrate
-    from exporter.moefy import load_model
+    from exporter.source import load_model
     from exporter.text import load_texts
     model, tok, adapter, _, _ = load_model(tiny_bert_dir)
     texts = load_texts(calib)

@@ -13,7 +13,8 @@ import runtime
 from exporter import export
 from exporter.moe_ffn import MoEFFN, selection_mask
 from exporter.tasks import task_for
-from exporter.moefy import FORCED_SCORE, ROUTERS, SPLITS, install_moe, last_hidden_state, load_model
+from exporter.moefy import FORCED_SCORE, ROUTERS, SPLITS, install_moe, last_hidden_state
+from exporter.source import load_model
 from runtime import spec
 
 CALIB = ("the cat is on a mat\nit is for you\na dog and a cat\nthe house of a friend is on the hill\n"
