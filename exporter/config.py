@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 # What each field's annotation accepts from JSON (bool is never an int here).
-_JSON_TYPES = {"int": (int,), "str": (str,), "float | None": (int, float, type(None)), "list | None": (list, type(None)),
+_JSON_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "float | None": (int, float, type(None)), "list | None": (list, type(None)),
                "dict | None": (dict, type(None))}
 
 
@@ -110,7 +110,7 @@ class MoEConfig:
             raise ConfigError(f"{source} lacks the field(s) {', '.join(missing)}")
         for f in fields:
             v = d.get(f.name, f.default)
-            if not isinstance(v, _JSON_TYPES[f.type]) or isinstance(v, bool):
+            if not isinstance(v, _JSON_TYPES[f.type]) or (isinstance(v, bool) and f.type != "bool"):
                 raise ConfigError(f"{source}: {f.name} must be {f.type.replace(' | None', ' or null')}, got {v!r}")
         config = cls(**{f.name: d[f.name] for f in fields if f.name in d})
         config._check_values(source)

@@ -109,9 +109,10 @@ def model_file(path: str | os.PathLike) -> Path:
 def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[SparseFFNLayer]]:
     """The exporter's config and calibration metadata, and each layer's operator (node order = layer order).
     ``path``: an ONNX file, or an export directory."""
+    if Path(path).is_dir() and not model_file(path).is_file():
+        raise EvalError(f"{path} is a directory; pass an ONNX file or a directory written by moe-export "
+                        f"(with its {MODEL_FILE})")
     path = model_file(path)
-    if path.is_dir():
-        raise EvalError(f"{path} is a directory; pass an ONNX file or a directory written by moe-export")
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist")
     try:
