@@ -29,13 +29,15 @@ from .config import MoEConfig
 from .datasets import calibration_texts
 from .distill import DistillResult, distill as distill_moe
 from .moe_ffn import MoEFFN
+from .genai_layout import add_to_export, genai_precision
 from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
 from .outfile import check_output, check_output_dir, remove_stale, temp_name, writing
 from .recipe import DEFAULT_TOP_K, Recipe, split_settings
 from .relufy import relufy as relufy_model
 from .source import check_source, load_model
 from .tasks import Task, ValidationError, task_for
-from .text import CALIB_LINES, SAMPLE_TEXTS, load_texts
+from .tasks.decoder import GREEDY_TOKENS, TextGeneration, torch_greedy
+from .text import CALIB_LINES, SAMPLE_PROMPTS, SAMPLE_TEXTS, load_texts
 
 __all__ = ["Converted", "ExportReport", "ValidationError", "convert", "export"]
 
@@ -314,6 +316,25 @@ class _Output:
         return size
 
 
+def _add_genai(source, converted: Converted, directory: Path, precision: str, tie: float, metadata: dict,
+               progress: bool, log) -> dict:
+    """onnxruntime-genai's layout of the same MoE beside optimum's (genai_layout.add_to_export)."""
+    tokenizer = converted.tokenizer
+    context = getattr(converted.model.config, "max_position_embeddings", None) or 2**31
+    prompts = [tokenizer(p)["input_ids"] for p in SAMPLE_PROMPTS]
+    new_tokens = min([GREEDY_TOKENS] + [context - len(p) for p in prompts])
+
+    def reference(prompt, n):
+        with converted.patched():
+            return torch_greedy(converted.model, converted.moes, prompt, n, tie)
+    checked = add_to_export(source, converted.operator_inputs(), directory, precision, reference=reference,
+                            prompts=prompts, new_tokens=new_tokens,
+                            metadata={k: json.dumps(v) for k, v in metadata.items()}, progress=progress, log=log)
+    log(f"onnxruntime-genai layout ({precision} dense parts): greedy tokens identical to PyTorch on "
+        f"{checked['identical']} of {checked['prompts']} prompts")
+    return checked
+
+
 def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe | None = None, *,
            progress: bool = True, log=print, **settings) -> ExportReport:
     """MoEfy ``source`` (a Hugging Face model directory, a ``.gguf`` file, or a ``--save-moefied`` directory)
@@ -334,10 +355,20 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     recipe.check()
     options.check(recipe)
     out = _Output(output)  # a directory, a read-only place ...: said now, not after the work
+    adapter = check_source(source)  # an unsupported or unreadable model fails before the (slow) load
+    decoder_dir = task_for(adapter).name == TextGeneration.name and not out.single_file
+    genai = genai_precision(options.genai, decoder=decoder_dir, directory=decoder_dir)
+    if genai and recipe.trains:  # the builder takes attention and norms from the source, not the trained model
+        if options.genai != "auto":
+            raise ValueError("--genai builds from the source model's attention and norms; with --distill or --relufy "
+                             "those are trained: pass --genai off")
+        genai = None
+    if decoder_dir and not genai and options.genai == "auto":
+        log("(no onnxruntime-genai layout: needs the model builder's environment, `make genai-venv`, and a recipe "
+            "without training)")
     if options.save_moefied_dir:
         check_output_dir(options.save_moefied_dir, "--save-moefied")
     calib_texts = _calibration_pool(recipe, log)
-    check_source(source)  # an unsupported or unreadable model fails before the (slow) load
     converted = _convert(source, recipe, calib_texts, target=options.target,
                          save_moefied_dir=options.save_moefied_dir, progress=progress, log=log)
     model, task, cfg = converted.model, converted.task, converted.config
@@ -363,6 +394,11 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
                 info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration, "recipe": recipe.to_dict(),
                         "recipe_version": Recipe.VERSION, "target": options.target,
                         "validation": {**dataclasses.asdict(v), "rtol": options.rtol}}
+                if genai:
+                    info["genai"] = _add_genai(source, converted, tmp, genai, options.rtol, metadata, progress, log)
+                    v.lines.append(f"onnxruntime-genai layout ({genai} dense parts) in genai/: greedy tokens "
+                                   f"identical to PyTorch on {info['genai']['identical']} of "
+                                   f"{info['genai']['prompts']} prompts")
                 (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=float) + "\n")
         size = out.commit()
     return ExportReport(str(out.path), options.target, cfg, size, v.max_abs_diff, v.max_rel_diff,
