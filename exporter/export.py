@@ -29,12 +29,12 @@ from .config import MoEConfig
 from .datasets import calibration_texts
 from .distill import DistillResult, distill as distill_moe
 from .moe_ffn import MoEFFN
-from .genai_layout import add_to_export, genai_precision
+from .genai_layout import GenaiLayoutError, add_to_export, genai_precision
 from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
 from .outfile import check_output, check_output_dir, remove_stale, temp_name, writing
 from .recipe import DEFAULT_TOP_K, Recipe, split_settings
 from .relufy import relufy as relufy_model
-from .source import check_source, load_model
+from .source import check_source, load_model, model_type_of
 from .tasks import Task, ValidationError, task_for
 from .tasks.decoder import GREEDY_TOKENS, TextGeneration, torch_greedy
 from .text import CALIB_LINES, SAMPLE_PROMPTS, SAMPLE_TEXTS, load_texts
@@ -357,7 +357,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     out = _Output(output)  # a directory, a read-only place ...: said now, not after the work
     adapter = check_source(source)  # an unsupported or unreadable model fails before the (slow) load
     decoder_dir = task_for(adapter).name == TextGeneration.name and not out.single_file
-    genai = genai_precision(options.genai, decoder=decoder_dir, directory=decoder_dir)
+    genai = genai_precision(options.genai, decoder=decoder_dir, directory=decoder_dir,
+                            model_type=model_type_of(Path(source))[0])
     if genai and recipe.trains:  # the builder takes attention and norms from the source, not the trained model
         if options.genai != "auto":
             raise ValueError("--genai builds from the source model's attention and norms; with --distill or --relufy "
@@ -395,7 +396,15 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
                         "recipe_version": Recipe.VERSION, "target": options.target,
                         "validation": {**dataclasses.asdict(v), "rtol": options.rtol}}
                 if genai:
-                    info["genai"] = _add_genai(source, converted, tmp, genai, options.rtol, metadata, progress, log)
+                    try:
+                        info["genai"] = _add_genai(source, converted, tmp, genai, options.rtol, metadata, progress,
+                                                   log)
+                    except (GenaiLayoutError, RuntimeError) as e:
+                        if options.genai != "auto":
+                            raise
+                        log(f"(no onnxruntime-genai layout: {str(e).splitlines()[-1]})")  # auto: best effort
+                        genai = None
+                if genai:
                     v.lines.append(f"onnxruntime-genai layout ({genai} dense parts) in genai/: greedy tokens "
                                    f"identical to PyTorch on {info['genai']['identical']} of "
                                    f"{info['genai']['prompts']} prompts")

@@ -230,7 +230,10 @@ def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: st
 GENAI_SUBDIR = "genai"  # in a moe-export directory: the genai layout's model files (optimum's model.onnx is above)
 
 
-def genai_precision(choice: str, *, decoder: bool, directory: bool) -> str | None:
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # moefy's families that onnxruntime-genai's builder (0.18) builds
+
+
+def genai_precision(choice: str, *, decoder: bool, directory: bool, model_type: str) -> str | None:
     """The dense parts' precision of the genai layout ``moe-export --genai CHOICE`` builds, or None for none;
     an explicit choice that cannot be honoured is an error now, before the export's work."""
     if choice == "off":
@@ -240,6 +243,11 @@ def genai_precision(choice: str, *, decoder: bool, directory: bool) -> str | Non
             return None
         raise GenaiLayoutError("--genai builds onnxruntime-genai's layout of a decoder exported to a directory; "
                                "pass an output directory and a text-generation model, or --genai off")
+    if model_type not in MODEL_TYPES:
+        if choice == "auto":
+            return None
+        raise GenaiLayoutError(f"--genai: onnxruntime-genai's model builder does not build {model_type} models; "
+                               f"it builds {', '.join(MODEL_TYPES)} (pass --genai off)")
     try:
         builder_python()
     except FileNotFoundError:
