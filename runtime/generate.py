@@ -4,7 +4,9 @@ out; one model for the first and the later steps, the first with empty past tens
 
 * :class:`DecoderSession`: that graph on the moefy runtime, one call per step, greedy decoding;
 * :class:`Generator`: with the tokenizer of the export directory, streaming text and timing;
-* ``moe-generate OUT_DIR "prompt"``: the command line.
+* :class:`GenaiDecoder`: the onnxruntime-genai layout of the same directory (``genai_config.json``, written by
+  ``moe-export --genai``), the fast path: fused attention, its own KV cache and loop in C++;
+* ``moe-generate OUT_DIR "prompt"``: the command line (the genai layout when the directory has one).
 
 The same directory also loads in optimum: ``ORTModelForCausalLM.from_pretrained(OUT_DIR,
 session_options=runtime.session_options())``.
@@ -25,6 +27,8 @@ import numpy as np
 from .session import BACKENDS, InferenceSession, InvalidInputError
 
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+LAYOUTS = ("auto", "onnx", "genai")
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
 
@@ -120,6 +124,55 @@ class DecoderSession:
             ids, mask, t0 = np.array([[token]], np.int64), np.ones((1, mask.shape[1] + 1), np.int64), time.perf_counter()
 
 
+class GenaiDecoder:
+    """The onnxruntime-genai layout of an export directory (its ``genai_config.json``), with the same ``greedy``
+    as :class:`DecoderSession`. moefy's library is the copy the directory holds (onnxruntime-genai loads custom
+    op libraries only from inside the model directory)."""
+
+    backend = "onnxruntime-genai"
+
+    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise RuntimeError("the onnxruntime-genai layout needs the onnxruntime-genai package "
+                               "(pip install 'moefy[genai]'), or --layout onnx") from None
+        model_dir = Path(model_dir)
+        if not (model_dir / GENAI_CONFIG).is_file():
+            raise FileNotFoundError(f"{model_dir} has no {GENAI_CONFIG}; export with moe-export --genai (it needs "
+                                    "`make genai-venv`), or use --layout onnx")
+        self.og = og
+        config = og.Config(str(model_dir))
+        options = {"inter_op_num_threads": 1, **({"intra_op_num_threads": threads} if threads else {})}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+
+    def greedy(self, input_ids: Sequence[int], max_new_tokens: int, *, eos_token_id=None,
+               stats: "GenerationStats | None" = None) -> Iterator[int]:
+        """Greedy new tokens as they come (onnxruntime-genai stops at the model's end-of-sequence tokens itself)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if len(input_ids) == 0:
+            raise ValueError("the prompt has no tokens")
+        if max_new_tokens == 0:
+            return
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(input_ids) + max_new_tokens, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        stop = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(input_ids, np.int32))  # the prompt's step
+        for n in range(max_new_tokens):
+            gen.generate_next_token()  # picks from the last logits (then, next time round, runs one step)
+            token = int(gen.get_next_tokens()[0])
+            if stats is not None:
+                stats.record(n, len(input_ids) if n == 0 else 1, time.perf_counter() - t0)
+            yield token
+            if token in stop or gen.is_done():
+                return
+            t0 = time.perf_counter()
+
+
 @dataclasses.dataclass
 class GenerationStats:
     """Prefill (the prompt's call) and decode (one call per further token) times of one generation."""
@@ -156,13 +209,22 @@ class Generator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, backend: str = "auto", *, threads: int | None = None,
-                 **session_kwargs):
+                 layout: str = "auto", **session_kwargs):
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir} is not a directory; pass the directory moe-export wrote")
-        self.decoder = DecoderSession(model_dir, backend, threads=threads, **session_kwargs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if layout == "auto":  # the fast layout when the directory has it and this environment can run it
+            layout = "genai" if (model_dir / GENAI_CONFIG).is_file() and _have_genai() else "onnx"
+        if layout == "genai" and (backend != "auto" or session_kwargs):
+            raise ValueError("the onnxruntime-genai layout runs moefy's C++ kernels in onnxruntime-genai's own "
+                             "session: --backend and session options apply to --layout onnx only")
+        self.layout = layout
+        self.decoder = (GenaiDecoder(model_dir, threads) if layout == "genai"
+                        else DecoderSession(model_dir, backend, threads=threads, **session_kwargs))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except Exception as e:  # transformers raises OSError, ValueError, ... for missing or broken files
@@ -227,6 +289,11 @@ class Generator:
         return "".join(self.stream(prompt, max_new_tokens, chat=chat))
 
 
+def _have_genai() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="moe-generate",
@@ -240,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, metavar="T",
                     help="ONNX Runtime intra-op threads (default: all cores)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto", help="moefy runtime backend (default auto)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="auto",
+                    help="onnx: model.onnx (optimum's layout) on the moefy runtime; genai: the onnxruntime-genai "
+                         "layout (genai_config.json, from moe-export --genai), faster; auto: genai when the "
+                         "directory has it and onnxruntime-genai is installed (default auto)")
     return ap
 
 
@@ -250,14 +321,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        gen = Generator(args.model_dir, args.backend, threads=args.threads)
+        gen = Generator(args.model_dir, args.backend, threads=args.threads, layout=args.layout)
         for piece in gen.stream(args.prompt, args.max_new_tokens, chat=args.chat):
             print(piece, end="", flush=True)
         print()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"moe-generate: error: {e}", file=sys.stderr)
         return 2
-    print(f"[{gen.stats.summary()}; {gen.decoder.backend} backend]", file=sys.stderr)
+    where = "onnxruntime-genai layout" if gen.layout == "genai" else f"{gen.decoder.backend} backend"
+    print(f"[{gen.stats.summary()}; {where}]", file=sys.stderr)
     return 0
 
 

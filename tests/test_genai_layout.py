@@ -228,6 +228,21 @@ def test_moe_export_directory_generates_in_optimum_genai_and_moe_generate(tiny_l
     optimum_tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=len(got), do_sample=False,
                                     min_new_tokens=len(got))[0, len(PROMPT):].tolist()
     assert optimum_tokens == got
+    from runtime.generate import Generator, main as generate_main
+    fast, slow = Generator(out, threads=1), Generator(out, threads=1, layout="onnx")
+    assert fast.layout == "genai" and slow.layout == "onnx"
+    assert list(fast.generate_ids(PROMPT, len(got))) == list(slow.generate_ids(PROMPT, len(got)))[:len(got)]
+    assert fast.stats.prompt_tokens == len(PROMPT) and fast.stats.decode_tokens >= 1
+    with pytest.raises(ValueError, match="--backend and session options apply to --layout onnx only"):
+        Generator(out, "numba", layout="genai")
+    assert generate_main([str(out), "the capital", "--max-new-tokens", "4", "--layout", "genai"]) == 0
+
+
+def test_moe_generate_genai_layout_needs_the_directory_to_have_it(exported, capsys):
+    from runtime.generate import main as generate_main
+    out, _, _ = exported("llama")  # exported with genai="off"
+    assert generate_main([str(out), "hi", "--layout", "genai"]) == 2
+    assert "has no genai_config.json; export with moe-export --genai" in capsys.readouterr().err
 
 
 def test_genai_option_errors_before_the_work(tiny_llama, tmp_path, capsys):
