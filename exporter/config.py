@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 # What each field's annotation accepts from JSON (bool is never an int here).
-_JSON_TYPES = {"int": (int,), "str": (str,), "float | None": (int, float, type(None)), "list | None": (list, type(None)),
+_JSON_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "float | None": (int, float, type(None)), "list | None": (list, type(None)),
                "dict | None": (dict, type(None))}
 
 
@@ -45,10 +45,19 @@ class MoEConfig:
     relufy: dict | None = None  # --relufy: threshold shift, recovery settings and result (activation is "relu")
     distill: dict | None = None  # --distill: settings and held-out result of the recovery fine-tune
     seed: int = 0
+    task: str = "feature-extraction"  # or "text-generation" (exporter/tasks)
+    gated: bool = False  # the FFN is gated (SwiGLU): the operator gets Wg
     op_domain: str = spec.DOMAIN
     op_version: int = spec.VERSION
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_recipe(cls, recipe, **model_facts) -> "MoEConfig":
+        """The config of a new MoEfication: the recipe's fields that are config fields, and the model's facts
+        (activation, model_type, num_layers, intermediate_size, task, gated)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in recipe.to_dict().items() if k in names and k not in model_facts}, **model_facts)
 
     @property
     def expert_size(self) -> int:
@@ -101,7 +110,7 @@ class MoEConfig:
             raise ConfigError(f"{source} lacks the field(s) {', '.join(missing)}")
         for f in fields:
             v = d.get(f.name, f.default)
-            if not isinstance(v, _JSON_TYPES[f.type]) or isinstance(v, bool):
+            if not isinstance(v, _JSON_TYPES[f.type]) or (isinstance(v, bool) and f.type != "bool"):
                 raise ConfigError(f"{source}: {f.name} must be {f.type.replace(' | None', ' or null')}, got {v!r}")
         config = cls(**{f.name: d[f.name] for f in fields if f.name in d})
         config._check_values(source)

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from .progress import tqdm
 
-from .adapters import DenseFFN
-from .moe_ffn import TORCH_ACTIVATIONS, MoEFFN, expert_hidden, selection_mask
+from .moe_ffn import MoEFFN, expert_hidden, selection_mask
 
 HOLDOUT = 0.1  # share of calibration texts held out to pick the best weights
 HOLDOUT_MAX = 256  # texts: enough to rank checkpoints; more would make every evaluation slower
@@ -90,7 +89,7 @@ def _heldout_texts(n_texts: int, seed: int) -> np.ndarray:
 
 def _expert_tensors(moe: MoEFFN) -> list[torch.Tensor]:
     """What both phases train in one MoE FFN: the experts and unselected_bias (buffers, not parameters)."""
-    return [moe.w1, moe.b1, moe.w2, moe.b2] + ([] if moe.unselected_bias is None else [moe.unselected_bias])
+    return moe.expert_tensors()
 
 
 def _router_tensors(moe: MoEFFN) -> list[torch.Tensor]:
@@ -111,7 +110,7 @@ def router_refit_loss(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     E, m, d = moe.w1.shape
     x = x.detach().reshape(-1, d)
     with torch.no_grad():
-        h = expert_hidden(x, moe.w1, moe.b1, moe.activation)
+        h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg)
         out = torch.einsum("nem,emd->ned", h.unflatten(-1, (E, m)), moe.w2)
         skipped = moe.unselected_bias if moe.unselected_bias is not None else out.mean(0)
         target = selection_mask((out - skipped).norm(dim=-1), moe.top_k)
@@ -131,11 +130,9 @@ def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LA
     layers = adapter.layers(teacher)
     t0 = time.monotonic()
     for i, moe in enumerate(tqdm(moes, desc="distilling layer by layer", disable=not progress)):
-        dense, act = adapter.read(layers[i]), TORCH_ACTIVATIONS[adapter.activation(teacher.config)]
         x = torch.as_tensor(calib.xs[i])
         with torch.no_grad():
-            y = act(x @ torch.as_tensor(dense.w1).T + torch.as_tensor(dense.b1)) @ torch.as_tensor(dense.w2) \
-                + torch.as_tensor(dense.b2)
+            y = adapter.read(layers[i]).forward(x, adapter.activation(teacher.config))
         x_fit, y_fit = x[torch.as_tensor(fit_tokens)], y[torch.as_tensor(fit_tokens)]
         x_held, y_held = x[torch.as_tensor(held_tokens)], y[torch.as_tensor(held_tokens)]
         params = _moe_tensors(moe)
@@ -330,9 +327,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     # Write back: FFNs into the model's own layout, the rest by name (the MoE's buffers have other names).
     routers = dict(routers)
     for i, (layer, moe) in enumerate(zip(adapter.layers(model), moes)):
-        E, m, d = moe.w1.shape
-        flat = lambda t: t.detach().reshape(E * m, -1).squeeze(-1).numpy().copy()  # noqa: E731
-        adapter.write(layer, DenseFFN(flat(moe.w1), flat(moe.b1), flat(moe.w2), moe.b2.detach().numpy().copy()))
+        adapter.write(layer, moe.dense())
         routers[f"layer.{i}.router_w"] = moe.router_w.detach().numpy().copy()
         routers[f"layer.{i}.router_b"] = moe.router_b.detach().numpy().copy()
         if moe.unselected_bias is not None:

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from runtime import BACKENDS
 
-from .distill import check_distill
 from .evaluate import TASKS, Evaluator, markdown_table, plot_curve, quality_curve, read_moe_onnx
 from .outfile import Interrupted, check_output, check_output_dir, interruptible, write_text
-from .relufy import check_relufy
+from .recipe import ExportOptions, Recipe
 from .text import load_texts
 
-# moe-export flags the curve sets itself, or that make no sense for it.
-CURVE_OWNS = ("--top-k", "--budget", "--target", "--save-moefied", "--rtol", "--with-tokenizer")
+# moe-export flags the curve sets itself, or that make no sense for it: the recipe's number of experts per token,
+# and every export option (--backend is moe-eval's own).
+CURVE_OWNS = tuple([Recipe.flags()["top_k"], Recipe.flags()["budget"]]
+                   + [f for name, f in ExportOptions.flags().items() if name != "backend"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "and FFN error on the exported operators, and labelled tasks as ratios to dense.",
         epilog="With --curve, the other flags are moe-export's recipe flags (e.g. --experts 32 --router ls "
                "--correction mean); the labelled tasks need `make data`.")
-    ap.add_argument("dense_dir", help="the dense Hugging Face model directory the ONNX models were exported from")
-    ap.add_argument("models", nargs="*", metavar="MOE.onnx", help="MoEfied ONNX files written by moe-export")
+    ap.add_argument("dense_dir", help="the dense Hugging Face model directory (or .gguf file) the ONNX models were "
+                                      "exported from")
+    ap.add_argument("models", nargs="*", metavar="MOE.onnx",
+                    help="MoEfied ONNX files (or export directories) written by moe-export")
     ap.add_argument("--curve", metavar="OUT_DIR",
                     help="export dense_dir at each --shares with the given moe-export flags into OUT_DIR, evaluate "
                          "each, and write OUT_DIR/curve.json and OUT_DIR/curve.png")
@@ -58,25 +62,19 @@ def _top_ks(shares: str, experts: int) -> list[int]:
     return ks
 
 
-def _export_kwargs(args, rest: list[str]) -> dict:
-    """Parse the pass-through flags with moe-export's own parser, so they mean exactly what they mean there."""
-    from .cli import build_parser as export_parser
+def _recipe(args, rest: list[str]) -> Recipe:
+    """The recipe of the curve from moe-export's own recipe flags, so they mean exactly what they mean there."""
     owned = [f for f in rest if f.split("=")[0] in CURVE_OWNS]
     if owned:
-        raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: --experts, --split, "
-                         "--router, --correction, --shared-experts, --calib, --seed, --distill, --distill-steps, --distill-texts, "
-                         "--relufy, --relufy-minutes, --weights, --no-calib-cache, --calib-cache-max-gb, --dynamic-k")
-    ns = export_parser().parse_args([args.dense_dir, "curve.onnx", *rest])
-    if ns.calib:
-        load_texts(ns.calib)  # a bad file fails now, not after the dense side is computed
-    check_distill(ns.distill, ns.distill_steps, ns.distill_texts)
-    if ns.relufy is not None:
-        check_relufy(ns.relufy, ns.relufy_minutes)
-    return dict(experts=ns.experts, split=ns.split, router=ns.router, correction=ns.correction,
-                shared_experts=ns.shared_experts, calib=ns.calib, seed=ns.seed, distill=ns.distill,
-                distill_steps=ns.distill_steps, distill_texts=ns.distill_texts, relufy=ns.relufy, relufy_minutes=ns.relufy_minutes,
-                weights=ns.weights, calib_cache=ns.calib_cache, calib_cache_max_gb=ns.calib_cache_max_gb,
-                dynamic_k=ns.dynamic_k)
+        accepted = [f for name, f in Recipe.flags().items() if f not in CURVE_OWNS]
+        raise ValueError(f"--curve sets {', '.join(owned)} itself; accepted recipe flags: {', '.join(accepted)}")
+    parser = argparse.ArgumentParser(prog="moe-eval --curve", allow_abbrev=False)
+    Recipe.add_arguments(parser, exclude=("top_k", "budget"))
+    recipe = Recipe.from_namespace(parser.parse_args(rest))
+    if recipe.calib:
+        load_texts(recipe.calib)  # a bad file fails now, not after the dense side is computed
+    dataclasses.replace(recipe, top_k=max(recipe.experts, 1)).check()  # the curve chooses top-k itself
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,10 +103,10 @@ def _run(args, rest, tasks, log) -> int:
         if set(tasks) - set(TASKS):
             raise ValueError(f"--tasks: unknown task(s) {sorted(set(tasks) - set(TASKS))}; "
                              f"choose from {', '.join(TASKS)}, or 'none'")
-        export_kwargs = _export_kwargs(args, rest) if args.curve else {}
-        top_ks = _top_ks(args.shares, export_kwargs["experts"]) if args.curve else []
-        if not Path(args.dense_dir).is_dir():
-            raise FileNotFoundError(f"dense model directory {args.dense_dir} does not exist")
+        recipe = _recipe(args, rest) if args.curve else None
+        top_ks = _top_ks(args.shares, recipe.experts) if args.curve else []
+        if not Path(args.dense_dir).exists():
+            raise FileNotFoundError(f"dense model {args.dense_dir} does not exist")
         for flag, out in (("--json", args.json), ("--plot", args.plot)):
             if out:
                 check_output(out, flag)  # a directory, a read-only place ...: said now, not after the work
@@ -123,12 +121,12 @@ def _run(args, rest, tasks, log) -> int:
                              + "; ".join(f"{100 * s:.1f}%: {', '.join(n)}" for s, n in sorted(shares.items())))
         evaluator = Evaluator(args.dense_dir, tasks=tasks, progress=not args.quiet, log=log)
         if args.curve:
-            reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, backend=args.backend, log=log,
-                                    **export_kwargs)
-            recipe = " ".join(rest) or "default recipe"
+            reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, recipe, backend=args.backend,
+                                    log=log)
+            flags = " ".join(rest) or "default recipe"
             name = "/".join(Path(args.dense_dir).resolve().parts[-2:])  # HF directories are often just "model"
-            plot_curve(reports, Path(args.curve) / "curve.png", f"{name}: {recipe}")
-            payload = {"dense": str(args.dense_dir), "recipe": export_kwargs, "reports": [r.to_dict() for r in reports]}
+            plot_curve(reports, Path(args.curve) / "curve.png", f"{name}: {flags}")
+            payload = {"dense": str(args.dense_dir), "recipe": recipe.to_dict(), "reports": [r.to_dict() for r in reports]}
             write_text(Path(args.curve) / "curve.json", json.dumps(payload, indent=2) + "\n", "--curve")
             log(f"wrote {Path(args.curve) / 'curve.json'} and {Path(args.curve) / 'curve.png'}")
         else:

@@ -5,12 +5,14 @@ runtime, and the per-layer figures use the weights of each SparseExpertFFN node,
 operator's NumPy reference. The dense side is the Hugging Face model in PyTorch.
 
 Metrics (docs/QUALITY.md explains them):
-* held-out embedding cosine (mean, min) and nearest-neighbour agreement, on mean-pooled last hidden
-  states (what sentence-transformers does for MiniLM);
+* encoders: held-out embedding cosine (mean, min) and nearest-neighbour agreement, on mean-pooled last
+  hidden states (what sentence-transformers does for MiniLM);
+* decoders: on the held-out text, the perplexity ratio to dense, next-token top-1 agreement and the mean
+  KL(dense || MoE) per predicted token (the MoE side through the exported graph);
 * per layer, on the dense model's own FFN inputs for the held-out text: router recall (share of the
   FFN's activation mass that the selected experts hold), the same for the best possible k experts
   (oracle recall), and the FFN output's relative error;
-* labelled tasks as ratios to dense: WordSim-353 and SimLex-999 Spearman, WordNet gloss -> lemma MRR.
+* encoders' labelled tasks as ratios to dense: WordSim-353 and SimLex-999 Spearman, WordNet gloss -> lemma MRR.
 """
 from __future__ import annotations
 
@@ -28,18 +30,24 @@ from scipy.stats import spearmanr
 from .progress import tqdm
 
 from runtime import spec
-from runtime.reference import ACTIVATION_FUNCTIONS, selected_mask, sparse_expert_ffn
+from runtime.reference import expert_weights, selected_mask, sparse_expert_ffn
 from runtime.session import METADATA_KEY
 
 from . import datasets
+from .arch import DenseFFN
 from .config import MoEConfig
-from .export import CALIBRATION_KEY, mean_pool
-from .moefy import ffn_inputs, load_model
+from .export import CALIBRATION_KEY, MODEL_FILE
+from .moefy import ffn_inputs
 from .outfile import atomic_path, writing
+from .source import load_model
+from .tasks import task_for
+from .tasks.decoder import NextTokenFidelity
+from .tasks.encoder import mean_pool
 
 TASKS = ("ws353", "simlex", "wordnet")
 TASK_NAMES = {"ws353": "WordSim-353 Spearman", "simlex": "SimLex-999 Spearman", "wordnet": "WordNet gloss->lemma MRR"}
 BATCH_SIZE = 32
+DECODER_BATCH_SIZE = 4  # texts: their logits over the whole vocabulary are large
 MATCH_RTOL = 1e-3  # all experts of the exported op vs the dense FFN: above this, they are different models
 # A trained export (--distill, --relufy) no longer matches exactly; its MoE FFN must still beat predicting
 # zero (relative error 1) on the dense inputs in every layer, which another model's FFN does not.
@@ -69,6 +77,16 @@ class SparseFFNLayer:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return sparse_expert_ffn({**self.inputs, "X": x}, **self.attrs)
 
+    def dense(self) -> DenseFFN:
+        """All experts as one dense FFN, float64 (int8 weights dequantized)."""
+        w1 = expert_weights(self.inputs, "W1")
+        E, m, d = w1.shape
+        flat = lambda a, *s: None if a is None else np.asarray(a, np.float64).reshape(E * m, *s)  # noqa: E731
+        b2 = self.inputs.get("B2")
+        return DenseFFN(w1=flat(w1, d), w2=flat(expert_weights(self.inputs, "W2"), d), b1=flat(self.inputs.get("B1")),
+                        b2=None if b2 is None else np.asarray(b2, np.float64), wg=flat(expert_weights(self.inputs, "Wg"), d),
+                        bg=flat(self.inputs.get("Bg")))
+
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Initializers, plus outputs of Constant nodes and of Identity nodes over constants (the
@@ -82,11 +100,19 @@ def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[SparseFFNLayer]]:
-    """The exporter's config and calibration metadata, and each layer's operator (node order = layer order)."""
+def model_file(path: str | os.PathLike) -> Path:
+    """The ONNX file of an export: the path itself, or model.onnx in an export directory."""
     path = Path(path)
-    if path.is_dir():
-        raise EvalError(f"{path} is a directory; pass an ONNX file written by moe-export")
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[SparseFFNLayer]]:
+    """The exporter's config and calibration metadata, and each layer's operator (node order = layer order).
+    ``path``: an ONNX file, or an export directory."""
+    if Path(path).is_dir() and not model_file(path).is_file():
+        raise EvalError(f"{path} is a directory; pass an ONNX file or a directory written by moe-export "
+                        f"(with its {MODEL_FILE})")
+    path = model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist")
     try:
@@ -151,22 +177,19 @@ def layer_fidelity(index: int, x: np.ndarray, dense, op: SparseFFNLayer, dense_a
     adds to the output; an expert's mass is the sum over its neurons. Recall is the selected experts' share.
     ``trained`` (--distill, --relufy): the experts were fine-tuned, so they need not add up to the dense FFN.
     """
-    act = ACTIVATION_FUNCTIONS[op.attrs["activation"]]
-    dense_act = ACTIVATION_FUNCTIONS[dense_activation or op.attrs["activation"]]
     x64 = x.astype(np.float64)
-    y_dense = dense_act(x64 @ dense.w1.T.astype(np.float64) + dense.b1) @ dense.w2.astype(np.float64) + dense.b2
-    w1, w2 = op.inputs["W1"].astype(np.float64), op.inputs["W2"].astype(np.float64)
-    E, m, d = w1.shape
-    b1 = op.inputs.get("B1")
-    h = act(x64 @ w1.reshape(E * m, d).T + (0.0 if b1 is None else b1.reshape(-1)))  # every expert, [N, E*m]
-    b2 = op.inputs.get("B2")
-    y_all = h @ w2.reshape(E * m, d) + (0.0 if b2 is None else b2)
+    y_dense = dense.forward(x64, dense_activation or op.attrs["activation"])
+    experts = op.dense()
+    E, m, d = op.inputs["W1"].shape
+    h = experts.hidden(x64, op.attrs["activation"])  # every expert, [N, E*m]
+    w2 = experts.w2
+    y_all = h @ w2 + (0.0 if experts.b2 is None else experts.b2)
     mismatch = np.linalg.norm(y_all - y_dense) / np.linalg.norm(y_dense)
     if not trained and not mismatch <= MATCH_RTOL:
         raise EvalError(f"layer {index}: the exported experts together differ from the dense FFN (relative "
                         f"difference {mismatch:.1e} > {MATCH_RTOL:.0e}): the ONNX model was not exported from this "
                         "dense model")
-    mass = (np.abs(h) * np.linalg.norm(w2.reshape(E * m, d), axis=1)).reshape(-1, E, m).sum(2)  # [N, E]
+    mass = (np.abs(h) * np.linalg.norm(w2, axis=1)).reshape(-1, E, m).sum(2)  # [N, E]
     total = np.maximum(mass.sum(1), 1e-30)
     scores = x64 @ op.inputs["router_w"].T.astype(np.float64)
     if op.inputs.get("router_b") is not None:
@@ -234,12 +257,13 @@ class EvalReport:
     calibration: dict
     backend: str
     heldout_texts: int
-    cosine_mean: float
-    cosine_min: float
-    nn_agreement: float
+    cosine_mean: float | None  # encoders
+    cosine_min: float | None
+    nn_agreement: float | None
     layers: list[LayerFidelity]
     tasks: dict[str, TaskScore]
     seconds: float
+    next_token: dict | None = None  # decoders: NextTokenFidelity.to_dict()
 
     @property
     def active_share(self) -> float:
@@ -258,8 +282,13 @@ class EvalReport:
                  f"split {c['split']}, router {c['router']}, correction {c['correction']}"
                  + (f", dynamic k {c['dynamic_k']:g}" if c.get("dynamic_k") else "") + f"{_training(c)}; "
                  f"calibrated on {self.calibration.get('source')}; {self.backend} backend",
-                 f"  held-out texts: {self.heldout_texts}; embedding cosine to dense mean {self.cosine_mean:.4f}, "
-                 f"min {self.cosine_min:.4f}; nearest-neighbour agreement {self.nn_agreement:.3f}",
+                 f"  held-out texts: {self.heldout_texts}; " + (
+                     f"embedding cosine to dense mean {self.cosine_mean:.4f}, min {self.cosine_min:.4f}; "
+                     f"nearest-neighbour agreement {self.nn_agreement:.3f}" if self.next_token is None else
+                     f"perplexity {self.next_token['perplexity_moe']:.3f} vs dense "
+                     f"{self.next_token['perplexity_dense']:.3f} (ratio {self.next_token['perplexity_ratio']:.4f}), "
+                     f"next-token agreement {self.next_token['next_token_agreement']:.4f}, mean KL "
+                     f"{self.next_token['mean_kl']:.4f} over {self.next_token['tokens']} predicted tokens"),
                  "  | layer | experts per token | router recall | oracle recall | FFN rel. error |",
                  "  |---:|---:|---:|---:|---:|"]
         lines += [f"  | {f.layer} | {f.mean_k:.2f} | {f.router_recall:.3f} | {f.oracle_recall:.3f} | "
@@ -284,14 +313,17 @@ def _training(config: dict) -> str:
 
 def markdown_table(reports: list[EvalReport]) -> str:
     tasks = [t for t in TASKS if any(t in r.tasks for r in reports)]
-    head = ["model", "active", "cos mean", "cos min", "NN agree", "router recall (oracle)", "FFN rel. err",
-            *(f"{t} ratio" for t in tasks)]
+    decoder = any(r.next_token is not None for r in reports)
+    quality = ["ppl ratio", "next-token agree", "mean KL"] if decoder else ["cos mean", "cos min", "NN agree"]
+    head = ["model", "active", *quality, "router recall (oracle)", "FFN rel. err", *(f"{t} ratio" for t in tasks)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         recall = np.mean([f.router_recall for f in r.layers])
         oracle = np.mean([f.oracle_recall for f in r.layers])
-        cells = [Path(r.model).name, f"{100 * r.active_share:.1f}%", f"{r.cosine_mean:.4f}", f"{r.cosine_min:.4f}",
-                 f"{r.nn_agreement:.3f}", f"{recall:.3f} ({oracle:.3f})",
+        n = r.next_token
+        values = ([f"{n['perplexity_ratio']:.4f}", f"{n['next_token_agreement']:.4f}", f"{n['mean_kl']:.4f}"] if decoder
+                  else [f"{r.cosine_mean:.4f}", f"{r.cosine_min:.4f}", f"{r.nn_agreement:.3f}"])
+        cells = [Path(r.model).name, f"{100 * r.active_share:.1f}%", *values, f"{recall:.3f} ({oracle:.3f})",
                  f"{np.mean([f.ffn_rel_error for f in r.layers]):.3f}",
                  *(f"{r.tasks[t].ratio:.3f}" if t in r.tasks else "–" for t in tasks)]
         rows.append("| " + " | ".join(cells) + " |")
@@ -300,37 +332,47 @@ def markdown_table(reports: list[EvalReport]) -> str:
 
 # ----------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Loads the dense model and computes its side once; call it on any number of MoE ONNX files."""
+    """Loads the dense model and computes its side once; call it on any number of MoE ONNX files (or export
+    directories). Encoders: embeddings and labelled tasks; decoders: next-token predictions."""
 
     def __init__(self, dense_dir: str | os.PathLike, *, tasks=TASKS, progress: bool = True, log=print):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise EvalError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
         self.progress, self.log = progress, log
-        self.task_data = {t: _task_data(t) for t in tasks}  # fails early (MissingDataError) if not fetched
         log(f"loading the dense model {dense_dir}")
         self.model, self.tokenizer, self.adapter, moe_cfg, _ = load_model(dense_dir)
         self.dense_dir = Path(dense_dir)
         if moe_cfg is not None:
             raise EvalError(f"{dense_dir} is a --save-moefied directory; pass the original dense model")
+        self.task = task_for(self.adapter)
+        self.decoder = self.task.name == "text-generation"
+        if self.decoder and tasks:
+            log(f"labelled tasks ({', '.join(tasks)}) are for embedding models; this decoder is measured on "
+                "next-token predictions")
+            tasks = ()
+        self.task_data = {t: _task_data(t) for t in tasks}  # fails early (MissingDataError) if not fetched
         hf = self.model.config
         self.max_length = min(128, getattr(hf, "max_position_embeddings", 128))
+        self.batch_size = DECODER_BATCH_SIZE if self.decoder else BATCH_SIZE
         self.texts = datasets.heldout_texts()
         if not datasets.fortunes_available():
             log(f"held-out text: only the {len(self.texts)} built-in sentences (run `make data` for 300 more)")
-        self.dense_emb = self._embed_dense(self.texts, "dense embeddings")
-        self.dense_nn = nearest_neighbours(self.dense_emb)
         self.ffn_x = self._ffn_inputs(self.texts)
-        self.dense_tasks = {t: fn(lambda s: self._embed_dense(s, f"dense {t}"), data)
-                            for t, (data, fn) in self.task_data.items()}
+        if not self.decoder:
+            self.dense_emb = self._embed_dense(self.texts, "dense embeddings")
+            self.dense_nn = nearest_neighbours(self.dense_emb)
+            self.dense_tasks = {t: fn(lambda s: self._embed_dense(s, f"dense {t}"), data)
+                                for t, (data, fn) in self.task_data.items()}
 
     def _batches(self, texts: list[str], desc: str):
         order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
-        for i in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, disable=not self.progress, leave=False):
-            idx = order[i:i + BATCH_SIZE]
+        inputs = self.task.model_inputs(self.model)
+        for i in tqdm(range(0, len(texts), self.batch_size), desc=desc, disable=not self.progress, leave=False):
+            idx = order[i:i + self.batch_size]
             b = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="np")
-            yield idx, {k: b[k].astype(np.int64) for k in self.adapter.input_names if k in b}
+            yield idx, {k: b[k].astype(np.int64) for k in inputs if k in b}
 
     @torch.no_grad()
     def _embed_dense(self, texts, desc):
@@ -344,9 +386,19 @@ class Evaluator:
         names = [i.name for i in session.get_inputs()]
         out = np.zeros((len(texts), self.model.config.hidden_size))
         for idx, feed in self._batches(texts, desc):
-            h = session.run([self.adapter.output_names[0]], {k: feed[k] for k in names})[0]
+            h = session.run(["last_hidden_state"], {k: feed[k] for k in names})[0]
             out[idx] = mean_pool(h, feed["attention_mask"])
         return out
+
+    @torch.no_grad()
+    def _next_token(self, decoder_session) -> NextTokenFidelity:
+        """The dense model (PyTorch) against the exported decoder on the held-out texts, batch by batch."""
+        fidelity = NextTokenFidelity()
+        for _, feed in self._batches(self.texts, "next-token predictions"):
+            dense = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+            moe = decoder_session.logits(feed["input_ids"], feed["attention_mask"])
+            fidelity.add(dense, moe, feed["input_ids"], feed["attention_mask"].astype(bool))
+        return fidelity
 
     @torch.no_grad()
     def _ffn_inputs(self, texts) -> list[np.ndarray]:
@@ -360,14 +412,14 @@ class Evaluator:
         d = layers[0].inputs["W1"].shape[-1]
         for what, exported, dense in (("model_type", config.model_type, hf.model_type),
                                       ("number of layers", config.num_layers, len(self.adapter.layers(self.model))),
-                                      ("FFN width", config.intermediate_size, hf.intermediate_size),
+                                      ("FFN width", config.intermediate_size, self.adapter.width(self.model)),
                                       ("hidden size", d, hf.hidden_size)):
             if exported != dense:
                 raise EvalError(f"{path} does not match the dense model {self.dense_dir}: {what} {exported!r} "
                                 f"in the ONNX model, {dense!r} in the dense model")
 
     def __call__(self, moe_path: str | os.PathLike, *, backend: str = "auto") -> EvalReport:
-        from runtime import InferenceSession
+        from runtime import DecoderSession, InferenceSession
         t0 = time.perf_counter()
         config, calibration, ops = read_moe_onnx(moe_path)
         self._check_same_model(moe_path, config, ops)
@@ -376,7 +428,12 @@ class Evaluator:
         layers = [layer_fidelity(i, x, dense, op, dense_act, config.trained) for i, (x, dense, op) in enumerate(
             tqdm(list(zip(self.ffn_x, dense_layers, ops)), desc="per-layer fidelity", disable=not self.progress,
                  leave=False))]
-        session = InferenceSession(moe_path, backend=backend)
+        if self.decoder:
+            session = DecoderSession(model_file(moe_path), backend=backend)
+            fidelity = self._next_token(session)
+            return EvalReport(str(moe_path), config.to_dict(), calibration, session.backend, len(self.texts), None,
+                              None, None, layers, {}, time.perf_counter() - t0, fidelity.to_dict())
+        session = InferenceSession(model_file(moe_path), backend=backend)
         emb = self._embed_onnx(session, self.texts, "MoE embeddings")
         cos = (_unit(emb) * _unit(self.dense_emb)).sum(1)
         tasks = {t: TaskScore(self.dense_tasks[t], fn(lambda s: self._embed_onnx(session, s, f"MoE {t}"), data))
@@ -388,18 +445,23 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------- quality vs active share
-def quality_curve(evaluator: Evaluator, dense_dir, out_dir: str | os.PathLike, top_ks: list[int], *,
-                  backend: str = "auto", log=print, **export_kwargs) -> list[EvalReport]:
-    """Export ``dense_dir`` once per top-k with the same recipe (``export_kwargs``) into ``out_dir``, evaluate each."""
+def quality_curve(evaluator: Evaluator, dense_dir, out_dir: str | os.PathLike, top_ks: list[int], recipe=None, *,
+                  backend: str = "auto", log=print) -> list[EvalReport]:
+    """Export ``dense_dir`` once per top-k with the same recipe (a :class:`~exporter.recipe.Recipe`) into
+    ``out_dir``, evaluate each."""
+    import dataclasses as dc
+
     from .export import export
+    from .recipe import Recipe
+    recipe = recipe or Recipe()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for k in top_ks:
-        path = out_dir / f"top{k}-of-{export_kwargs.get('experts', 32)}.onnx"
+        path = out_dir / f"top{k}-of-{recipe.experts}.onnx"
         log(f"exporting {path.name}")
-        log(export(dense_dir, path, top_k=k, backend=backend, progress=evaluator.progress, log=log,
-                   **export_kwargs).summary())
+        log(export(dense_dir, path, dc.replace(recipe, top_k=k, budget=None), backend=backend,
+                   progress=evaluator.progress, log=log).summary())
         reports.append(evaluator(path, backend=backend))
         print(reports[-1].summary(), flush=True)  # a result, not progress
     return reports
@@ -410,12 +472,17 @@ def plot_curve(reports: list[EvalReport], path: str | os.PathLike, title: str = 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     x = [100 * r.active_share for r in reports]
-    series = {"held-out cosine (mean)": [r.cosine_mean for r in reports],
-              "held-out cosine (min)": [r.cosine_min for r in reports],
-              "nearest-neighbour agreement": [r.nn_agreement for r in reports],
-              "router recall (mean over layers)": [np.mean([f.router_recall for f in r.layers]) for r in reports],
-              "1 - FFN rel. error (mean over layers)": [1 - np.mean([f.ffn_rel_error for f in r.layers])
-                                                        for r in reports]}
+    if all(r.next_token is not None for r in reports):  # decoders
+        series = {"dense perplexity / MoE perplexity": [1 / r.next_token["perplexity_ratio"] for r in reports],
+                  "next-token top-1 agreement": [r.next_token["next_token_agreement"] for r in reports],
+                  "exp(-mean KL)": [float(np.exp(-r.next_token["mean_kl"])) for r in reports]}
+    else:
+        series = {"held-out cosine (mean)": [r.cosine_mean for r in reports],
+                  "held-out cosine (min)": [r.cosine_min for r in reports],
+                  "nearest-neighbour agreement": [r.nn_agreement for r in reports]}
+    series |= {"router recall (mean over layers)": [np.mean([f.router_recall for f in r.layers]) for r in reports],
+               "1 - FFN rel. error (mean over layers)": [1 - np.mean([f.ffn_rel_error for f in r.layers])
+                                                         for r in reports]}
     for t in TASKS:
         if all(t in r.tasks for r in reports):
             series[f"{TASK_NAMES[t]} / dense"] = [r.tasks[t].ratio for r in reports]

@@ -227,6 +227,77 @@ def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: st
     return out_dir
 
 
+GENAI_SUBDIR = "genai"  # in a moe-export directory: the genai layout's model files (optimum's model.onnx is above)
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # moefy's families that onnxruntime-genai's builder (0.18) builds
+
+
+def genai_precision(choice: str, *, decoder: bool, directory: bool, model_type: str) -> str | None:
+    """The dense parts' precision of the genai layout ``moe-export --genai CHOICE`` builds, or None for none;
+    an explicit choice that cannot be honoured is an error now, before the export's work."""
+    if choice == "off":
+        return None
+    if not (decoder and directory):
+        if choice == "auto":
+            return None
+        raise GenaiLayoutError("--genai builds onnxruntime-genai's layout of a decoder exported to a directory; "
+                               "pass an output directory and a text-generation model, or --genai off")
+    if model_type not in MODEL_TYPES:
+        if choice == "auto":
+            return None
+        raise GenaiLayoutError(f"--genai: onnxruntime-genai's model builder does not build {model_type} models; "
+                               f"it builds {', '.join(MODEL_TYPES)} (pass --genai off)")
+    try:
+        builder_python()
+    except FileNotFoundError:
+        if choice == "auto":
+            return None
+        raise
+    return "fp32" if choice == "auto" else choice
+
+
+def add_to_export(source: str | os.PathLike, layers: Sequence, directory: str | os.PathLike, precision: str, *,
+                  reference: Callable[[list[int], int], tuple[list[int], int | None]], prompts: Sequence[list[int]],
+                  new_tokens: int, metadata: Mapping[str, str] | None = None, progress: bool = True,
+                  log: Callable[[str], object] = print) -> dict:
+    """Build the genai layout of an export into ``directory/genai`` and point ``directory/genai_config.json`` at
+    it, so ``og.Model(directory)`` loads it beside optimum's ``model.onnx`` (the tokenizer files are shared).
+
+    ``reference(prompt, n)`` gives the PyTorch MoEfied model's greedy tokens and its first near-tied step (or
+    None): with fp32 dense parts the genai model must produce the same tokens on every prompt up to such a tie;
+    with int4/int8 dense parts (other numbers) they are only counted. Returns what was checked."""
+    directory = Path(directory)
+    checked = {"precision": precision, "prompts": len(prompts), "identical": 0}
+
+    def check(model_dir: Path) -> None:
+        for prompt in prompts:
+            got, _ = greedy(model_dir, prompt, new_tokens)
+            want, first_tie = reference(prompt, new_tokens)
+            want = want[:len(got)]  # genai stops at the end-of-text token; PyTorch's loop does not
+            if got == want:
+                checked["identical"] += 1
+                continue
+            at = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            if precision == "fp32" and (first_tie is None or first_tie > at):
+                raise GenaiLayoutError(f"the onnxruntime-genai layout's greedy tokens differ from the PyTorch MoEfied "
+                                       f"model at new token {at} ({got[:at + 1]} vs {want[:at + 1]}), with no near tie "
+                                       "before; nothing was written")
+
+    export_genai(source, layers, directory / GENAI_SUBDIR, precision=precision, metadata=metadata, check=check,
+                 progress=progress, log=log)
+    sub = directory / GENAI_SUBDIR
+    config = json.loads((sub / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    decoder["filename"] = f"{GENAI_SUBDIR}/{decoder['filename']}"
+    options = decoder.setdefault("session_options", {})
+    if options.get("custom_ops_library"):
+        options["custom_ops_library"] = f"{GENAI_SUBDIR}/{options['custom_ops_library']}"
+    (directory / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
+    (sub / "genai_config.json").unlink()
+    return checked
+
+
 def greedy(model_dir: str | os.PathLike, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
     """Greedy decoding through ``onnxruntime_genai``: the new tokens and the logits each was picked from
     ([new_tokens, vocab]; the first row is the prompt's last position). For validation and tests."""

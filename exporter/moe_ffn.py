@@ -6,6 +6,7 @@ export with the ``custom`` target it becomes one ``SparseExpertFFN`` node instea
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,6 +16,7 @@ from torch.onnx import symbolic_helper
 
 from runtime import spec
 
+from .arch.base import DenseFFN, ffn_hidden
 from .quantize import dequantize_rows, quantize_rows
 
 TORCH_ACTIVATIONS = {
@@ -37,17 +39,20 @@ def selection_mask(scores: torch.Tensor, top_k: int, min_k: int = 1, score_thres
     return torch.zeros_like(scores).scatter(-1, top.indices, keep)
 
 
-def expert_hidden(x, w1, b1, activation: str) -> torch.Tensor:
-    """[..., E * m]: every expert's activations act(W1 x + B1), experts contiguous."""
+def expert_hidden(x, w1, b1, activation: str, wg=None, bg=None) -> torch.Tensor:
+    """[..., E * m]: every expert's activations (the dense FFN's formula, ``arch.base.ffn_hidden``), experts
+    contiguous."""
     E, m, d = w1.shape
-    return TORCH_ACTIVATIONS[activation](x @ w1.reshape(E * m, d).T + b1.reshape(E * m))
+    flat = lambda w: None if w is None else w.reshape(E * m, *w.shape[2:])  # noqa: E731
+    return ffn_hidden(x, flat(w1), flat(b1), activation, flat(wg), flat(bg))
 
 
 def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str,
-                 min_k: int = 1, score_threshold: float = -math.inf, *, router_temperature: float | None = None
-                 ) -> torch.Tensor:
+                 min_k: int = 1, score_threshold: float = -math.inf, wg=None, bg=None, *,
+                 router_temperature: float | None = None) -> torch.Tensor:
     """Operator semantics computed densely: all experts, unselected ones masked to zero (plus
     their unselected_bias row, if any). Scores: router_scores if given, else x @ router_w.T + router_b.
+    b1, b2 and bg may be None (absent); wg (and bg) make it the gated form.
 
     ``router_temperature`` (training only) lets gradients reach the router through the top-k selection
     (a straight-through surrogate): the forward value is unchanged, the backward pass treats the mask as
@@ -63,9 +68,11 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselecte
         spread = (s - centre).abs().median(-1, keepdim=True).values.clamp_min(1e-12)  # robust to shared experts
         soft = torch.sigmoid((scores - threshold) / (router_temperature * spread))
         mask = mask + (soft - soft.detach())  # exactly the hard mask in the forward pass
-    h = expert_hidden(x, w1, b1, activation)
+    h = expert_hidden(x, w1, b1, activation, wg, bg)
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
-    y = h @ w2.reshape(E * m, d) + b2
+    y = h @ w2.reshape(E * m, d)
+    if b2 is not None:
+        y = y + b2
     return y if unselected_bias is None else y + (1.0 - mask) @ unselected_bias
 
 
@@ -86,24 +93,42 @@ def routing_margin(scores: torch.Tensor, top_k: int, shared: int = 0, score_thre
     return margin
 
 
+# The operator's inputs in MoEFFN's argument order (x, then the weights), and the int8 scales.
+_ARGS = ("X", "W1", "B1", "W2", "B2", "router_w", "router_b", "router_scores", "unselected_bias")
+_TAIL = ("Wg", "Bg", "W1_scale", "W2_scale", "Wg_scale")
+
+
+@contextlib.contextmanager
+def routing_margins(moes: list["MoEFFN"]):
+    """Inside the block, every call of the MoE FFNs ``moes`` records its per-token routing margins
+    (:func:`routing_margin`, shape of x without its last dimension); yields one list of them per module."""
+    for m in moes:
+        m.gap_log = []
+    try:
+        yield [m.gap_log for m in moes]
+    finally:
+        for m in moes:
+            m.gap_log = None
+
+
 class _SparseExpertFFNFunction(torch.autograd.Function):
     """Carries the custom node through the TorchScript-based ONNX exporter."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
-                min_k, score_threshold, w1_scale, w2_scale):
+                min_k, score_threshold, wg, bg, w1_scale, w2_scale, wg_scale):
         if w1_scale is not None:  # int8 experts
             w1, w2 = dequantize_rows(w1, w1_scale), dequantize_rows(w2, w2_scale)
+            wg = None if wg is None else dequantize_rows(wg, wg_scale)
         return masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
-                            min_k, score_threshold)
+                            min_k, score_threshold, wg, bg)
 
     @staticmethod
     def symbolic(g, x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
-                 min_k, score_threshold, w1_scale, w2_scale):
-        given = {"X": x, "W1": w1, "B1": b1, "W2": w2, "B2": b2, "router_w": router_w, "router_b": router_b,
-                 "router_scores": router_scores, "unselected_bias": unselected_bias, "W1_scale": w1_scale,
-                 "W2_scale": w2_scale}
-        given = {k: v for k, v in given.items() if v is not None and not symbolic_helper._is_none(v)}
+                 min_k, score_threshold, wg, bg, w1_scale, w2_scale, wg_scale):
+        values = (x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, wg, bg, w1_scale, w2_scale,
+                  wg_scale)
+        given = {n: v for n, v in zip(_ARGS + _TAIL, values) if v is not None and not symbolic_helper._is_none(v)}
         names = [p.name for p in spec.INPUTS]
         last = max(names.index(n) for n in given)
         # Absent optional inputs before the last given one become empty names, as ONNX prescribes.
@@ -115,9 +140,11 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
 
 
 class MoEFFN(nn.Module):
-    """FFN(x) = B2 + sum over the top_k experts by router score of W2[e].T act(W1[e] x + B1[e])
-    (+ unselected_bias[e] for each expert not selected). The first ``shared`` experts are always on
-    (their router score is forced); ``shared`` only tells the tie check to leave them out.
+    """FFN(x) = B2 + sum over the top_k experts by router score of W2[e].T h_e(x)
+    (+ unselected_bias[e] for each expert not selected), h_e = act(W1[e] x + B1[e]), or in the gated form
+    (``wg``, ``bg``) act(Wg[e] x + Bg[e]) * (W1[e] x + B1[e]); biases may be None. The first ``shared``
+    experts are always on (their router score is forced); ``shared`` only tells the tie check to leave
+    them out.
 
     ``router_mlp`` = (A [H, d], a [H], B [E, H]) adds a small MLP to the linear router,
     scores = router_w x + router_b + B relu(A x + a); it is exported as standard ONNX ops feeding the
@@ -126,8 +153,10 @@ class MoEFFN(nn.Module):
     Dynamic k (``min_k``, a finite ``score_threshold``): of the top_k, experts after the first min_k whose
     score is below the threshold are skipped, as the operator's attributes of the same names say."""
 
+    EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2", "wg", "bg")  # the buffers that hold the experts
+
     def __init__(self, w1, b1, w2, b2, router_w, router_b, unselected_bias=None, *, top_k: int, activation: str,
-                 target: str = "custom", shared: int = 0, router_mlp=None, min_k: int = 1,
+                 wg=None, bg=None, target: str = "custom", shared: int = 0, router_mlp=None, min_k: int = 1,
                  score_threshold: float = -math.inf):
         super().__init__()
         E, m, d = w1.shape
@@ -140,8 +169,12 @@ class MoEFFN(nn.Module):
             raise ValueError(f"shared must be in [0, top_k), got {shared}")
         if activation not in TORCH_ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(TORCH_ACTIVATIONS)}, got {activation!r}")
-        for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("router_w", router_w), ("router_b", router_b)):
-            self.register_buffer(name, torch.as_tensor(t, dtype=torch.float32).contiguous())
+        if bg is not None and wg is None:
+            raise ValueError("bg needs wg")
+        tensors = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "wg": wg, "bg": bg, "router_w": router_w,
+                   "router_b": router_b}
+        for name, t in tensors.items():
+            self.register_buffer(name, None if t is None else torch.as_tensor(t, dtype=torch.float32).contiguous())
         self.router_mlp = None
         if router_mlp is not None:
             a, a_b, b = (torch.as_tensor(t, dtype=torch.float32).contiguous() for t in router_mlp)
@@ -154,18 +187,41 @@ class MoEFFN(nn.Module):
         self.top_k, self.activation, self.target, self.shared = top_k, activation, target, shared
         self.min_k, self.score_threshold = min_k, float(score_threshold)
         self.router_temperature = None  # distillation: straight-through gradients to the router (masked_dense)
-        self.record_gaps = False  # validation: keep each token's routing margin in self.gaps
-        self.gaps = None
-        for name in ("w1_q", "w1_scale", "w2_q", "w2_scale"):  # set by quantize_int8
+        self.gap_log = None  # validation (routing_margins): a list that collects each call's routing margins
+        for name in ("w1_q", "w1_scale", "w2_q", "w2_scale", "wg_q", "wg_scale"):  # set by quantize_int8
             self.register_buffer(name, None)
+
+    @classmethod
+    def from_dense(cls, ffn: DenseFFN, experts: int, router_w, router_b, unselected_bias=None, **kwargs) -> "MoEFFN":
+        """The MoE of a dense FFN whose neurons are already ordered expert by expert."""
+        w = ffn.operator_weights(experts)
+        return cls(w["W1"], w["B1"], w["W2"], w["B2"], router_w, router_b, unselected_bias, wg=w["Wg"], bg=w["Bg"],
+                   **kwargs)
+
+    @property
+    def gated(self) -> bool:
+        return self.wg is not None
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """The experts' weights and biases that are present (what training updates), unselected_bias included."""
+        return [t for t in (*(getattr(self, n) for n in self.EXPERT_WEIGHTS), self.unselected_bias) if t is not None]
+
+    def dense(self) -> DenseFFN:
+        """All experts together as one dense FFN (operator layout; float32 NumPy copies)."""
+        E, m, d = self.w1.shape
+        f = lambda t, *s: None if t is None else t.detach().reshape(E * m, *s).numpy().copy()  # noqa: E731
+        return DenseFFN(w1=f(self.w1, d), w2=f(self.w2, d), b1=f(self.b1), wg=f(self.wg, d), bg=f(self.bg),
+                        b2=None if self.b2 is None else self.b2.detach().numpy().copy())
 
     def quantize_int8(self) -> None:
         """Experts become int8 rows with float scales (exported as such); eager forward and the standard
         target use the dequantized weights, so they still compute exactly what the exported graph does."""
-        self.w1_q, self.w1_scale = quantize_rows(self.w1)
-        self.w2_q, self.w2_scale = quantize_rows(self.w2)
-        self.w1 = dequantize_rows(self.w1_q, self.w1_scale)
-        self.w2 = dequantize_rows(self.w2_q, self.w2_scale)
+        for name in ("w1", "w2", "wg"):
+            if getattr(self, name) is not None:
+                q, scale = quantize_rows(getattr(self, name))
+                setattr(self, f"{name}_q", q)
+                setattr(self, f"{name}_scale", scale)
+                setattr(self, name, dequantize_rows(q, scale))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         s = x @ self.router_w.T + self.router_b
@@ -174,17 +230,37 @@ class MoEFFN(nn.Module):
             s = s + torch.relu(x @ a.T + a_b) @ b.T
         return s
 
+    def operator_inputs(self) -> tuple[dict, dict]:
+        """The exported node's constant inputs (spec names -> float32 / int8 NumPy arrays, None if absent;
+        router_scores is computed from X by the router MLP when there is one, so it is absent here) and its
+        attributes: what the SparseExpertFFN node of this FFN holds."""
+        f = lambda t: None if t is None else t.detach().numpy().copy()  # noqa: E731
+        int8 = self.w1_q is not None
+        inputs = {"W1": f(self.w1_q if int8 else self.w1), "B1": f(self.b1), "W2": f(self.w2_q if int8 else self.w2),
+                  "B2": f(self.b2), "Wg": f(self.wg_q if int8 else self.wg), "Bg": f(self.bg),
+                  "router_w": f(self.router_w), "router_b": f(self.router_b),
+                  "unselected_bias": f(self.unselected_bias), "W1_scale": f(self.w1_scale),
+                  "W2_scale": f(self.w2_scale), "Wg_scale": f(self.wg_scale)}
+        if self.router_mlp is not None:
+            inputs["router_w"] = inputs["router_b"] = None
+            inputs["router_mlp"] = tuple(f(t) for t in self.router_mlp)
+        attrs = {"top_k": self.top_k, "activation": self.activation, "min_k": self.min_k,
+                 "score_threshold": self.score_threshold}
+        return inputs, attrs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router_mlp is None:
             router = (self.router_w, self.router_b, None)
         else:
             router = (None, None, self.scores(x))
-        args = (x, self.w1, self.b1, self.w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation,
-                self.min_k, self.score_threshold)
-        if self.target == "custom" and torch.onnx.is_in_onnx_export():
-            if self.w1_q is not None:
-                args = (x, self.w1_q, self.b1, self.w2_q) + args[4:]
-            return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale)
-        if self.record_gaps:
-            self.gaps = routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold)
+        w1, w2, wg = self.w1, self.w2, self.wg
+        exporting = self.target == "custom" and torch.onnx.is_in_onnx_export()
+        if exporting and self.w1_q is not None:
+            w1, w2, wg = self.w1_q, self.w2_q, self.wg_q
+        args = (x, w1, self.b1, w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation,
+                self.min_k, self.score_threshold, wg, self.bg)
+        if exporting:
+            return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale, self.wg_scale)
+        if self.gap_log is not None:
+            self.gap_log.append(routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold))
         return masked_dense(*args, router_temperature=self.router_temperature)

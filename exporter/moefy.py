@@ -1,65 +1,20 @@
 """MoEfication of a loaded Hugging Face model: split each FFN into experts, build routers,
-save and reload the result, and swap the dense FFNs for MoE modules."""
+save and reload the result, and build the MoE modules that replace the dense FFNs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from .progress import tqdm
 
-from .adapters import FFNAdapter, adapter_for
-from .config import CONFIG_FILE, ROUTERS_FILE, MoEConfig
+from .arch import FFNAdapter
+from .config import ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
 from .outfile import staged_directory
 from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
 from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
-
-
-class ModelLoadError(ValueError):
-    pass
-
-
-def _read_model_type(model_dir: Path) -> tuple[str, dict]:
-    if not model_dir.exists():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir} is not a directory; pass a Hugging Face model directory "
-                             "(config.json + weights + tokenizer)")
-    cfg = model_dir / "config.json"
-    if not cfg.is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {cfg}: {e}") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
-    if "model_type" not in config:
-        raise ModelLoadError(f"{cfg} has no model_type")
-    if not isinstance(config["model_type"], str):
-        raise ModelLoadError(f"{cfg}: model_type must be a string, got {config['model_type']!r}")
-    return config["model_type"], config
-
-
-def load_model(model_dir: str | Path):
-    """(model, tokenizer, adapter, moe_config or None, routers or None). Fails before loading
-    weights if the architecture is unsupported."""
-    from transformers import AutoModel, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    model_type, _ = _read_model_type(model_dir)
-    adapter = adapter_for(model_type)
-    try:
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, safetensors errors ...
-        raise ModelLoadError(f"cannot load the model in {model_dir}: {type(e).__name__}: {e}") from None
-    if (model_dir / CONFIG_FILE).is_file():
-        return model, tokenizer, adapter, MoEConfig.load(model_dir), load_file(model_dir / ROUTERS_FILE)
-    return model, tokenizer, adapter, None, None
 
 
 def check_split(experts: int, top_k: int, width: int | None = None, shared: int = 0) -> None:
@@ -107,8 +62,7 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress
     correction. With
     ``config.budget`` set, ``config.layer_top_k`` (and ``top_k``, their rounded mean) are chosen here.
     """
-    from runtime.reference import ACTIVATION_FUNCTIONS
-    E, S, act = config.experts, config.shared_experts, ACTIVATION_FUNCTIONS[config.activation]
+    E, S = config.experts, config.shared_experts
     check_split(E, config.top_k, config.intermediate_size, 0 if config.budget is not None else S)
     if config.budget is not None:
         check_budget(config.budget, E, S)
@@ -116,7 +70,7 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress
         raise ValueError(f"the {config.split} split / {config.router} router / {config.correction} correction "
                          "need calibration activations")
     xs, groups = (calib.xs, calib.groups) if needs_calibration(config) else (None, None)
-    activations = lambda ffn, x: None if x is None else act(x @ ffn.w1.T + ffn.b1).astype(np.float32)  # noqa: E731
+    activations = lambda ffn, x: None if x is None else ffn.hidden(x, config.activation).astype(np.float32)  # noqa: E731
     layers = adapter.layers(model)
     devs = []
     for i, layer in enumerate(tqdm(layers, desc="splitting FFNs into experts", disable=not progress)):
@@ -181,7 +135,7 @@ def split_ffn(ffn, h: np.ndarray | None, config: MoEConfig) -> np.ndarray:
     """The neuron permutation of one FFN: the shared experts' neurons first (largest contribution first),
     then the other neurons split into experts by ``config.split``."""
     E, S = config.experts, config.shared_experts
-    width = len(ffn.b1)
+    width = ffn.width()
     m = width // E
     w2_norms = np.linalg.norm(ffn.w2, axis=1)
     shared = shared_neurons(h, w2_norms, S * m) if S else np.zeros(0, int)
@@ -194,17 +148,20 @@ def split_ffn(ffn, h: np.ndarray | None, config: MoEConfig) -> np.ndarray:
     elif config.split == "random":
         p = random_split(len(rest), n, seed=config.seed)
     else:
-        p = parameter_clustering(ffn.w1[rest], n, seed=config.seed)
+        p = parameter_clustering(ffn.keys[0][rest], n, seed=config.seed)
     return np.concatenate([shared, rest[p]])
 
 
 def build_router(ffn, x, h, config: MoEConfig, top_k: int, *, groups=None, progress: bool = False):
     """(router_w [E, d], router_b [E], info) for one permuted FFN. Shared experts get a zero row and
-    router_b = FORCED_SCORE; the others are routed by ``config.router`` for the remaining top_k - shared."""
+    router_b = FORCED_SCORE; the others are routed by ``config.router`` for the remaining top_k - shared.
+    The weight-only routers read the rows that decide whether a neuron fires (the gate's, if gated)."""
     E, S = config.experts, config.shared_experts
     m, d = config.expert_size, ffn.w1.shape[1]
     n, k = E - S, top_k - S
-    w1, b1, w2 = ffn.w1[S * m:], ffn.b1[S * m:], ffn.w2[S * m:]
+    keys, key_bias = ffn.keys
+    w1, w2 = keys[S * m:], ffn.w2[S * m:]
+    b1 = np.zeros(len(w1), np.float32) if key_bias is None else key_bias[S * m:]
     hr = None if h is None else h[:, S * m:]
     info = None
     if config.router == "ls":
@@ -281,7 +238,8 @@ FFN_INPUT_CHUNK = 64  # texts per forward pass when capturing FFN inputs: bounds
 @torch.no_grad()
 def ffn_inputs(model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUNK) -> list[np.ndarray]:
     """Each layer's FFN input on the batch's real (unpadded) tokens: [N, d] per layer, text after text.
-    Runs ``chunk`` texts at a time, each cut after its last real token."""
+    Runs ``chunk`` texts at a time, each cut after its last real token, through the base model (no task head:
+    a language model's logits would cost more than the rest)."""
     mask = batch["attention_mask"].numpy().astype(bool)
     captured = []
     hooks = [adapter.ffn_module(layer).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
@@ -291,14 +249,17 @@ def ffn_inputs(model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUN
         for start in range(0, len(mask), chunk):
             rows = mask[start:start + chunk]
             width = int(np.nonzero(rows.any(0))[0].max(initial=0)) + 1  # the chunk's last real token
-            model(**{k: v[start:start + chunk, :width] for k, v in batch.items()})
-            for xs, x in zip(per_layer, captured):
-                xs.append(x.numpy()[rows[:, :width]])
+            model.base_model(**{k: v[start:start + chunk, :width] for k, v in batch.items()})
+            for xs, x in zip(per_layer, captured):  # (OPT flattens the batch before its FFN)
+                xs.append(x.reshape(len(rows), width, -1).numpy()[rows[:, :width]])
             captured.clear()
     finally:
         for h in hooks:
             h.remove()
-    return [np.concatenate(xs) for xs in per_layer]
+    out = []
+    while per_layer:  # layer by layer, freeing the chunks as we go: peak memory one layer above the result
+        out.append(np.concatenate(per_layer.pop(0)))
+    return out
 
 
 def text_ids(batch) -> np.ndarray:
@@ -330,18 +291,34 @@ def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, rou
         config.save(tmp)
 
 
-def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> None:
-    """Replace every dense FFN by a MoEFFN built from its (already permuted) weights."""
-    E, m = config.experts, config.expert_size
-    for i, layer in enumerate(adapter.layers(model)):
-        ffn = adapter.read(layer)
-        d = ffn.w1.shape[1]
-        moe = MoEFFN(ffn.w1.reshape(E, m, d), ffn.b1.reshape(E, m), ffn.w2.reshape(E, m, d), ffn.b2,
-                     routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
-                     routers.get(f"layer.{i}.unselected_bias"), activation=config.activation,
-                     target=target, shared=config.shared_experts, router_mlp=layer_mlp(routers, i),
-                     **config.op_selection(i))
+def build_moes(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> list[MoEFFN]:
+    """One MoEFFN per layer from its (already permuted) dense FFN and its router."""
+    return [MoEFFN.from_dense(adapter.read(layer), config.experts, routers[f"layer.{i}.router_w"],
+                              routers[f"layer.{i}.router_b"], routers.get(f"layer.{i}.unselected_bias"),
+                              activation=config.activation, target=target, shared=config.shared_experts,
+                              router_mlp=layer_mlp(routers, i), **config.op_selection(i))
+            for i, layer in enumerate(adapter.layers(model))]
+
+
+def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> list[MoEFFN]:
+    """Replace every dense FFN by its MoEFFN for good (``arch.patched`` swaps them for a block only)."""
+    moes = build_moes(model, adapter, config, routers, target=target)
+    for layer, moe in zip(adapter.layers(model), moes):
         adapter.install(layer, moe)
+    return moes
+
+
+def operator_inputs(moes: list[MoEFFN]) -> list[dict]:
+    """Per layer, what its SparseExpertFFN node holds: the constant inputs by spec name (W1, B1, W2, B2, Wg, Bg,
+    router_w, router_b, unselected_bias, W1_scale, W2_scale, Wg_scale: NumPy arrays, None if absent; with the
+    MLP router, router_w / router_b are None and ``router_mlp`` = (A, a, B) computes router_scores from X) and
+    the attributes (top_k, activation, min_k, score_threshold). What other layouts of the same MoE (e.g.
+    onnxruntime-genai's) need, from :func:`exporter.convert`'s ``moes``."""
+    out = []
+    for moe in moes:
+        inputs, attrs = moe.operator_inputs()
+        out.append({**inputs, **attrs})
+    return out
 
 
 @torch.no_grad()

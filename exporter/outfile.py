@@ -20,7 +20,8 @@ class OutputError(OSError):
     """An output path that cannot be written (said before the work when it can be)."""
 
 
-def _temp_name(target: Path) -> Path:
+def temp_name(target: Path) -> Path:
+    """``.NAME.PID.RANDOM.tmp`` beside ``target``: what :func:`remove_stale` recognises."""
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
@@ -60,7 +61,7 @@ def check_output(path: str | os.PathLike, what: str = "output") -> Path:
     if not parent.is_dir():
         raise OutputError(f"{what}: directory {parent} does not exist" if not parent.exists()
                           else f"{what}: {parent} is not a directory")
-    probe = _temp_name(path)
+    probe = temp_name(path)
     try:
         _create(probe)
     except OSError as e:
@@ -97,7 +98,7 @@ def atomic_path(target: str | os.PathLike, what: str = "output") -> Iterator[Pat
     removed otherwise."""
     target = check_output(target, what)
     remove_stale(target)
-    tmp = _temp_name(target)
+    tmp = temp_name(target)
     try:
         with writing(target, what):
             _create(tmp)
@@ -115,7 +116,7 @@ def staged_directory(target: str | os.PathLike, what: str) -> Iterator[Path]:
     when the block ends normally, and it is removed otherwise."""
     target = check_output_dir(target, what)
     remove_stale(target)
-    tmp = _temp_name(target)
+    tmp = temp_name(target)
     try:
         with writing(target, what):
             target.parent.mkdir(parents=True, exist_ok=True)

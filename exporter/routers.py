@@ -11,13 +11,17 @@ def centroid_router(w1: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndar
     return rows.reshape(n_experts, -1, w1.shape[1]).mean(1).astype(np.float32), np.zeros(n_experts, np.float32)
 
 
-def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int) -> np.ndarray:
+def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int, *, chunk: int = 2048) -> np.ndarray:
     """[N, E]: how far each expert's output on each token is from its mean output, ||(h_e - mean h_e) W2_e||
-    (h [N, I] and w2 [I, d] permuted so experts are contiguous). What a router should rank by."""
+    (h [N, I] and w2 [I, d] permuted so experts are contiguous). What a router should rank by. Computed
+    ``chunk`` tokens at a time: the outputs [N, E, d] of a whole calibration set would take gigabytes."""
     n, width = h.shape
-    hc = (h - h.mean(0)).reshape(n, n_experts, width // n_experts)
-    out = np.einsum("nem,emd->ned", hc, w2.reshape(n_experts, width // n_experts, -1))
-    return np.linalg.norm(out, axis=-1)
+    mean, w2e = h.mean(0), w2.reshape(n_experts, width // n_experts, -1)
+    out = np.empty((n, n_experts), np.result_type(h, w2))
+    for start in range(0, n, chunk):
+        hc = (h[start:start + chunk] - mean).reshape(-1, n_experts, width // n_experts)
+        out[start:start + chunk] = np.linalg.norm(np.einsum("nem,emd->ned", hc, w2e), axis=-1)
+    return out
 
 
 def least_squares_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, *, ridge: float = 1e-3

@@ -19,6 +19,18 @@ SAMPLE_TEXTS = (
     "Our train was delayed by forty minutes because of a signal failure near the station.",
 )
 
+# Prompts for decoders' validation (greedy tokens against PyTorch) and demos; also never used for calibration.
+SAMPLE_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain in one sentence why the sky is blue.",
+    "List three fruits that are red.",
+    "The history of the printing press begins",
+    "def fibonacci(n):",
+    "Translate to French: good morning, my friend.",
+    "Once upon a time, in a small village by the mountains,",
+)
+
 
 # Standard-library modules whose docstrings serve as the default calibration text: real English prose
 # that every Python installation carries, so calibration needs no download and no committed corpus.

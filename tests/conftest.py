@@ -8,6 +8,8 @@ import pytest
 
 import runtime
 
+QUIET = dict(progress=False, log=lambda *a: None)
+BACKEND = "cpp" if runtime.cpp_available() else "numba-split"  # the fastest there is
 requires_cpp = pytest.mark.skipif(not runtime.cpp_available(), reason="C++ op library not built")
 # InferenceSession backends; numba (Numba kernels inside ONNX Runtime) runs through the C++ library too.
 SESSION_BACKENDS = ["numba-split", pytest.param("numba", marks=requires_cpp), pytest.param("cpp", marks=requires_cpp)]
@@ -125,3 +127,112 @@ def minilm_embed_export(minilm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm-embed") / "minilm-moe-embed.onnx"
     export(minilm_dir, out, experts=32, top_k=8, with_tokenizer=True, progress=False, log=lambda *a: None)
     return out
+
+
+def _tiny_bpe_tokenizer(directory, *, chat: bool = False):
+    """A byte-level BPE tokenizer (vocabulary 300) trained on a few sentences: decodes any text exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from exporter.text import SAMPLE_PROMPTS, SAMPLE_TEXTS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([*SAMPLE_TEXTS, *SAMPLE_PROMPTS, " ".join(TINY_WORDS)] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_input_names=["input_ids", "attention_mask"])
+    if chat:
+        fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                              "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def _tiny_model_config(family: str, vocab: int):
+    """A 2-layer config of each family moefy supports (hidden 32, FFN 64 or 128), seeded weights."""
+    import transformers as tf
+    common = dict(vocab_size=vocab, max_position_embeddings=128)
+    if family == "gpt2":  # Conv1D, gelu_new, FFN 4 x 32
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab,
+                             activation_function="gelu_new", bos_token_id=0, eos_token_id=1)
+    if family == "opt":  # ReLU, fc1/fc2 inside the layer's forward
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=32, activation_function="relu", bos_token_id=0, eos_token_id=1,
+                            pad_token_id=2, **common)
+    if family in ("llama", "qwen2", "mistral"):  # SwiGLU, grouped-query attention
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family]
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, hidden_act="silu", bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                   tie_word_embeddings=family != "mistral", **common)
+    if family == "roberta":
+        return tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                pad_token_id=0, **{**common, "max_position_embeddings": 130})
+    if family == "distilbert":
+        return tf.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, activation="gelu", **common)
+    raise ValueError(family)
+
+
+DECODER_FAMILIES = ("gpt2", "opt", "llama", "qwen2", "mistral")
+ENCODER_FAMILIES = ("roberta", "distilbert")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_bert_dir):
+    """family -> a directory with a tiny seeded model of that family and its tokenizer (made once)."""
+    import torch
+    import transformers as tf
+    made = {}
+
+    def make(family: str):
+        if family in made:
+            return made[family]
+        d = tmp_path_factory.mktemp(f"tiny-{family}")
+        if family in ENCODER_FAMILIES:  # BERT's WordPiece vocabulary serves them
+            for f in tiny_bert_dir.iterdir():
+                if "token" in f.name or f.name in ("vocab.txt", "special_tokens_map.json"):
+                    (d / f.name).write_bytes(f.read_bytes())
+            vocab = len(tf.AutoTokenizer.from_pretrained(d))
+            model_cls = tf.AutoModel
+        else:
+            vocab = len(_tiny_bpe_tokenizer(d, chat=family == "llama"))
+            model_cls = tf.AutoModelForCausalLM
+        torch.manual_seed(0)
+        model = model_cls.from_config(_tiny_model_config(family, vocab)).eval()
+        with torch.no_grad():  # larger weights than the default init: outputs that depend on every FFN
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)
+        model.save_pretrained(d)
+        made[family] = d
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir, tmp_path_factory):
+    """family -> (export directory, report, saved MoEfied directory) of the tiny model, 4 experts, top-2."""
+    from exporter import export
+    made = {}
+
+    def get(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"export-{family}")
+            report = export(tiny_model_dir(family), root / "out", experts=4, top_k=2, backend=BACKEND,
+                            save_moefied_dir=root / "saved", genai="off", **QUIET)  # genai: test_genai_layout
+            made[family] = root / "out", report, root / "saved"
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (`make smollm` fetches it from PyPI), or a clean skip."""
+    from exporter.models import smollm2_gguf as find
+    try:
+        return find()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -85,12 +85,13 @@ def test_cap_evicts_least_recently_used(cache):
 
 
 def test_calibrate_reports_size_and_keeps_to_the_cap(tiny_bert_dir, cache, monkeypatch):
-    from exporter.moefy import load_model
+    from exporter.source import load_model
+    from exporter.tasks import task_for
     model, tok, adapter, _, _ = load_model(tiny_bert_dir)
 
     def batch(words):
         b = tok([f"{w} the cat" for w in words], padding=True, return_tensors="pt")
-        return {k: b[k] for k in adapter.input_names}
+        return {k: b[k] for k in task_for(adapter).model_inputs(model)}
     logs = []
     calib_cache.calibrate(model, adapter, batch(["a", "b"]), log=logs.append)
     (first,) = calib_cache.entries()

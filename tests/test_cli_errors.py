@@ -64,10 +64,13 @@ def test_unreadable_weights(capsys, tmp_path, tiny_bert_dir):
 
 
 def test_unsupported_architecture_names_supported_ones(capsys, tmp_path):
-    d = tmp_path / "gpt2"
+    from exporter.arch import supported
+    d = tmp_path / "t5"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert_fails_cleanly(capsys, tmp_path, [d], "architecture 'gpt2' is not supported yet; supported: bert")
+    (d / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert_fails_cleanly(capsys, tmp_path, [d], f"architecture 't5' is not supported yet; supported: "
+                                                f"{', '.join(supported())}")
+    assert {"bert", "roberta", "distilbert", "gpt2", "opt", "llama", "qwen2", "mistral"} <= set(supported())
 
 
 def test_top_k_larger_than_experts(capsys, tmp_path, tiny_bert_dir):

@@ -85,7 +85,11 @@ def bad_targets(tmp_path: Path) -> list[tuple[Path, str]]:
 
 
 def test_moe_export_refuses_bad_outputs_before_the_work(capsys, tmp_path, tiny_bert_dir):
-    for target, message in bad_targets(tmp_path):
+    # A path without .onnx is an export directory: an existing one that moefy did not write is refused.
+    (tmp_path / "adir" / "keep.txt").parent.mkdir()
+    (tmp_path / "adir" / "keep.txt").write_text("x")
+    targets = [(tmp_path / "adir", "is not a moefy export directory")] + bad_targets(tmp_path)[1:]
+    for target, message in targets:
         code = export_main([str(tiny_bert_dir), str(target), *EXPORT_FLAGS])
         err = capsys.readouterr().err
         assert_clean_error(code, err, message)
@@ -166,8 +170,9 @@ def test_signal_mid_export_leaves_nothing(sig, tmp_path, tiny_bert_dir):
             p.send_signal(signal.SIGSTOP)
             break
     try:
-        temporary = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-        assert temporary and (tmp_path / temporary[0]).stat().st_size > 10_000, (os.listdir(tmp_path), seen)
+        temporary = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # the export's staging directory
+        size = sum(f.stat().st_size for f in (tmp_path / temporary[0]).rglob("*")) if temporary else 0
+        assert size > 10_000, (os.listdir(tmp_path), seen)
     finally:
         p.send_signal(sig)
         p.send_signal(signal.SIGCONT)

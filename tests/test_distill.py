@@ -101,10 +101,12 @@ def test_calibration_cache_hit_and_invalidated(tiny_bert_dir, tmp_path, calib, c
 
 def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
     from exporter.calib_cache import calibrate
-    from exporter.moefy import ffn_inputs, load_model
+    from exporter.moefy import ffn_inputs
+    from exporter.source import load_model
+    from exporter.tasks import task_for
     model, tok, adapter, _, _ = load_model(tiny_bert_dir)
     b = tok(calib.read_text().splitlines(), padding=True, return_tensors="pt")
-    batch = {k: b[k] for k in adapter.input_names}
+    batch = {k: b[k] for k in task_for(adapter).model_inputs(model)}
     fresh = calibrate(model, adapter, batch)
     again = calibrate(model, adapter, batch)
     whole = ffn_inputs(model, adapter, batch, chunk=len(calib.read_text().splitlines()))  # one forward pass
@@ -120,7 +122,7 @@ def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, r
     loss never reaches them: with the refit off (E2E_ROUTER_LR = 0) every router weight stays where the
     layer-wise phase put it; with it on (the default) they move, on their own loss only."""
     import exporter.distill as D
-    from exporter.moefy import load_model
+    from exporter.source import load_model
     recipe = {**RECIPE, "router": router}
     monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
     if not refit:
@@ -183,7 +185,7 @@ def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_pa
 def test_calibration_prefix_matches_its_own_capture(tiny_bert_dir, calib):
     """The MoE's calibration activations are taken as the first texts of the distillation text's."""
     from exporter.calib_cache import calibrate
-    from exporter.moefy import load_model
+    from exporter.source import load_model
     from exporter.text import load_texts
     model, tok, adapter, _, _ = load_model(tiny_bert_dir)
     texts = load_texts(calib)
@@ -197,11 +199,11 @@ def test_calibration_prefix_matches_its_own_capture(tiny_bert_dir, calib):
 
 
 def test_curve_passes_distill_texts(tiny_bert_dir):
-    from exporter.eval_cli import _export_kwargs, build_parser
+    from exporter.eval_cli import _recipe, build_parser
     args = build_parser().parse_args([str(tiny_bert_dir), "--curve", "out"])
-    assert _export_kwargs(args, ["--distill", "2", "--distill-texts", "5000"])["distill_texts"] == 5000
+    assert _recipe(args, ["--distill", "2", "--distill-texts", "5000"]).distill_texts == 5000
     with pytest.raises(ValueError, match="--distill-texts must be >= 2"):
-        _export_kwargs(args, ["--distill", "2", "--distill-texts", "1"])
+        _recipe(args, ["--distill", "2", "--distill-texts", "1"])
 
 
 def test_heldout_share_is_capped():
@@ -228,12 +230,12 @@ def test_training_a_moefied_dir_is_refused(capsys, tmp_path, tiny_bert_dir):
 
 
 def test_curve_passes_the_training_flags(tiny_bert_dir):
-    from exporter.eval_cli import _export_kwargs, build_parser
+    from exporter.eval_cli import _recipe, build_parser
     args = build_parser().parse_args([str(tiny_bert_dir), "--curve", "out"])
-    kw = _export_kwargs(args, ["--distill", "2", "--distill-steps", "50", "--relufy", "0.25"])
-    assert (kw["distill"], kw["distill_steps"], kw["relufy"], kw["relufy_minutes"]) == (2.0, 50, 0.25, 2.0)
+    r = _recipe(args, ["--distill", "2", "--distill-steps", "50", "--relufy", "0.25"])
+    assert (r.distill, r.distill_steps, r.relufy, r.relufy_minutes) == (2.0, 50, 0.25, 2.0)
     with pytest.raises(ValueError, match="--distill takes a positive number"):
-        _export_kwargs(args, ["--distill", "0"])
+        _recipe(args, ["--distill", "0"])
 
 
 def test_router_refit_learns_its_own_oracle():

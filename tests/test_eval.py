@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from exporter import datasets, export
 from exporter.eval_cli import build_parser, main
-from exporter.evaluate import TASKS, Evaluator, read_moe_onnx
+from exporter.evaluate import TASKS, Evaluator, markdown_table, read_moe_onnx
 
 QUIET = dict(progress=False, log=lambda *a: None)
 FETCHED = datasets.data_dir()  # the real data directory, before the fixtures below point elsewhere
@@ -237,7 +237,34 @@ def test_curve_forwards_every_recipe_flag(tiny_bert_dir):
     """Recipe flags given to --curve reach the exports (none silently dropped)."""
     import argparse
 
-    from exporter.eval_cli import _export_kwargs
-    kw = _export_kwargs(argparse.Namespace(dense_dir=str(tiny_bert_dir)),
-                        ["--split", "coact", "--shared-experts", "1", "--dynamic-k", "2", "--weights", "int8"])
-    assert (kw["split"], kw["shared_experts"], kw["dynamic_k"], kw["weights"]) == ("coact", 1, 2.0, "int8")
+    from exporter.eval_cli import _recipe
+    r = _recipe(argparse.Namespace(dense_dir=str(tiny_bert_dir)),
+                ["--split", "coact", "--shared-experts", "1", "--dynamic-k", "2", "--weights", "int8"])
+    assert (r.split, r.shared_experts, r.dynamic_k, r.weights) == ("coact", 1, 2.0, "int8")
+
+
+def test_decoder_fidelity_is_exact_with_every_expert_and_bounded_otherwise(tiny_model_dir, tmp_path, with_data):
+    """moe-eval on a decoder: held-out perplexity ratio, next-token agreement and mean KL to dense through the
+    exported graph; every expert kept gives the dense model back (issue 18 item 3)."""
+    llama = tiny_model_dir("llama")
+    export(llama, tmp_path / "all.onnx", experts=4, top_k=4, **QUIET)
+    export(llama, tmp_path / "half", experts=4, top_k=2, **QUIET)  # an export directory works too
+    evaluator = Evaluator(llama, **QUIET)  # labelled tasks are left out for decoders
+    exact, half = evaluator(tmp_path / "all.onnx"), evaluator(tmp_path / "half")
+    n = exact.next_token
+    assert n["perplexity_ratio"] == pytest.approx(1, abs=1e-4) and n["next_token_agreement"] > 0.99
+    assert n["mean_kl"] == pytest.approx(0, abs=1e-5) and n["tokens"] > 100
+    assert all(f.router_recall == pytest.approx(1) for f in exact.layers)
+    h = half.next_token
+    assert h["next_token_agreement"] < 1 and h["mean_kl"] > 0 and half.cosine_mean is None and not half.tasks
+    table = markdown_table([exact, half])
+    assert "ppl ratio" in table and "next-token agree" in table
+
+
+def test_decoder_curve(tiny_model_dir, tmp_path, capsys, with_data):
+    out = tmp_path / "curve"
+    assert main([str(tiny_model_dir("gpt2")), "--curve", str(out), "--experts", "4", "--shares", "0.5,0.75",
+                 "--quiet"]) == 0
+    payload = json.loads((out / "curve.json").read_text())
+    assert [r["next_token"]["tokens"] > 0 for r in payload["reports"]] == [True, True]
+    assert (out / "curve.png").stat().st_size > 0

@@ -50,7 +50,8 @@ def test_custom_export_graph(tiny_custom):
 @pytest.mark.parametrize("backend", SESSION_BACKENDS)
 def test_backends_agree_with_pytorch_on_new_shapes(tiny_custom, tiny_bert_dir, backend):
     """Batch and sequence sizes other than the traced ones, against the PyTorch MoEfied model."""
-    from exporter.moefy import install_moe, last_hidden_state, load_model
+    from exporter.moefy import install_moe, last_hidden_state
+    from exporter.source import load_model
     out, saved, _ = tiny_custom
     model, _, adapter, cfg, routers = load_model(saved)
     install_moe(model, adapter, cfg, routers)

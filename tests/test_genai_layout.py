@@ -204,6 +204,54 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "user", "content": "Write a haiku about the sea."}]
 
 
+def test_moe_export_directory_generates_in_optimum_genai_and_moe_generate(tiny_llama, tmp_path):
+    """`moe-export` of a decoder to a directory: optimum's layout and, with --genai, onnxruntime-genai's beside it
+    (genai_config.json on top, its model in genai/), both greedy like the PyTorch MoEfied model."""
+    from exporter import convert, export
+    from exporter.tasks.decoder import torch_greedy
+    from runtime.generate import DecoderSession
+    out = tmp_path / "out"
+    report = export(tiny_llama, out, experts=EXPERTS, top_k=2, genai="fp32", progress=False, log=lambda *a: None)
+    assert (out / "genai_config.json").is_file() and (out / "genai" / "model.onnx").is_file()
+    info = json.loads((out / "moefy.json").read_text())
+    assert info["genai"]["precision"] == "fp32" and info["genai"]["identical"] == info["genai"]["prompts"]
+    assert any("onnxruntime-genai layout" in line for line in report.lines)
+    converted = convert(tiny_llama, experts=EXPERTS, top_k=2, progress=False, log=lambda *a: None)
+    with converted.patched():
+        want, tie = torch_greedy(converted.model, converted.moes, PROMPT, NEW_TOKENS, 1e-4)
+    got, _ = greedy(out, PROMPT, NEW_TOKENS)
+    assert tie is not None or got == want[:len(got)]
+    assert list(DecoderSession(out).greedy(PROMPT, len(got))) == got
+    from optimum.onnxruntime import ORTModelForCausalLM
+    import torch
+    model = ORTModelForCausalLM.from_pretrained(out, session_options=runtime.session_options(threads=1))
+    optimum_tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=len(got), do_sample=False,
+                                    min_new_tokens=len(got))[0, len(PROMPT):].tolist()
+    assert optimum_tokens == got
+    from runtime.generate import Generator, main as generate_main
+    fast, slow = Generator(out, threads=1), Generator(out, threads=1, layout="onnx")
+    assert fast.layout == "genai" and slow.layout == "onnx"
+    assert list(fast.generate_ids(PROMPT, len(got))) == list(slow.generate_ids(PROMPT, len(got)))[:len(got)]
+    assert fast.stats.prompt_tokens == len(PROMPT) and fast.stats.decode_tokens >= 1
+    with pytest.raises(ValueError, match="--backend and session options apply to --layout onnx only"):
+        Generator(out, "numba", layout="genai")
+    assert generate_main([str(out), "the capital", "--max-new-tokens", "4", "--layout", "genai"]) == 0
+
+
+def test_moe_generate_genai_layout_needs_the_directory_to_have_it(exported, capsys):
+    from runtime.generate import main as generate_main
+    out, _, _ = exported("llama")  # exported with genai="off"
+    assert generate_main([str(out), "hi", "--layout", "genai"]) == 2
+    assert "has no genai_config.json; export with moe-export --genai" in capsys.readouterr().err
+
+
+def test_genai_option_errors_before_the_work(tiny_llama, tmp_path, capsys):
+    from exporter.cli import main
+    assert main([str(tiny_llama), str(tmp_path / "m.onnx"), "--experts", str(EXPERTS), "--genai", "fp32"]) == 2
+    assert "--genai builds onnxruntime-genai's layout of a decoder exported to a directory" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_smollm2_all_experts_generate_as_the_dense_model(tmp_path):
     """SmolLM2-135M (GGUF): 32 experts of 48 neurons, all on; greedy 32 tokens as the builder's dense fp32

@@ -12,7 +12,9 @@ from test_cli_errors import assert_fails_cleanly
 import runtime
 from exporter import export
 from exporter.moe_ffn import MoEFFN, selection_mask
-from exporter.moefy import FORCED_SCORE, ROUTERS, SPLITS, install_moe, last_hidden_state, load_model
+from exporter.tasks import task_for
+from exporter.moefy import FORCED_SCORE, ROUTERS, SPLITS, install_moe, last_hidden_state
+from exporter.source import load_model
 from runtime import spec
 
 CALIB = ("the cat is on a mat\nit is for you\na dog and a cat\nthe house of a friend is on the hill\n"
@@ -37,7 +39,7 @@ def onnx_matches_torch(out, saved, texts=("the cat is on a mat", "a dog and a ca
     model, tok, adapter, cfg, routers = load_model(saved)
     install_moe(model, adapter, cfg, routers)
     b = AutoTokenizer.from_pretrained(saved)(list(texts), padding=True, return_tensors="np")
-    feed = {k: b[k].astype(np.int64) for k in adapter.input_names}
+    feed = {k: b[k].astype(np.int64) for k in task_for(adapter).model_inputs(model)}
     want = last_hidden_state(model, {k: torch.as_tensor(v) for k, v in feed.items()})
     mask = feed["attention_mask"].astype(bool)
     for backend in available_backends():

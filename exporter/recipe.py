@@ -1,0 +1,229 @@
+"""The conversion recipe and the export options: every ``moe-export`` setting, its default, its help and its
+range check, declared once. The command lines (``moe-export``, ``moe-eval --curve``) are generated from these
+fields and ``exporter.export(MODEL, OUT, **settings)`` takes the same names, so a default lives here only.
+
+:class:`Recipe` says how a model is MoEfied (what ``moe-eval --curve`` varies and a preset would choose);
+:class:`ExportOptions` what is written and how it is checked.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from .calib_cache import DEFAULT_MAX_GB, MAX_GB_ENV, max_bytes
+from .genai_layout import PRECISIONS as GENAI_PRECISIONS
+from .distill import HOLDOUT_MAX, MAX_STEPS, check_distill
+from .moefy import CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split
+from .quantize import WEIGHT_TYPES
+from .relufy import check_relufy
+from .text import CALIB_LINES, DISTILL_TEXTS
+from runtime.session import BACKENDS
+
+DEFAULT_TOP_K = 8
+TARGETS = ("custom", "standard", "ort-moe")
+GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
+
+
+def setting(default, help: str, *, flag: str | None = None, show_default: bool = True, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag (``--name-with-dashes`` unless ``flag``);
+    ``argparse_kwargs`` go to ``add_argument`` (type, choices, metavar, nargs, const, action)."""
+    if show_default and default is not None and argparse_kwargs.get("action") != "store_false":
+        help += f" (default {default})"
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_kwargs})
+
+
+class _Settings:
+    """Command-line generation and dict round trips shared by the settings dataclasses."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            m = f.metadata
+            kwargs = {"dest": f.name, "help": m["help"], **m["argparse"]}
+            if kwargs.get("action") != "store_false":
+                kwargs["default"] = f.default
+            parser.add_argument(m["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
+
+    @classmethod
+    def flags(cls) -> dict[str, str]:
+        """Field name -> its command-line flag."""
+        return {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace):
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Recipe(_Settings):
+    """How a dense model becomes a MoE: the split, the routers, the corrections and the training."""
+
+    experts: int = setting(32, "experts per FFN; must divide the FFN width", type=int)
+    top_k: int | None = setting(
+        None, f"experts computed per token, 1..experts, shared experts included (default {DEFAULT_TOP_K}; "
+              "re-exporting a --save-moefied directory: its own)", type=int, show_default=False)
+    budget: float | None = setting(
+        None, "instead of --top-k: choose each layer's top-k from calibration text so that on average the share F of "
+              "FFN parameters is active per token (greedy on the share of each layer's expert-output deviation an "
+              "oracle choice would capture), e.g. 0.25", type=float, metavar="F")
+    dynamic_k: float | None = setting(
+        None, "dynamic k per token: each token computes between k/F and k*F experts (rounded, within 1..experts), "
+              "those whose router score passes a per-layer threshold chosen on calibration text so that tokens "
+              "compute k experts on average (same mean cost as --top-k k); exported as the operator's min_k / "
+              "score_threshold, e.g. 2", type=float, metavar="F")
+    shared_experts: int = setting(
+        0, "N always-on experts per layer, built from the neurons with the largest mean contribution "
+           "|h - mean| * ||W2 row|| on calibration text and forced on by the router (zero row, bias 1e6); they count "
+           "in --top-k, which must exceed N", type=int, metavar="N")
+    split: str = setting(
+        "param", "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
+                 "FFNs); coact: balanced k-means on how neurons' output deviations move together on calibration text; "
+                 "metis: the same co-activation as a neighbour graph cut into equal parts by METIS (pymetis); random: "
+                 "a seeded random split, a baseline", choices=SPLITS)
+    router: str = setting(
+        "centroid", "centroid: similarity to each expert's mean normalised first-layer (gated: gate) row "
+                    "(MoEfication); avgk: each expert's mean first-layer row and bias (its mean pre-activation); norm: "
+                    "avgk with each neuron weighted by its second-layer row's norm (output-aware); ls: fitted by least "
+                    "squares to each expert's output deviation on calibration text; bce: trained (logistic loss, from "
+                    "the ls fit) to pick each calibration token's top-k experts by output deviation, keeping the best "
+                    "weights on held-out calibration texts; mlp: bce plus a small MLP (64 hidden ReLU units, exported "
+                    "as standard ONNX ops feeding the operator's router_scores input); best measured: bce",
+        choices=ROUTERS)
+    correction: str = setting(
+        "none", "none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
+                "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not zero; use it "
+                "with a calibrated router (ls, bce): with centroid it hurts", choices=CORRECTIONS)
+    weights: str = setting(
+        "float32", "element type of the exported expert weights: int8 stores each weight row as int8 with a float "
+                   "scale (a quarter of the bytes; few-token latency is bound by reading them); needs --target custom, or "
+                   "ort-moe with ReLU or SwiGLU experts",
+        choices=WEIGHT_TYPES)
+    distill: float | None = setting(
+        None, "after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text for at "
+              "most MINUTES: first each FFN alone on the dense model's FFN inputs, then the whole model (hidden "
+              "states of every layer and the embedding cosine), with the model's own top-k routing in the loop; a "
+              f"tenth of the texts (at most {HOLDOUT_MAX}) is held out and the best weights are kept. The exported "
+              "experts then no longer add up to the dense FFN (default: off)", type=float, metavar="MINUTES",
+        show_default=False)
+    distill_steps: int = setting(
+        MAX_STEPS, "cap on the end-to-end steps (32 texts each) of every distillation (--distill, --relufy); a run "
+                   "that stops on this cap rather than on time is reproducible", type=int, metavar="N")
+    distill_texts: int = setting(
+        DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
+                       f"or of --calib; the MoE's calibration uses the first {CALIB_LINES} of them; memory grows with "
+                       "N (about 0.6 GB per 1,000 texts for MiniLM)", type=int, metavar="N")
+    relufy: float | None = setting(
+        None, "before MoEfication, replace the GELU activation by ReLU(z - SHIFT) (SHIFT >= 0, default 0; folded into "
+              "the first-layer bias) and recover the dense model by distillation from the original for "
+              "--relufy-minutes; the operator then computes 'relu', whose skipped experts contribute exactly zero "
+              "below the threshold (default: off)", type=float, nargs="?", const=0.0, metavar="SHIFT",
+        show_default=False)
+    relufy_minutes: float = setting(2.0, "time budget of --relufy's recovery distillation", type=float, metavar="M")
+    calib: str | None = setting(
+        None, f"UTF-8 calibration text, one sample per line (default: 1,000 Debian fortunes once `make data` fetched "
+              f"them, else sentences from Python's standard-library docstrings); at most the first {CALIB_LINES:,} "
+              "lines calibrate the MoE (with --distill/--relufy up to --distill-texts train it; said when cut); "
+              "validation always uses built-in held-out sentences", metavar="FILE")
+    calib_cache: bool = setting(
+        True, "do not read or write the cached calibration activations (each layer's FFN input on the calibration "
+              "text, keyed by the model's weights and the tokenized text; about 280 MB per entry for MiniLM) in "
+              "$MOEFY_CACHE_DIR, else $XDG_CACHE_HOME/moefy/calibration, else ~/.cache/moefy/calibration",
+        flag="--no-calib-cache", action="store_false")
+    calib_cache_max_gb: float | None = setting(
+        None, "cap on the calibration cache's total size: the least recently used entries are removed beyond it, 0 "
+              f"keeps none (default ${MAX_GB_ENV} if set, else {DEFAULT_MAX_GB:g})", type=float, metavar="GB",
+        show_default=False)
+    seed: int = setting(0, "seed of the expert clustering and of the training", type=int)
+
+    VERSION = 1  # bump when a field changes meaning
+
+    @property
+    def trains(self) -> bool:
+        return self.distill is not None or self.relufy is not None
+
+    def check(self) -> None:
+        """Every range the recipe alone decides (the FFN width is checked once the model is loaded)."""
+        for name, allowed in (("split", SPLITS), ("router", ROUTERS), ("correction", CORRECTIONS),
+                              ("weights", WEIGHT_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{self.flags()[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.budget is not None and self.top_k is not None:
+            raise ValueError("give --top-k or --budget, not both")
+        if self.dynamic_k is not None and not (isinstance(self.dynamic_k, (int, float)) and 1 < self.dynamic_k <= 64):
+            raise ValueError(f"--dynamic-k must be a factor in (1, 64] (e.g. 2: each token computes k/2 to 2k experts), "
+                             f"got {self.dynamic_k!r}")
+        check_distill(self.distill, self.distill_steps, self.distill_texts)
+        if self.calib_cache:
+            max_bytes(self.calib_cache_max_gb)  # a bad cap (flag or environment) fails before the work
+        if self.relufy is not None:
+            check_relufy(self.relufy, self.relufy_minutes)
+        if self.budget is not None:
+            check_budget(self.budget, self.experts, self.shared_experts)
+        else:
+            check_split(self.experts, DEFAULT_TOP_K if self.top_k is None else self.top_k, shared=self.shared_experts)
+
+
+@dataclasses.dataclass
+class ExportOptions(_Settings):
+    """What is written and how it is checked (not part of the recipe)."""
+
+    target: str = setting(
+        "custom", "custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); standard: standard "
+                  "ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX Runtime but computes every expert; "
+                  "ort-moe: ONNX Runtime's own com.microsoft::MoE (float32 experts) / QMoE (int8) nodes, run by a "
+                  "stock ONNX Runtime (CPU build with those contrib ops; checked on 1.32; no custom-op library) "
+                  "computing only the selected experts; the erf GELU becomes ONNX Runtime's tanh form there "
+                  "(validated against it, the distance reported)",
+        choices=TARGETS)
+    save_moefied_dir: str | None = setting(
+        None, "also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + routers) to DIR, "
+              "so it can be re-exported without redoing the split", flag="--save-moefied", metavar="DIR")
+    backend: str = setting("auto", "runtime backend used to validate a custom-target export", choices=BACKENDS)
+    rtol: float = setting(1e-4, "largest accepted max|ONNX - PyTorch| / max|PyTorch| (logits for decoders)", type=float)
+    with_tokenizer: bool = setting(
+        False, "encoders: strings in, sentence embeddings out: the .onnx output (in a directory, "
+               "sentence_embedding.onnx beside model.onnx) takes 'text' (a 1-D string tensor) and gives "
+               "'sentence_embedding' [N, hidden]: onnxruntime-extensions' tokenizer (BERT WordPiece) in front, the "
+               "model directory's sentence-transformers pooling (else mean) and L2 normalisation behind; a host "
+               "registers onnxruntime-extensions' library (and moefy's for --target custom) and passes strings "
+               "(examples/cpp)", action="store_true", show_default=False)
+    genai: str = setting(
+        "auto", "decoders exported to a directory: also onnxruntime-genai's fast layout beside optimum's (the genai "
+                "model builder's fused graph with moefy's operator as every MLP; dense parts in this precision; its "
+                "greedy tokens checked against PyTorch); auto: fp32 if the builder environment exists (make "
+                "genai-venv), else skipped with a note; off: never", choices=GENAI_CHOICES)
+
+    def check(self, recipe: Recipe) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if recipe.weights == "int8" and self.target == "standard":
+            raise ValueError("--weights int8 needs --target custom or ort-moe (standard ONNX ops would compute with "
+                             "float weights)")
+        if self.target == "ort-moe" and recipe.dynamic_k is not None:
+            raise ValueError("--target ort-moe: dynamic k cannot be expressed (ONNX Runtime's MoE and QMoE compute "
+                             "exactly k experts per token); export with a fixed --top-k")
+        if self.genai not in GENAI_CHOICES:
+            raise ValueError(f"--genai must be one of {', '.join(GENAI_CHOICES)}, got {self.genai!r}")
+        if not (isinstance(self.rtol, (int, float)) and math.isfinite(self.rtol)):
+            raise ValueError(f"--rtol must be a number, got {self.rtol!r}")
+
+
+def split_settings(recipe: Recipe | None, settings: dict) -> tuple[Recipe, ExportOptions]:
+    """(recipe, options) from keyword settings named as the fields (``recipe``'s fields overridden by them)."""
+    unknown = set(settings) - Recipe.names() - ExportOptions.names()
+    if unknown:
+        raise TypeError(f"unknown setting(s) {sorted(unknown)}; recipe: {', '.join(sorted(Recipe.names()))}; "
+                        f"options: {', '.join(sorted(ExportOptions.names()))}")
+    ours = {k: v for k, v in settings.items() if k in Recipe.names()}
+    recipe = dataclasses.replace(recipe, **ours) if recipe is not None else Recipe(**ours)
+    return recipe, ExportOptions(**{k: v for k, v in settings.items() if k in ExportOptions.names()})
