@@ -127,3 +127,31 @@ def test_wrap_an_existing_export(tiny_bert_dir, tmp_path, capsys):
     want = reference_embeddings(runtime.InferenceSession(str(enc), backend="cpp"),
                                 AutoTokenizer.from_pretrained(tiny_bert_dir), texts, 64)
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_directory_for_stock_onnxruntime_optimum_and_strings(tiny_bert_dir, tmp_path, capsys):
+    """An export directory with --target ort-moe --with-tokenizer: optimum loads model.onnx with no custom-op
+    library, and sentence_embedding.onnx beside it turns strings into the same embeddings."""
+    import torch
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    from transformers import AutoTokenizer
+    out = tmp_path / "export"
+    assert export_main([str(tiny_bert_dir), str(out), "--experts", "4", "--top-k", "2", "--target", "ort-moe",
+                        "--with-tokenizer", "--quiet"]) == 0
+    assert "sentence_embedding.onnx: strings 'text' [N] -> 'sentence_embedding' [N, 32]" in capsys.readouterr().out
+    info = json.loads((out / "moefy.json").read_text())
+    assert info["target"] == "ort-moe" and info["sentence_embedding"]["file"] == "sentence_embedding.onnx"
+
+    ort_model = ORTModelForFeatureExtraction.from_pretrained(out)  # stock session options
+    tok = AutoTokenizer.from_pretrained(out)
+    texts = ["the cat is on a mat", "it is for you"]
+    want = []
+    for t in texts:
+        b = tok(t, return_tensors="pt")
+        with torch.no_grad():
+            h = ort_model(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).last_hidden_state
+        e = h[0].numpy().astype(np.float64).mean(0)
+        want.append(e / np.linalg.norm(e))
+    got = strings_session(out / "sentence_embedding.onnx", moefy_library=False).run(
+        None, {"text": np.array(texts, object)})[0]
+    assert np.abs(got - np.array(want)).max() <= 1e-4
