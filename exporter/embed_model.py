@@ -225,13 +225,12 @@ def check_tokenizer(tokenizer) -> None:
 def session_options(model: onnx.ModelProto | None = None, threads: int | None = None):
     """ONNX Runtime options with onnxruntime-extensions' library registered, and moefy's when ``model`` (or, if
     None, possibly) holds SparseExpertFFN nodes (a Loop body included: its opset imports are the model's)."""
+    import runtime
     from runtime import spec
-    from runtime.library import library_path
     from runtime.session import default_options
-    so = default_options(threads)
+    uses_moefy = model is None or any(o.domain == spec.DOMAIN for o in model.opset_import)
+    so = runtime.session_options(threads) if uses_moefy else default_options(threads)
     so.register_custom_ops_library(extensions_library_path())
-    if model is None or any(o.domain == spec.DOMAIN for o in model.opset_import):
-        so.register_custom_ops_library(library_path())
     return so
 
 
