@@ -354,7 +354,8 @@ def _embedding_settings(source, task: Task, target: str) -> dict:
     from .embed_model import check_tokenizer, settings
     from .tasks.encoder import FeatureExtraction
     if task.name != FeatureExtraction.name:
-        raise ValueError(f"--with-tokenizer makes sentence embeddings from an encoder; this model's task is {task.name}")
+        raise ValueError(f"--with-tokenizer makes sentence embeddings from an encoder; this model's task is "
+                         f"{task.name}")
     source = Path(source)
     if not source.is_dir():
         raise ValueError(f"--with-tokenizer needs a Hugging Face model directory (its tokenizer), got {source}")
@@ -476,8 +477,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
             from .embed_model import INPUT, OUTPUT, encoder_dim, write_checked
             with writing(out.path):
                 encoder = onnx.load(str(tmp / MODEL_FILE))
-                diff = write_checked(encoder, converted.tokenizer, tmp / (MODEL_FILE if out.single_file else EMBED_FILE),
-                                     **embedding, log=log)
+                wrapped = tmp / (MODEL_FILE if out.single_file else EMBED_FILE)
+                diff = write_checked(encoder, converted.tokenizer, wrapped, **embedding, log=log)
             v.lines.append(f"{'' if out.single_file else EMBED_FILE + ': '}strings '{INPUT}' [N] -> '{OUTPUT}' "
                            f"[N, {encoder_dim(encoder)}]: "
                            f"onnxruntime-extensions' tokenizer (at most {embedding['max_length']} tokens per text), "

@@ -278,12 +278,15 @@ def _subgraphs(node: onnx.NodeProto):
             yield from attr.graphs
 
 
-def check_config(activation: str, *, weights: str = "float32", gated: bool = False, dynamic_k: bool = False) -> None:
-    """What :func:`convert_model` would refuse, from a model's MoE recipe (moe-export checks it before the work).
-    Raises ConversionError."""
+def check_config(activation: str | None, *, weights: str = "float32", gated: bool = False,
+                 dynamic_k: bool = False) -> None:
+    """What :func:`convert_model` would refuse, from a model's MoE recipe (moe-export checks it before the work;
+    ``activation`` None: not known yet, only the rest is checked). Raises ConversionError."""
     if dynamic_k:
         raise ConversionError("--target ort-moe: dynamic k cannot be expressed (ONNX Runtime's MoE and QMoE compute "
                               "exactly k experts per token); export with a fixed --top-k")
+    if activation is None:
+        return
     if gated and activation != "silu":
         raise ConversionError(f"--target ort-moe: a gated FFN with activation {activation} cannot be expressed "
                               "(ONNX Runtime's CPU MoE and QMoE have only SwiGLU as a gated activation)")

@@ -105,8 +105,8 @@ class Recipe(_Settings):
                 "with a calibrated router (ls, bce): with centroid it hurts", choices=CORRECTIONS)
     weights: str = setting(
         "float32", "element type of the exported expert weights: int8 stores each weight row as int8 with a float "
-                   "scale (a quarter of the bytes; few-token latency is bound by reading them); needs --target custom, or "
-                   "ort-moe with ReLU or SwiGLU experts",
+                   "scale (a quarter of the bytes; few-token latency is bound by reading them); needs --target "
+                   "custom, or ort-moe with ReLU or SwiGLU experts",
         choices=WEIGHT_TYPES)
     distill: float | None = setting(
         None, "after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text for at "
@@ -209,9 +209,9 @@ class ExportOptions(_Settings):
         if recipe.weights == "int8" and self.target == "standard":
             raise ValueError("--weights int8 needs --target custom or ort-moe (standard ONNX ops would compute with "
                              "float weights)")
-        if self.target == "ort-moe" and recipe.dynamic_k is not None:
-            raise ValueError("--target ort-moe: dynamic k cannot be expressed (ONNX Runtime's MoE and QMoE compute "
-                             "exactly k experts per token); export with a fixed --top-k")
+        if self.target == "ort-moe":  # the model's activation is checked once it is loaded
+            from .ort_moe import check_config
+            check_config(None, dynamic_k=recipe.dynamic_k is not None)
         if self.genai not in GENAI_CHOICES:
             raise ValueError(f"--genai must be one of {', '.join(GENAI_CHOICES)}, got {self.genai!r}")
         if not (isinstance(self.rtol, (int, float)) and math.isfinite(self.rtol)):
