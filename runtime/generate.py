@@ -217,8 +217,10 @@ class Generator:
             raise FileNotFoundError(f"{model_dir} is not a directory; pass the directory moe-export wrote")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if layout == "auto":  # the fast layout when the directory has it and this environment can run it
-            layout = "genai" if (model_dir / GENAI_CONFIG).is_file() and _have_genai() else "onnx"
+        if layout == "auto":  # the fast layout when the directory has it, this environment can run it, and no
+            # moefy backend or session option was asked for (those apply to model.onnx)
+            fast = (model_dir / GENAI_CONFIG).is_file() and _have_genai() and backend == "auto" and not session_kwargs
+            layout = "genai" if fast else "onnx"
         if layout == "genai" and (backend != "auto" or session_kwargs):
             raise ValueError("the onnxruntime-genai layout runs moefy's C++ kernels in onnxruntime-genai's own "
                              "session: --backend and session options apply to --layout onnx only")
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout", choices=LAYOUTS, default="auto",
                     help="onnx: model.onnx (optimum's layout) on the moefy runtime; genai: the onnxruntime-genai "
                          "layout (genai_config.json, from moe-export --genai), faster; auto: genai when the "
-                         "directory has it and onnxruntime-genai is installed (default auto)")
+                         "directory has it, onnxruntime-genai is installed and --backend is auto (default auto)")
     return ap
 
 

@@ -50,6 +50,10 @@ def test_optimum_generates_as_the_pytorch_moe(smollm_export):
         want = model.generate(ids, **kw)[0, ids.shape[1]:].tolist()
         assert ort_model.generate(ids, **kw)[0, ids.shape[1]:].tolist() == want, prompt
         assert list(decoder.greedy(ids[0].tolist(), NEW_TOKENS)) == want, prompt
+        if (out / "genai_config.json").is_file():  # moe-export --genai (auto: with the builder's environment)
+            from exporter.genai_layout import greedy
+            got, _ = greedy(out, ids[0].tolist(), NEW_TOKENS)
+            assert got == want[:len(got)], prompt
 
 
 def test_moe_generate_answers(smollm_export, capsys):
