@@ -18,6 +18,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         import textwrap
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
 
+    def _fill_text(self, text, width, indent):
+        return "\n".join(indent + line for line in self._split_lines(text, width - len(indent)))
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
