@@ -27,7 +27,7 @@ from runtime.session import METADATA_KEY
 from . import arch
 from .calib_cache import calibrate
 from .config import MoEConfig
-from .datasets import calibration_texts
+from .datasets import calibration_texts, heldout_texts
 from .distill import DistillResult, distill as distill_moe
 from .moe_ffn import MoEFFN
 from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
@@ -56,15 +56,17 @@ class ExportReport:
     file_bytes: int
     max_abs_diff: float  # ONNX vs PyTorch MoEfied model, over real (unpadded) tokens
     max_rel_diff: float  # max_abs_diff / max |PyTorch output|
-    cosine_moe_vs_dense: float | None  # encoders: mean over texts of mean-pooled embedding cosine
+    cosine_moe_vs_dense: float | None  # encoders: moe-eval's held-out cosine (mean-pooled embeddings, mean)
     validated_on: int  # number of texts compared
     tied_texts: int  # texts left out: a near-tied routing decision
     backend: str
     seconds: float
     weights: str = "float32"
     task: str = "feature-extraction"
-    metrics: dict = dataclasses.field(default_factory=dict)  # the task's fidelity to the dense model
+    metrics: dict = dataclasses.field(default_factory=dict)  # validation figures and held-out fidelity to dense
     lines: list = dataclasses.field(default_factory=list)
+    recipe: str = ""  # Recipe.describe() of the recipe applied
+    calibration: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         c = self.config
@@ -75,6 +77,7 @@ class ExportReport:
         return "\n".join([
             f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, {self.task}, target {self.target}, "
             f"{self.weights} experts)",
+            *([f"  recipe {self.recipe}; calibration: {_calibration_words(self.calibration)}"] if self.recipe else []),
             f"  experts {c.experts} x {c.expert_size} neurons{' (gated)' if c.gated else ''}, top-k {ks}{shared}: "
             f"{100 * c.active_share:.1f}% of FFN parameters active per token, {c.num_layers} layers",
             f"  vs PyTorch MoEfied model ({self.backend} backend, {self.validated_on} texts"
@@ -83,6 +86,11 @@ class ExportReport:
             *(f"  {line}" for line in self.lines),
             f"  took {self.seconds:.1f} s",
         ])
+
+
+def _calibration_words(calibration: dict) -> str:
+    words = str(calibration.get("source", "?"))
+    return words + (f" ({calibration['texts']} texts)" if "texts" in calibration else "")
 
 
 @dataclasses.dataclass
@@ -98,6 +106,7 @@ class Converted:
     moes: list[MoEFFN]
     calibration: dict  # where the calibration text came from
     dense: torch.nn.Module  # the dense source model (``model`` itself unless the recipe trained it)
+    recipe: Recipe  # as applied: resolved for the FFN family (unless the source was already MoEfied)
 
     def patched(self):
         return arch.patched(self.model, self.adapter, self.moes)
@@ -146,13 +155,16 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
     hf = model.config
     if moe_cfg is None:
         first = adapter.read(adapter.layers(model)[0])
+        recipe = recipe.resolved(first.gated)
+        log(f"recipe {recipe.describe()}")
         moe_cfg = MoEConfig.from_recipe(
             recipe, top_k=DEFAULT_TOP_K if recipe.top_k is None else recipe.top_k,
             activation=adapter.activation(hf), model_type=hf.model_type, num_layers=len(adapter.layers(model)),
             intermediate_size=first.width(), task=task.name, gated=first.gated)
     else:
         for flag, value in (("--budget", recipe.budget), ("--dynamic-k", recipe.dynamic_k),
-                            ("--distill", recipe.distill), ("--relufy", recipe.relufy)):
+                            ("--distill", recipe.distill), ("--relufy", recipe.relufy),
+                            ("--recipe best", "best" if recipe.preset == "best" else None)):
             if value is not None:
                 raise ValueError(f"{source} is already MoEfied: {flag} needs the original dense model")
         if recipe.top_k is not None:
@@ -178,7 +190,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         calib_batch = train_batch = None
         if needs_calibration(moe_cfg) or recipe.trains:
             n_texts = max(CALIB_LINES, recipe.distill_texts) if recipe.trains else CALIB_LINES
-            pool, where = (calib_texts, f"--calib {recipe.calib}") if calib_texts else calibration_texts(n_texts)
+            pool, where = (calib_texts, f"--calib {recipe.calib}") if calib_texts else calibration_texts(n_texts, log)
             sample = pool[:CALIB_LINES]
             calibration = {"source": where, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({where})")
@@ -220,7 +232,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         for m in moes:
             m.quantize_int8()
     return Converted(model, tokenizer, adapter, task, moe_cfg, routers, moes, calibration,
-                     teacher if teacher is not None else model)
+                     teacher if teacher is not None else model, recipe)
 
 
 # ----------------------------------------------------------------------------- trace and write
@@ -343,15 +355,25 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
         with converted.patched():
             v = task.validate(model, converted.moes, tmp / MODEL_FILE, batch, dense, tokenizer=converted.tokenizer,
                               backend=backend, rtol=options.rtol, log=log)
+        # Fidelity to the dense model as moe-eval measures it: its held-out texts, batching and pooling.
+        heldout = heldout_texts()
+        log(f"measuring fidelity to the dense model on {len(heldout)} held-out texts (as moe-eval)")
+        reference = task.heldout_reference(converted.dense, converted.tokenizer, heldout, max_length, progress=progress)
+        fidelity, line = task.heldout_fidelity(reference, tmp / MODEL_FILE, converted.tokenizer, heldout, max_length,
+                                               backend=backend, progress=progress)
+        v.metrics.update({f"heldout_{k}" if not k.startswith("heldout") else k: x for k, x in fidelity.items()})
+        v.lines.append(line)
         if not out.single_file:
             model.config.save_pretrained(tmp)
             converted.tokenizer.save_pretrained(tmp)
             task.save_extras(model, tmp)
-            info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration, "recipe": recipe.to_dict(),
+            info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration,
+                    "recipe": converted.recipe.to_dict(),
                     "recipe_version": Recipe.VERSION, "target": options.target,
                     "validation": {**dataclasses.asdict(v), "rtol": options.rtol}}
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=float) + "\n")
         size = out.commit()
     return ExportReport(str(out.path), options.target, cfg, size, v.max_abs_diff, v.max_rel_diff,
-                        v.metrics.get("cosine"), v.validated_on, v.tied, v.backend, time.perf_counter() - t0,
-                        recipe.weights, task.name, v.metrics, v.lines)
+                        v.metrics.get("heldout_cosine_mean"), v.validated_on, v.tied, v.backend,
+                        time.perf_counter() - t0, recipe.weights, task.name, v.metrics, v.lines,
+                        converted.recipe.describe(), converted.calibration)

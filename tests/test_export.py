@@ -88,7 +88,9 @@ def test_standard_target_runs_on_stock_onnxruntime(tiny_bert_dir, tiny_custom, t
 @pytest.mark.parametrize("target", ["custom", "standard"])
 def test_minilm_round_trip(minilm_dir, tmp_path, target):
     out = tmp_path / f"minilm-{target}.onnx"
-    report = export(minilm_dir, out, experts=32, top_k=8, target=target, progress=False, log=lambda *a: None)
+    # the plumbing on the real model: the weight-only recipe (quick); the default recipe is tested on the tiny BERT
+    report = export(minilm_dir, out, experts=32, top_k=8, split="param", router="centroid", correction="none",
+                    target=target, progress=False, log=lambda *a: None)
     assert out.is_file() and report.max_rel_diff <= 1e-4
     assert report.config.active_share == 0.25
     if target == "custom":
@@ -133,3 +135,42 @@ def test_least_squares_router_scores_stay_on_the_targets_scale(rng):
     target = expert_deviation(h, w2, 4)
     assert np.abs(rb).max() < 10 * np.abs(target).max()
     assert np.abs(x @ rw.T + rb - target).mean() < np.abs(target - target.mean(0)).mean()
+
+
+# ----------------------------------------------------------------------------- recipes by default
+def test_recipe_presets_map_to_the_measured_flags():
+    from exporter.cli import build_parser
+    from exporter.recipe import PRESETS, Recipe
+    balanced = Recipe().resolved(gated=False)  # no flags: the best training-free recipe measured
+    assert (balanced.preset, balanced.split, balanced.router, balanced.correction, balanced.distill) == \
+        ("balanced", "coact", "bce", "mean", None)
+    fast = Recipe(preset="fast").resolved(gated=True)
+    assert (fast.split, fast.router, fast.correction, fast.distill) == ("coact", "ls", "mean", None)
+    best_plain, best_gated = Recipe(preset="best").resolved(gated=False), Recipe(preset="best").resolved(gated=True)
+    assert (best_plain.distill, best_gated.distill) == (30.0, 60.0) and best_plain.distill_steps == 100000
+    assert Recipe(preset="best").trains and not Recipe().trains
+    # a flag given explicitly wins over its preset's value; the rest still comes from the preset
+    mixed = Recipe.from_namespace(build_parser().parse_args(["m", "o.onnx", "--recipe", "fast", "--router", "bce",
+                                                             "--distill-steps", "7"])).resolved(gated=False)
+    assert (mixed.preset, mixed.split, mixed.router, mixed.distill_steps) == ("fast", "coact", "bce", 7)
+    assert mixed.describe() == "--recipe fast (plain FFN): --split coact --router bce --correction mean"
+    assert set(PRESETS) == {"fast", "balanced", "best"} and all(set(p) == {"plain", "gated"} for p in PRESETS.values())
+    with pytest.raises(ValueError, match="--recipe must be one of fast, balanced, best, got 'quick'"):
+        Recipe(preset="quick").check()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m", "o.onnx", "--recipe", "quick"])
+
+
+def test_summary_names_the_recipe_and_matches_moe_eval(tiny_custom, tiny_bert_dir):
+    """The export's held-out cosine is moe-eval's: same texts, batching and pooling."""
+    from exporter import datasets
+    from exporter.evaluate import Evaluator
+    out, _, report = tiny_custom
+    summary = report.summary()
+    assert "recipe --recipe balanced (plain FFN): --split coact --router bce --correction mean" in summary
+    assert f"held-out texts ({len(datasets.heldout_texts())}, as moe-eval)" in summary
+    assert report.metrics["heldout_texts"] == len(datasets.heldout_texts())
+    r = Evaluator(tiny_bert_dir, tasks=(), progress=False, log=lambda *a: None)(out, backend="numba-split")
+    assert report.cosine_moe_vs_dense == pytest.approx(r.cosine_mean, abs=1e-6)
+    assert report.metrics["heldout_nn_agreement"] == r.nn_agreement
+    assert json.loads((out.parent / "tiny.moefied" / "moefy_config.json").read_text())["router"] == "bce"
