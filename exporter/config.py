@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from runtime import spec
@@ -11,6 +12,15 @@ FORMAT = "moefy.moe"
 FORMAT_VERSION = 1
 CONFIG_FILE = "moefy_config.json"
 ROUTERS_FILE = "moefy_routers.safetensors"
+
+
+class ConfigError(ValueError):
+    """A stored MoE config (moefy_config.json, ONNX metadata) that is not one: the message names its source."""
+
+
+# What each field's annotation accepts from JSON (bool is never an int here).
+_JSON_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "float | None": (int, float, type(None)), "list | None": (list, type(None)),
+               "dict | None": (dict, type(None))}
 
 
 @dataclasses.dataclass
@@ -86,15 +96,50 @@ class MoEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
+    def from_dict(cls, d: dict, source: str = "MoE config") -> "MoEConfig":
+        """Checked: a JSON object of this format version with every required field, of its type and in range
+        (``source`` names where it came from in the messages)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} must be a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"not a moefy MoE config of format version {FORMAT_VERSION}: "
-                             f"format={d.get('format')!r}, format_version={d.get('format_version')!r}")
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+            raise ConfigError(f"{source} is not a moefy MoE config of format version {FORMAT_VERSION}: "
+                              f"format={d.get('format')!r}, format_version={d.get('format_version')!r}")
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ConfigError(f"{source} lacks the field(s) {', '.join(missing)}")
+        for f in fields:
+            v = d.get(f.name, f.default)
+            if not isinstance(v, _JSON_TYPES[f.type]) or (isinstance(v, bool) and f.type != "bool"):
+                raise ConfigError(f"{source}: {f.name} must be {f.type.replace(' | None', ' or null')}, got {v!r}")
+        config = cls(**{f.name: d[f.name] for f in fields if f.name in d})
+        config._check_values(source)
+        return config
+
+    def _check_values(self, source: str) -> None:
+        def bad(what):
+            raise ConfigError(f"{source}: {what}")
+        if self.experts < 1 or self.num_layers < 1 or self.intermediate_size < 1:
+            bad(f"experts, num_layers and intermediate_size must be >= 1, got {self.experts}, {self.num_layers}, "
+                f"{self.intermediate_size}")
+        if self.intermediate_size % self.experts:
+            bad(f"experts ({self.experts}) must divide intermediate_size ({self.intermediate_size})")
+        if not 1 <= self.top_k <= self.experts or not 0 <= self.shared_experts < self.top_k:
+            bad(f"need 0 <= shared_experts < top_k <= experts, got {self.shared_experts}, {self.top_k}, {self.experts}")
+        for name, values, ok in (
+                ("layer_top_k", self.layer_top_k, lambda k: isinstance(k, int) and 1 <= k <= self.experts),
+                ("layer_threshold", self.layer_threshold, lambda t: isinstance(t, (int, float)) and not math.isnan(t))):
+            if values is not None and (len(values) != self.num_layers or not all(map(ok, values))):
+                bad(f"{name} must list {self.num_layers} values (one per layer), got {values!r}")
 
     def save(self, directory: Path) -> None:
         (Path(directory) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> "MoEConfig":
-        return cls.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
+        path = Path(directory) / CONFIG_FILE
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        return cls.from_dict(d, str(path))

@@ -10,6 +10,7 @@ from pathlib import Path
 from runtime import BACKENDS
 
 from .evaluate import TASKS, Evaluator, markdown_table, plot_curve, quality_curve, read_moe_onnx
+from .outfile import Interrupted, check_output, check_output_dir, interruptible, write_text
 from .recipe import ExportOptions, Recipe
 from .text import load_texts
 
@@ -90,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     tasks = [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t]
     try:
+        with interruptible():
+            return _run(args, rest, tasks, log)
+    except Interrupted as e:
+        print(f"moe-eval: interrupted ({e})", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _run(args, rest, tasks, log) -> int:
+    try:
         if set(tasks) - set(TASKS):
             raise ValueError(f"--tasks: unknown task(s) {sorted(set(tasks) - set(TASKS))}; "
                              f"choose from {', '.join(TASKS)}, or 'none'")
@@ -98,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.dense_dir).exists():
             raise FileNotFoundError(f"dense model {args.dense_dir} does not exist")
         for flag, out in (("--json", args.json), ("--plot", args.plot)):
-            if out and not Path(out).resolve().parent.is_dir():
-                raise FileNotFoundError(f"{flag}: directory {Path(out).resolve().parent} does not exist")
+            if out:
+                check_output(out, flag)  # a directory, a read-only place ...: said now, not after the work
+        if args.curve:
+            check_output_dir(args.curve, "--curve")
         shares = {}
         for path in args.models:  # before the slow dense side: bad files fail at once
             config = read_moe_onnx(path)[0]
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             name = "/".join(Path(args.dense_dir).resolve().parts[-2:])  # HF directories are often just "model"
             plot_curve(reports, Path(args.curve) / "curve.png", f"{name}: {flags}")
             payload = {"dense": str(args.dense_dir), "recipe": recipe.to_dict(), "reports": [r.to_dict() for r in reports]}
-            (Path(args.curve) / "curve.json").write_text(json.dumps(payload, indent=2) + "\n")
+            write_text(Path(args.curve) / "curve.json", json.dumps(payload, indent=2) + "\n", "--curve")
             log(f"wrote {Path(args.curve) / 'curve.json'} and {Path(args.curve) / 'curve.png'}")
         else:
             reports = []
@@ -128,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                            ", ".join(Path(p).name for p in args.models))
                 log(f"wrote {args.plot}")
         if args.json:
-            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+            write_text(args.json, json.dumps(payload, indent=2) + "\n", "--json")
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: an output path or disk that fails (outfile.py)
         print(f"moe-eval: error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(reports))

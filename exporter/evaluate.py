@@ -38,6 +38,7 @@ from .arch import DenseFFN
 from .config import MoEConfig
 from .export import CALIBRATION_KEY, MODEL_FILE
 from .moefy import ffn_inputs
+from .outfile import atomic_path, writing
 from .source import load_model
 from .tasks import task_for
 from .tasks.base import length_batches
@@ -106,9 +107,12 @@ def model_file(path: str | os.PathLike) -> Path:
 def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[SparseFFNLayer]]:
     """The exporter's config and calibration metadata, and each layer's operator (node order = layer order).
     ``path``: an ONNX file, or an export directory."""
+    if Path(path).is_dir() and not model_file(path).is_file():
+        raise EvalError(f"{path} is a directory; pass an ONNX file or a directory written by moe-export "
+                        f"(with its {MODEL_FILE})")
     path = model_file(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist or is not a file")
+        raise FileNotFoundError(f"ONNX model {path} does not exist")
     try:
         model = onnx.load(os.fspath(path))
     except Exception as e:  # protobuf's DecodeError and friends
@@ -117,8 +121,18 @@ def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[Sparse
     if METADATA_KEY not in meta:
         raise EvalError(f"{path} is not a moefy model: it has no '{METADATA_KEY}' metadata; pass an ONNX file "
                         "written by moe-export (custom target)")
-    config = MoEConfig.from_dict(json.loads(meta[METADATA_KEY]))
-    calibration = json.loads(meta.get(CALIBRATION_KEY, '{"source": "unknown (exported before moefy recorded it)"}'))
+    stored = {}
+    for key in (METADATA_KEY, CALIBRATION_KEY):
+        try:
+            stored[key] = json.loads(meta[key]) if key in meta else None
+        except ValueError as e:
+            raise EvalError(f"{path}: metadata '{key}' is not valid JSON ({e})") from None
+    config = MoEConfig.from_dict(stored[METADATA_KEY], f"{path}: metadata '{METADATA_KEY}'")
+    calibration = stored[CALIBRATION_KEY]
+    if calibration is None:
+        calibration = {"source": "unknown (exported before moefy recorded it)"}
+    if not isinstance(calibration, dict):
+        raise EvalError(f"{path}: metadata '{CALIBRATION_KEY}' must be a JSON object, got {type(calibration).__name__}")
     nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     if len(nodes) != config.num_layers:
         raise EvalError(f"{path} has {len(nodes)} {spec.OP_TYPE} nodes but its metadata says {config.num_layers} "
@@ -134,8 +148,10 @@ def read_moe_onnx(path: str | os.PathLike) -> tuple[MoEConfig, dict, list[Sparse
                 raise EvalError(f"{path}: input {port.name} of node {node.name} is computed, not a constant; "
                                 "moe-eval reads the expert weights from initializers")
             inputs[port.name] = values[name]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        attrs = {**spec.ATTRIBUTE_DEFAULTS, **{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}}
+        try:
+            attrs = spec.node_attributes(node)  # as the runtime reads them
+        except spec.SpecError as e:
+            raise EvalError(f"{path}: {e}") from None
         layers.append(SparseFFNLayer(inputs, attrs))
     return config, calibration, layers
 
@@ -437,5 +453,6 @@ def plot_curve(reports: list[EvalReport], path: str | os.PathLike, title: str = 
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: lines cross everywhere
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, "plot") as tmp, writing(path, "plot"):
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png")
     plt.close(fig)

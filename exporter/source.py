@@ -66,8 +66,12 @@ def model_type_of(source: Path) -> tuple[str, dict]:
         config = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {cfg}: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
     if "model_type" not in config:
         raise ModelLoadError(f"{cfg} has no model_type")
+    if not isinstance(config["model_type"], str):
+        raise ModelLoadError(f"{cfg}: model_type must be a string, got {config['model_type']!r}")
     return config["model_type"], {"pretrained_model_name_or_path": source}
 
 

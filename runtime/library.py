@@ -1,12 +1,17 @@
 """Where the C++ custom-op library is, for this package and for other ONNX Runtime hosts."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
 LIBRARY_NAME = "libmoefy_ops.so"
 ENV_VAR = "MOEFY_OPS_LIBRARY"  # overrides the packaged library (e.g. a development build)
+ISA_ENV_VAR = "MOEFY_ISA"  # forces the C++ kernels' instruction-set path for the whole process
+ISA_CONFIG_KEY = "moefy.isa"  # ... or per session: an ONNX Runtime session config entry, set before registering
 
 
 def library_path() -> str:
@@ -47,3 +52,18 @@ def cpp_available() -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+@functools.cache
+def isa_paths() -> dict:
+    """The C++ kernels' instruction-set paths, as the library sees this CPU::
+
+        {"best": "avx512", "default": "avx512", "default_error": "",
+         "paths": [{"name": "avx512", "tile": "8x48", "lanes": 16, "runs": True, "missing": ""}, ...]}
+
+    ``default`` is what a session gets without ``isa=``: $MOEFY_ISA, else ``best``; ``default_error`` says why
+    $MOEFY_ISA cannot run here. ``missing`` names the CPU features a path lacks.
+    """
+    lib = ctypes.CDLL(library_path())  # the same handle ONNX Runtime's dlopen of this path gets
+    lib.moefy_describe_isas.restype = ctypes.c_char_p
+    return json.loads(lib.moefy_describe_isas().decode())

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from . import numba_kernels, spec
 
@@ -35,31 +36,56 @@ class _OrtSegment:
 
 class _MoESegment:
     def __init__(self, node: onnx.NodeProto, constants: dict[str, np.ndarray]):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        self.attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-        self.x, self.y = node.input[0], node.output[0]
-        # Every other input must be a constant (an initializer): weights are converted once, here.
+        # What ONNX Runtime's schema check refuses for the other backends, and the attributes as they read them.
+        where = f"{spec.OP_TYPE} node '{node.name or node.output[0]}'"
+        if len(node.input) > len(spec.INPUTS):
+            raise spec.SpecError(f"{where} has {len(node.input)} inputs; the operator takes at most {len(spec.INPUTS)} "
+                                 f"({', '.join(p.name for p in spec.INPUTS)})")
+        if len(node.output) != len(spec.OUTPUTS) or not node.output[0]:
+            raise spec.SpecError(f"{where} has outputs {list(node.output)}; the operator has one output "
+                                 f"({spec.OUTPUTS[0].name})")
+        self.attrs = spec.node_attributes(node)
+        self.y = node.output[0]
+        # Constant inputs (initializers, X included) are converted once, here; the others come from the graph.
         self.dynamic, self.weights = {}, {}
-        for name, tensor in zip((p.name for p in spec.INPUTS[1:]), node.input[1:]):
+        for port, tensor in zip(spec.INPUTS, node.input):
             if not tensor:
                 continue
             if tensor in constants:
-                self.weights[name] = np.ascontiguousarray(constants[tensor])  # int8 weights stay int8
+                self.weights[port.name] = np.ascontiguousarray(constants[tensor])  # int8 weights stay int8
             else:
-                self.dynamic[name] = tensor
+                self.dynamic[port.name] = tensor
 
     def __call__(self, env: dict) -> None:
-        inputs = {"X": env[self.x], **self.weights, **{k: env[v] for k, v in self.dynamic.items()}}
+        inputs = {**self.weights, **{k: env[v] for k, v in self.dynamic.items()}}
         env[self.y] = numba_kernels.sparse_expert_ffn(inputs, **self.attrs)
+
+
+def _to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as e:  # NumPy's reshape error names no tensor
+        raise ValueError(f"initializer '{tensor.name}' does not hold the data its dims {list(tensor.dims)} and "
+                         f"type declare ({type(e).__name__}: {e})") from None
 
 
 class NumbaGraphSession:
     """Runs a model holding SparseExpertFFN nodes with ONNX Runtime + Numba (no custom-op library)."""
 
-    def __init__(self, model: onnx.ModelProto, make_options: Callable[[], ort.SessionOptions]):
+    def __init__(self, model: onnx.ModelProto, make_options: Callable[[], ort.SessionOptions],
+                 base_dir: str | None = None):
+        """``base_dir``: where the model's external data is, when it was loaded without it (only initializers that
+        nodes use are read)."""
         graph = model.graph
-        constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        initializers = {t.name: t for t in graph.initializer}
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        initializers = {t.name: t for t in graph.initializer if t.name in used}
+        for t in initializers.values():
+            if base_dir is not None and t.data_location == TensorProto.EXTERNAL:
+                load_external_data_for_tensor(t, base_dir)
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+        moe_inputs = {i for n in graph.node if is_sparse_ffn(n) for i in n.input}
+        constants = {name: _to_array(t) for name, t in initializers.items() if name in moe_inputs}
         chunks: list[list[onnx.NodeProto] | onnx.NodeProto] = [[]]
         for node in graph.node:
             if is_sparse_ffn(node):

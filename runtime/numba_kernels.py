@@ -52,6 +52,32 @@ def _prefer_512_bit_vectors() -> None:
 
 _prefer_512_bit_vectors()
 
+
+def _cache_by_content() -> None:
+    """Numba keys a cached function on its own source file only: numba_host's cfuncs inline this module's
+    functions, so after an upgrade that changed only this file they would load stale machine code (an
+    upgrade that fixed the NaN rule of the selection kept the old rule that way). So, unless NUMBA_CACHE_DIR
+    is set, the kernels cache in a directory named after the content of the kernel sources."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from numba.core import config
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = Path(__file__).parent
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("numba_kernels.py", "numba_host.py",
+                                                                         "spec.py"))).hexdigest()[:16]
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moefy" / "numba" / digest
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache: Numba's own places (next to the sources, else its user dir)
+        return
+    config.CACHE_DIR = str(path)
+
+
+_cache_by_content()
+
 # OpenMP's wait policy is left to the user (OMP_WAIT_POLICY / GOMP_SPINCOUNT): measured here, "passive"
 # makes each 2-thread parallel region cost ~0.6 ms on a quiet machine (25 us by default), while on a
 # machine another process keeps busy the default spinning costs ~8 ms per region and "passive" ~5 us.
@@ -301,12 +327,23 @@ def _second_layer_rows(h, n, m, w2, rows, out):
 
 
 # --------------------------------------------------------------------------------------------- routing
-@njit(cache=True)
+# The selection helpers compare scores that may be NaN, so they must not run under fastmath, whose ``nnan`` flag lets
+# LLVM fold isnan(v) and v != v to False. A Numba function without its own fastmath setting inherits its caller's
+# (numba.core.cpu.CPUTargetOptions.finalize), so whether they were compiled (and cached on disk) fast or not would
+# depend on which caller compiled them first: they say fastmath=False, and test NaN on the bits, which no
+# floating-point flag can fold even if LLVM inlines them into the fastmath _route.
+@njit(cache=True, fastmath=False)
+def _is_nan(v):
+    """v is NaN: a float32 with all exponent bits set and a non-zero mantissa."""
+    return (np.float32(v).view(np.uint32) & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+
+
+@njit(cache=True, fastmath=False)
 def _better(a, b):
     """NaN ranks below every number; equal scores keep the earlier (lower) index."""
-    if np.isnan(b):
-        return not np.isnan(a)
-    return a > b
+    if _is_nan(b):
+        return not _is_nan(a)
+    return not _is_nan(a) and a > b
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
@@ -321,10 +358,10 @@ def _router_scores(x, router_w, router_b, t0, t1, s):
     _rows_dot(x, iota, n, router_w, 0, x.shape[1], out)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _select(s, k, min_k, threshold, t, sel, taken):
     """sel[t] = token t's top-k experts, best first; -1 for those dropped by dynamic k (after the first
-    min_k, a score below threshold)."""
+    min_k, a score below threshold; NaN never is)."""
     E = s.shape[1]
     taken[:] = False
     for j in range(k):
@@ -333,7 +370,8 @@ def _select(s, k, min_k, threshold, t, sel, taken):
             if not taken[e] and (best < 0 or _better(s[t, e], s[t, best])):
                 best = e
         taken[best] = True
-        sel[t, j] = -1 if j >= min_k and s[t, best] < threshold else best
+        v = s[t, best]
+        sel[t, j] = -1 if j >= min_k and not _is_nan(v) and v < threshold else best
 
 
 # --------------------------------------------------------------------------------------------- phases
@@ -508,8 +546,9 @@ _CHECKED: dict = {}
 
 
 def _check(inputs, attrs):
-    """spec.check_arrays, memoized on (shapes, attributes): the checks depend on nothing else."""
-    key = (tuple(None if inputs.get(n) is None else tuple(inputs[n].shape) for n in spec.INPUT_INDEX),
+    """spec.check_arrays, memoized on (shapes, element types, attributes): the checks depend on nothing else."""
+    key = (tuple(None if inputs.get(n) is None else (tuple(inputs[n].shape), str(inputs[n].dtype))
+                 for n in spec.INPUT_INDEX),
            tuple(sorted(attrs.items())))
     try:
         return _CHECKED[key]

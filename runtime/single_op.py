@@ -38,8 +38,11 @@ def single_op_model(arrays: Mapping[str, np.ndarray | None], *, feeds: Iterable[
             graph_inputs.append(helper.make_tensor_value_info(p.name, elem, dims))
         else:
             inits.append(numpy_helper.from_array(a, p.name))
+    # A float attribute given as a Python int (score_threshold=0) would become an ONNX INT, which the op refuses.
+    floats = {a.name for a in spec.ATTRIBUTES if a.type == "float"}
     node = helper.make_node(spec.OP_TYPE, names, ["Y"], domain=spec.DOMAIN,
-                            **{k: v for k, v in attrs.items() if v is not None})
+                            **{k: float(v) if k in floats and type(v) is int else v
+                               for k, v in attrs.items() if v is not None})
     graph = helper.make_graph([node], "sparse_expert_ffn", graph_inputs,
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),

@@ -57,10 +57,12 @@ class Port:
 @dataclasses.dataclass(frozen=True)
 class Attribute:
     name: str
-    type: str  # "int", "float" or "string"
+    type: str  # "int", "float" or "string"; the node attribute must have the matching ONNX type (ONNX_TYPES)
     default: object  # None: required
-    allowed: tuple = ()
+    allowed: tuple = ()  # strings: the accepted values
     doc: str = ""
+    low: int | None = None  # ints: the smallest value
+    high: str | None = None  # ints: the largest value is this size ("E") or this attribute ("top_k")
 
 
 INPUTS: tuple[Port, ...] = (
@@ -81,19 +83,27 @@ INPUTS: tuple[Port, ...] = (
 )
 SCALES = {"W1": "W1_scale", "W2": "W2_scale", "Wg": "Wg_scale"}  # int8 weight -> its row scales
 OUTPUTS: tuple[Port, ...] = (Port("Y", "[..., d]", False, "FFN output, same shape as X"),)
-ATTRIBUTES: tuple[Attribute, ...] = (
-    Attribute("top_k", "int", None, (), "experts computed per token, 1 <= top_k <= E"),
+ATTRIBUTES: tuple[Attribute, ...] = (  # in dependency order: a bound names an attribute listed before it
+    Attribute("top_k", "int", None, (), "experts computed per token, 1 <= top_k <= E", low=1, high="E"),
     Attribute("activation", "string", "gelu", ACTIVATIONS, "activation of the first layer (of the gate if gated)"),
     Attribute("expert_weighting", "string", "ones", EXPERT_WEIGHTINGS,
               "how selected experts are weighted; 'ones' sums them (MoEfication)"),
-    Attribute("min_k", "int", 1, (), "dynamic k: experts every token keeps, 1 <= min_k <= top_k"),
+    Attribute("min_k", "int", 1, (), "dynamic k: experts every token keeps, 1 <= min_k <= top_k", low=1,
+              high="top_k"),
     Attribute("score_threshold", "float", float("-inf"), (),
               "dynamic k: of a token's top_k experts, those after the first min_k whose score is below this are "
               "dropped (-inf: always top_k)"),
 )
 
 INPUT_INDEX = {p.name: i for i, p in enumerate(INPUTS)}
+ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
 ATTRIBUTE_DEFAULTS = {a.name: a.default for a in ATTRIBUTES if a.default is not None}
+# onnx.AttributeProto.AttributeType numbers (this module must not import onnx): the spec's types, then the others
+# by name for messages.
+ONNX_TYPES = {"float": 1, "int": 2, "string": 3}
+ONNX_TYPE_NAMES = {0: "UNDEFINED", 1: "FLOAT", 2: "INT", 3: "STRING", 4: "TENSOR", 5: "GRAPH", 6: "FLOATS", 7: "INTS",
+                   8: "STRINGS", 9: "TENSORS", 10: "GRAPHS", 11: "SPARSE_TENSOR", 12: "SPARSE_TENSORS",
+                   13: "TYPE_PROTO", 14: "TYPE_PROTOS"}
 
 
 class SpecError(ValueError):
@@ -154,20 +164,73 @@ def check(shapes: Mapping[str, Sequence[int] | None], attrs: Mapping[str, object
         raise SpecError(f"{OP_TYPE}: Bg needs Wg")
     if E < 1 or m < 1:
         raise SpecError(f"{OP_TYPE}: W1 {_fmt(w1)} must have at least one expert and one neuron")
-    k = attrs.get("top_k")
-    if not isinstance(k, int) or not 1 <= k <= E:
-        raise SpecError(f"{OP_TYPE}: top_k must be an integer in [1, E={E}], got {k!r}")
-    min_k = attrs.get("min_k", 1)
-    if not isinstance(min_k, int) or not 1 <= min_k <= k:
-        raise SpecError(f"{OP_TYPE}: min_k must be an integer in [1, top_k={k}], got {min_k!r}")
-    threshold = attrs.get("score_threshold", float("-inf"))
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise SpecError(f"{OP_TYPE}: score_threshold must be a number (not NaN), got {threshold!r}")
-    for a in ATTRIBUTES:
-        if a.allowed and attrs.get(a.name, a.default) not in a.allowed:
-            raise SpecError(f"{OP_TYPE}: {a.name} must be one of {', '.join(a.allowed)}; "
-                            f"got {attrs.get(a.name)!r}")
+    if d < 1:  # an FFN of width 0 has no meaning; refused rather than answered with an empty Y
+        raise SpecError(f"{OP_TYPE}: d (the last dim of X and W1) must be >= 1, got X {_fmt(x)}, W1 {_fmt(w1)}")
+    check_attributes(attrs, E)
     return Dims(tokens=math.prod(x[:-1]), d=d, experts=E, m=m)
+
+
+def check_attributes(attrs: Mapping[str, object], experts: int | None = None) -> None:
+    """Attribute values (name -> Python value; absent: the default): names, value types, allowed strings, NaN, and
+    with ``experts`` (E) the integer ranges, all of which depend on E or on top_k. A bool is not an integer here.
+
+    The C++ op checks the same with the same words (cpp_ops/ort/attributes.cc): everything but the ranges once per
+    session, the ranges per call.
+    """
+    unknown = [n for n in attrs if n not in ATTRIBUTE_NAMES]
+    if unknown:
+        raise SpecError(f"{OP_TYPE}: unknown attribute(s) {', '.join(map(repr, unknown))}; the operator's attributes "
+                        f"are {', '.join(ATTRIBUTE_NAMES)}")
+    values: dict[str, object] = {}
+    for a in ATTRIBUTES:
+        v = values[a.name] = attrs.get(a.name, a.default)
+        if a.type == "int":
+            if experts is None:
+                continue
+            high = experts if a.high == "E" else values[a.high]
+            if not isinstance(v, int) or isinstance(v, bool) or not a.low <= v <= high:
+                raise SpecError(f"{OP_TYPE}: {a.name} must be an integer in [{a.low}, {a.high}={high}], got {v!r}")
+        elif a.type == "float":
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+                raise SpecError(f"{OP_TYPE}: {a.name} must be a number (not NaN), got {v!r}")
+        elif v not in a.allowed:
+            raise SpecError(f"{OP_TYPE}: {a.name} must be one of {', '.join(a.allowed)}; got {v!r}")
+
+
+def node_attributes(node) -> dict:
+    """The attributes of a SparseExpertFFN node (an ``onnx.NodeProto``), defaults filled in, as every backend reads
+    them: each must have the spec's ONNX type (an INT ``score_threshold`` is refused, never read as the default),
+    unknown and repeated names are refused, and ``check_attributes`` runs on the result (the ranges, which need E,
+    are checked with the inputs). The C++ op reads them the same way (cpp_ops/ort/attributes.cc)."""
+    by_name = {a.name: a for a in ATTRIBUTES}
+    got: dict[str, object] = {}
+    for proto in node.attribute:
+        a = by_name.get(proto.name)
+        if a is None:
+            raise SpecError(f"{OP_TYPE}: unknown attribute '{proto.name}'; the operator's attributes are "
+                            f"{', '.join(ATTRIBUTE_NAMES)}")
+        if proto.name in got:
+            raise SpecError(f"{OP_TYPE}: attribute {proto.name} is given twice")
+        if proto.type != ONNX_TYPES[a.type]:
+            raise SpecError(f"{OP_TYPE}: attribute {a.name} must be of ONNX type {ONNX_TYPE_NAMES[ONNX_TYPES[a.type]]}"
+                            f", got {ONNX_TYPE_NAMES.get(proto.type, f'type {proto.type}')}")
+        got[a.name] = proto.i if a.type == "int" else proto.f if a.type == "float" else \
+            proto.s.decode("utf-8", "replace")
+    for a in ATTRIBUTES:
+        if a.default is None and a.name not in got:
+            raise SpecError(f"{OP_TYPE}: attribute {a.name} is required")
+    attrs = {**ATTRIBUTE_DEFAULTS, **got}
+    check_attributes(attrs)
+    return attrs
+
+
+def check_version(version: int) -> None:
+    """A model's ``DOMAIN`` opset version must be one this runtime implements. ONNX Runtime cannot tell a custom op
+    which version a model imports (every version >= the op's first resolves to the same schema and kernel), so
+    runtime.InferenceSession checks it for every backend before ONNX Runtime sees the model."""
+    if not SINCE_VERSION <= version <= VERSION:
+        raise SpecError(f"{OP_TYPE}: the model uses {DOMAIN} version {version}; this moefy implements versions "
+                        f"{SINCE_VERSION} to {VERSION}" + (": upgrade moefy" if version > VERSION else ""))
 
 
 def check_types(dtypes: Mapping[str, str | None]) -> None:
@@ -203,7 +266,6 @@ NUMBA_HOST_DOMAIN = "ai.moefy.numba"
 NUMBA_HOST_FIELDS = ("tokens", "d", "experts", "m", "top_k", "min_k", "score_threshold", "activation", "workers",
                      "weight_int8", "scratch", "y")  # score_threshold: the bits of a float64
 NUMBA_HOST_ABI_VERSION = 2
-SINCE_VERSION = 1  # version-1 models (fixed top-k) mean the same under version 2
 
 
 def cpp_header() -> str:
@@ -219,6 +281,17 @@ def cpp_header() -> str:
         f"inline constexpr int kVersion = {VERSION};",
         f"inline constexpr int kSinceVersion = {SINCE_VERSION};",
         "enum Attribute : int { " + ", ".join(f"kAttr_{a.name} = {i}" for i, a in enumerate(ATTRIBUTES)) + " };",
+        f"inline constexpr std::size_t kNumAttributes = {len(ATTRIBUTES)};",
+        "enum class AttributeType : int { kInt, kFloat, kString };",
+        "inline constexpr AttributeType kAttributeTypes[] = {"
+        + ", ".join(f"AttributeType::k{a.type.capitalize()}" for a in ATTRIBUTES) + "};",
+        "inline constexpr const char* kAttributeOnnxTypes[] = {"
+        + ", ".join(q(ONNX_TYPE_NAMES[ONNX_TYPES[a.type]]) for a in ATTRIBUTES) + "};",
+        "inline constexpr bool kAttributeRequired[] = {" + ", ".join(str(a.default is None).lower() for a in ATTRIBUTES)
+        + "};",
+        "// ints: the smallest value, and the name of the size or attribute that is the largest",
+        "inline constexpr long kAttributeLow[] = {" + ", ".join(str(a.low or 0) for a in ATTRIBUTES) + "};",
+        "inline constexpr const char* kAttributeHigh[] = {" + ", ".join(q(a.high or "") for a in ATTRIBUTES) + "};",
         f"inline constexpr long kDefaultMinK = {ATTRIBUTE_DEFAULTS['min_k']};",
         f"inline constexpr std::size_t kNumInputs = {len(INPUTS)};",
         f"inline constexpr std::size_t kNumOutputs = {len(OUTPUTS)};",

@@ -19,6 +19,19 @@ def available_backends() -> list[str]:
     return ["numba-split", "numba", "cpp"] if runtime.cpp_available() else ["numba-split"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (real models, minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (real model): run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def calibration_cache(tmp_path_factory):
     """Calibration activations go to a temporary cache, never the user's."""
@@ -190,7 +203,7 @@ def exported(tiny_model_dir, tmp_path_factory):
         if family not in made:
             root = tmp_path_factory.mktemp(f"export-{family}")
             report = export(tiny_model_dir(family), root / "out", experts=4, top_k=2, backend=BACKEND,
-                            save_moefied_dir=root / "saved", **QUIET)
+                            save_moefied_dir=root / "saved", genai="off", **QUIET)  # genai: test_genai_layout
             made[family] = root / "out", report, root / "saved"
         return made[family]
 

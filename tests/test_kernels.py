@@ -68,12 +68,73 @@ def test_all_tokens_on_one_expert_and_unpicked_experts(backend, rng):
     assert_matches_reference(backend(a, top_k=2, activation="silu"), a, top_k=2, activation="silu")
 
 
+# Given router scores with exact ties and NaN in the positions that matter (row 2: NaN first, then a tie at the k-th
+# place; row 5: NaN must not count as below the dynamic-k threshold). Compared on every row: given scores carry no
+# rounding, so no token is a near tie to leave out.
+NAN_SCORES = [[1, 1, 1, 1, 1], [0, 2, 2, 0, 2], [np.nan, 0, 0, 0, 0], [np.nan] * 5, [0, np.nan, 1, np.nan, -1],
+              [np.nan, 5, np.nan, 1, 0], [3, 2, np.nan, 1, 0]]
+NAN_CASES = [dict(top_k=2), dict(top_k=3), dict(top_k=4, min_k=1, score_threshold=2.0)]
+
+
+def nan_inputs():
+    a = make_inputs(np.random.default_rng(5), lead=(len(NAN_SCORES),), E=5, router="scores")
+    a["router_scores"][:] = NAN_SCORES
+    return a
+
+
+def assert_nan_rows_match(backend):
+    a = nan_inputs()
+    for attrs in NAN_CASES:
+        got, ref = backend(a, activation="relu", **attrs), reference.sparse_expert_ffn(a, activation="relu", **attrs)
+        err = np.abs(got - ref).max(axis=1)
+        assert (err <= RTOL * np.abs(ref).max() + 1e-6).all(), f"{attrs}: rows {np.nonzero(err > 1e-5)[0].tolist()} differ"
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
-def test_ties_go_to_lower_index_and_nan_ranks_last(backend, rng):
-    a = make_inputs(rng, lead=(4,), E=5, router="scores")
-    a["router_scores"][:] = [[1, 1, 1, 1, 1], [0, 2, 2, 0, 2], [np.nan, 0, 0, 0, 0], [np.nan] * 5]
-    assert_matches_reference(backend(a, top_k=2, activation="relu"), a, top_k=2, activation="relu")
-    assert reference.select_top_k(a["router_scores"], 2).tolist() == [[0, 1], [1, 2], [1, 2], [0, 1]]
+def test_ties_go_to_lower_index_and_nan_ranks_last(backend):
+    assert_nan_rows_match(backend)
+    scores = np.array(NAN_SCORES, np.float32)
+    assert reference.select_top_k(scores, 2).tolist() == [[0, 1], [1, 2], [1, 2], [0, 1], [2, 0], [1, 3], [0, 1]]
+    assert reference.selected_mask(scores, 4, 1, 2.0)[5].tolist() == [True, True, False, False, False]
+
+
+NAN_PROBE = """
+import sys
+import numpy as np
+from numpy import nan
+from runtime import numba_kernels, reference
+scores = np.array({scores!r}, np.float32)
+T, E = scores.shape
+for step in sys.argv[1:]:
+    if step == "helpers":  # the selection helpers compiled on their own, before any kernel calls them
+        numba_kernels._better(np.float32(np.nan), np.float32(0.0))
+        continue
+    for k, min_k, threshold in ((2, 2, -np.inf), (3, 3, -np.inf), (4, 1, 2.0)):  # _route: fastmath, calls them
+        sel = np.empty((T, k), np.int32)
+        numba_kernels._route(np.zeros((T, 1), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.float32),
+                             k, min_k, np.float32(threshold), scores.copy(), False, sel, 0, T)
+        got = np.zeros((T, E), bool)
+        for t in range(T):
+            got[t, sel[t][sel[t] >= 0]] = True
+        bad = np.nonzero((got != reference.selected_mask(scores, k, min_k, threshold)).any(axis=1))[0]
+        assert not bad.size, f"top_k={{k}}, min_k={{min_k}}: rows {{bad.tolist()}} select other experts"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", [["route", "helpers"], ["helpers", "route"]], ids="-".join)
+def test_nan_selection_does_not_depend_on_compile_order(order, tmp_path):
+    """Which variant of the Numba selection helpers is compiled (and cached on disk) used to depend on who called
+    them first: compiled first for the fastmath _route, isnan folded to False and NaN ranked first. Each order runs
+    in a fresh process with an empty Numba cache, then again on the cache it wrote."""
+    import os
+    import subprocess
+    import sys
+    code = NAN_PROBE.format(scores=NAN_SCORES)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    for run in ("empty cache", "warm cache"):
+        r = subprocess.run([sys.executable, "-c", code, *order], capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0 and r.stdout.strip().endswith("ok"), f"{run}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))

@@ -1,13 +1,20 @@
 // SparseExpertFFN kernel core: raw pointers only, no ONNX Runtime headers, so it can be
 // tested and reused alone. The math is specified in runtime/spec.py and docs/OPS.md.
+//
+// Layout: driver.cc (routing, top-k, grouping tokens by expert, scheduling, per-thread scratch) is plain
+// C++ built for the baseline of the target architecture; the hot loops (simd_impl.h) are compiled once per
+// instruction set (isa_*.cc, each with its own target flags and register tile) and reached through an
+// IsaKernels table that dispatch.cc picks once from the CPU's features (or MOEFY_ISA). So one library runs on
+// any CPU of its architecture, at the speed of the widest vector unit the CPU has.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
-#include <functional>
 #include <limits>
 #include <new>
+#include <string>
+#include <type_traits>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -45,13 +52,36 @@ struct SparseFFNProblem {
   float* y = nullptr;                     // [T, d]
 };
 
-// Runs fn(i) for i in [0, n), possibly in parallel. The ORT binding passes ONNX Runtime's
-// own thread pool so the kernel never starts a second pool that would fight it.
-using ParallelFor = std::function<void(std::size_t n, const std::function<void(std::size_t)>& fn)>;
+// A non-owning reference to a callable taking a work-item index: unlike std::function it never allocates,
+// so a call of the kernel does no heap allocation once its scratch has grown to the call's size.
+class TaskRef {
+ public:
+  template <typename F, typename = std::enable_if_t<!std::is_same_v<std::decay_t<F>, TaskRef>>>
+  TaskRef(F& f) : obj_(&f), call_([](void* o, std::size_t i) { (*static_cast<F*>(o))(i); }) {}  // NOLINT
+  void operator()(std::size_t i) const { call_(obj_, i); }
+  // For C thread pools taking (void (*)(void*, size_t), void*): pass &TaskRef::invoke and the TaskRef's address.
+  static void invoke(void* self, std::size_t i) { (*static_cast<const TaskRef*>(self))(i); }
+
+ private:
+  void* obj_;
+  void (*call_)(void*, std::size_t);
+};
+
+// Runs fn(i) for i in [0, n), possibly in parallel. The ORT binding passes ONNX Runtime's own thread pool
+// so the kernel never starts a second pool that would fight it.
+class ParallelFor {
+ public:
+  virtual ~ParallelFor() = default;
+  virtual void operator()(std::size_t n, TaskRef fn) const = 0;
+};
 
 // Serial fallback (tests, hosts without a thread pool).
-void serial_for(std::size_t n, const std::function<void(std::size_t)>& fn);
-
+class SerialFor final : public ParallelFor {
+ public:
+  void operator()(std::size_t n, TaskRef fn) const override {
+    for (std::size_t i = 0; i < n; ++i) fn(i);
+  }
+};
 
 // Storage of the packed weights: large buffers are 2 MiB aligned and asked to be backed by transparent huge
 // pages (Linux, THP "madvise" mode), so streaming tens of MB of weights per call misses the TLB 512x less often.
@@ -85,37 +115,90 @@ struct HugePageAllocator {
 template <typename T>
 using HugeVector = std::vector<T, HugePageAllocator<T>>;
 
-// Expert blocks repacked once per session (for constant weights) into contiguous panels of 48 or 16
-// columns, so both layers stream memory sequentially: first layer (and gate) [E][d x mp] with panels
-// over neurons (mp = m rounded up to 16, zero padded); second layer [E][m x d16] with panels over the
-// first d16 = 16 * floor(d / 16) output columns (the rest is read from W2 directly). Panels keep the
-// weights' element type (int8 panels are a quarter of the bytes); scales apply outside the panels.
-struct PackedWeights {
-  int64_t mp = 0, d16 = 0, ep = 0;  // ep: experts rounded up to 16 (router panels)
-  WeightType weight_type = WeightType::kFloat32;
+// Tokens per expert block: bounds scratch memory and gives workers balanced pieces.
+inline constexpr int64_t kTokenBlock = 64;
+
+// The packed layout as the hot loops see it (plain data). Expert blocks are repacked once per session (for
+// constant weights) into contiguous panels of `panel` columns (tail panels `lanes` wide), so both layers
+// stream memory sequentially: first layer (and gate) [d x mp] with panels over neurons (mp = m rounded up to
+// `lanes`, zero padded); second layer [m x dl] with panels over the first dl = lanes * floor(d / lanes) output
+// columns (the rest is read from W2 directly); expert e's blocks start at w1p / wgp / w2p + e * expert_stride
+// (one expert's three blocks are adjacent). Router [d x ep] over experts (ep = E rounded up to `lanes`).
+// Panels keep the weights' element type (int8 panels are a quarter of the bytes); scales apply outside.
+struct PackedView {
+  int64_t panel = 0, lanes = 0, mp = 0, dl = 0, ep = 0, expert_stride = 0;
   const float* routerp = nullptr;
-  const void* w1p = nullptr;  // of weight_type
+  const void* w1p = nullptr;  // of the problem's weight type
   const void* wgp = nullptr;
   const void* w2p = nullptr;
-  HugeVector<float> routerp_storage, w1f, wgf, w2f;
-  HugeVector<int8_t> w1q, wgq, w2q;
 };
-PackedWeights pack_weights(const SparseFFNProblem& p);  // reads p.w1, p.wg, p.w2, p.router_w, E, m, d
+
+// Per-thread scratch of one expert block (driver.cc owns it; sized for kTokenBlock tokens).
+struct BlockScratch {
+  float* up;            // [kTokenBlock, mp]
+  float* gate;          // [kTokenBlock, mp] (gated form)
+  const float** a;      // [kTokenBlock] row pointers
+  float** out;          // [kTokenBlock]
+  float** h;            // [kTokenBlock]
+  float** shifted;      // [kTokenBlock]
+};
+
+// The hot loops of one instruction set (simd_impl.h compiled per ISA).
+struct IsaKernels {
+  const char* name;      // as MOEFY_ISA spells it: "avx512", "avx2", "sse2", "neon", "generic"
+  const char* tile;      // the register tile, for reports: e.g. "8x48"
+  int64_t lanes, panel;  // floats per vector; widest panel (columns)
+  // out[tokens[r]] += expert e's output for token tokens[r] (minus its unselected_bias), r < n <= kTokenBlock.
+  void (*expert_block)(const SparseFFNProblem& p, const PackedView& pk, int64_t e, const int32_t* tokens,
+                       int64_t n, float* out, const BlockScratch& s);
+  // scores[r * ld + e] = router_w[e] . x[t0 + r] + router_b[e], r < n <= kTokenBlock, on the packed router.
+  void (*router_scores)(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, int64_t n, float* scores,
+                        const BlockScratch& s);
+  void (*activate)(Activation a, float* v, int64_t n);  // in place
+  void (*add)(float* y, const float* x, int64_t n);    // y += x
+};
+
+// Instruction-set paths: which were compiled in, which this CPU runs, which one runs by default.
+struct IsaChoice {
+  const IsaKernels* kernels = nullptr;  // null: error says why
+  std::string error;
+};
+// The path for `request`: null, "" or "auto" for the best this CPU runs, else a name of IsaKernels::name.
+// A path this CPU cannot run (or that was not compiled in) is an error naming the missing features and the
+// paths that would run, never an illegal instruction.
+IsaChoice choose_isa(const char* request);
+// The default: MOEFY_ISA if set (an error if it cannot run), else the best path. Resolved once per process.
+const IsaChoice& default_isa();
+// {"best": ..., "paths": [{"name", "tile", "compiled", "runs", "missing"}, ...]} for tests and reports.
+std::string describe_isas();
+
+// The packed weights, owning their storage.
+struct PackedWeights {
+  const IsaKernels* isa = nullptr;
+  PackedView view;
+  WeightType weight_type = WeightType::kFloat32;
+  // B2 + sum_e U[e]: the output every token starts from, precomputed when B2 / U were given at packing
+  // (initializers); used when the call passes the same pointers.
+  std::vector<float> base;
+  const float *base_b2 = nullptr, *base_unselected = nullptr;
+  bool has_base = false;
+  HugeVector<float> routerp_storage, experts_f;
+  HugeVector<int8_t> experts_q;
+};
+// Reads p.w1, p.wg, p.w2, p.router_w, p.b2, p.unselected_bias, E, m, d.
+PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa);
 
 // Top-k expert indices of tokens [t_begin, t_end) into selected[t * k ...]: larger score first, ties to
-// the lower index, NaN ranks below every number; -1 for experts dynamic k drops. Uses the packed router
-// when `packed` has one.
+// the lower index, NaN ranks below every number; -1 for experts dynamic k drops.
 void select_top_k(const SparseFFNProblem& p, const PackedWeights& packed, int64_t t_begin, int64_t t_end,
                   int32_t* selected);
 
-// y = SparseExpertFFN(p). Shapes must already be validated; `workers` bounds the number of
-// per-worker output accumulators (use the thread count of the pool behind `pfor`).
+// y = SparseExpertFFN(p). Shapes must already be validated; `workers` bounds the number of per-worker
+// output accumulators (use the thread count of the pool behind `pfor`). Allocates only when a call needs
+// more scratch than any before it on this thread.
 void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& packed, const ParallelFor& pfor,
                 std::size_t workers);
 // Same, packing the weights for this call only.
-void sparse_ffn(const SparseFFNProblem& p, const ParallelFor& pfor, std::size_t workers);
-
-// Applies the activation in place to n floats.
-void activate(Activation a, float* v, std::size_t n);
+void sparse_ffn(const SparseFFNProblem& p, const IsaKernels& isa, const ParallelFor& pfor, std::size_t workers);
 
 }  // namespace moefy

@@ -44,10 +44,13 @@ void run(const SparseFFNProblem& p, const void* const* inputs, const ParallelFor
   call[spec::kHost_scratch] = reinterpret_cast<int64_t>(scratch.data());
 
   const int64_t parts = static_cast<int64_t>(workers);
-  pfor(workers, [&](std::size_t i) { k->route(call, static_cast<int64_t>(i), parts); });
+  auto route = [&](std::size_t i) { k->route(call, static_cast<int64_t>(i), parts); };
+  auto experts = [&](std::size_t w) { k->experts(call, static_cast<int64_t>(w)); };
+  auto reduce = [&](std::size_t i) { k->reduce(call, static_cast<int64_t>(i), parts); };
+  pfor(workers, TaskRef(route));
   const int64_t busy = k->plan(call);
-  pfor(static_cast<std::size_t>(busy), [&](std::size_t w) { k->experts(call, static_cast<int64_t>(w)); });
-  if (busy > 1) pfor(workers, [&](std::size_t i) { k->reduce(call, static_cast<int64_t>(i), parts); });
+  pfor(static_cast<std::size_t>(busy), TaskRef(experts));
+  if (busy > 1) pfor(workers, TaskRef(reduce));
 }
 
 }  // namespace moefy::numba_host

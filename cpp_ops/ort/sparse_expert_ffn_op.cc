@@ -1,4 +1,4 @@
-// Thin ONNX Runtime binding of the SparseExpertFFN kernel: reads attributes, checks shapes
+// Thin ONNX Runtime binding of the SparseExpertFFN kernel: reads attributes (attributes.cc), checks shapes
 // with the same rules and wording as runtime/spec.py:check, and hands raw pointers to the
 // kernel core. Errors become ORT statuses (never exceptions across the C ABI).
 #include "sparse_expert_ffn_op.h"
@@ -31,29 +31,6 @@ std::string fmt(const Shape* s) {
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(std::string(spec::kOpType) + ": " + msg); }
 
-template <size_t N, typename Names>
-int index_of(const std::string& value, const Names (&names)[N]) {
-  for (size_t i = 0; i < N; ++i)
-    if (value == names[i]) return static_cast<int>(i);
-  return -1;
-}
-
-template <size_t N>
-std::string join(const char* const (&names)[N]) {
-  std::string s;
-  for (size_t i = 0; i < N; ++i) s += (i ? ", " : "") + std::string(names[i]);
-  return s;
-}
-
-template <typename T>
-T attr_or(const OrtKernelInfo* info, const char* name, T fallback) {
-  try {
-    return Ort::ConstKernelInfo(info).GetAttribute<T>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;  // attribute absent: spec default
-  }
-}
-
 // NumPy's names, as runtime/spec.py words its messages.
 std::string type_name(ONNXTensorElementDataType t) {
   switch (t) {
@@ -68,33 +45,27 @@ std::string type_name(ONNXTensorElementDataType t) {
   }
 }
 
-struct ParallelForThunk {
-  const std::function<void(std::size_t)>* fn;
-  static void call(void* self, size_t i) { (*static_cast<ParallelForThunk*>(self)->fn)(i); }
+// ONNX Runtime's intra-op thread pool, as the kernels' ParallelFor.
+class OrtPool final : public ParallelFor {
+ public:
+  explicit OrtPool(Ort::KernelContext& ctx) : ctx_(ctx) {}
+  void operator()(std::size_t n, TaskRef fn) const override { ctx_.ParallelFor(&TaskRef::invoke, n, n, &fn); }
+
+ private:
+  Ort::KernelContext& ctx_;
 };
 
 }  // namespace
 
-Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
-    : numba_host_(numba_host), workers_(std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16)) {
-  if (numba_host_ && !numba_host::have_kernels())
+Kernel::Kernel(const OrtKernelInfo* info, const IsaKernels* isa)
+    : isa_(isa), workers_(std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 16)) {
+  if (!isa_ && !numba_host::have_kernels())
     fail(std::string("the ") + spec::kNumbaHostDomain + " op runs Numba kernels that Python's moefy runtime installs "
          "(runtime.numba_host.register()); open the model with runtime.InferenceSession(..., backend='numba')");
-  top_k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>(spec::kAttributeNames[spec::kAttr_top_k]);
-  min_k_ = attr_or<int64_t>(info, spec::kAttributeNames[spec::kAttr_min_k], spec::kDefaultMinK);
-  score_threshold_ = attr_or<float>(info, spec::kAttributeNames[spec::kAttr_score_threshold],
-                                    -std::numeric_limits<float>::infinity());
-  std::string act = attr_or<std::string>(info, spec::kAttributeNames[spec::kAttr_activation], spec::kDefaultActivation);
-  int a = index_of(act, spec::kActivations);
-  if (a < 0) fail("activation must be one of " + join(spec::kActivations) + "; got '" + act + "'");
-  activation_ = static_cast<int>(a);
-  std::string weighting =
-      attr_or<std::string>(info, spec::kAttributeNames[spec::kAttr_expert_weighting], spec::kExpertWeightings[0]);
-  if (index_of(weighting, spec::kExpertWeightings) < 0)
-    fail("expert_weighting must be one of " + join(spec::kExpertWeightings) + "; got '" + weighting + "'");
+  attrs_ = read_attributes(info);  // types as the spec declares them (attributes.cc)
 
   // Prepack once when the expert weights are constant initializers; otherwise pack per call.
-  if (numba_host_) return;  // the Numba kernels read the weights as given
+  if (!isa_) return;  // the Numba kernels read the weights as given
   Ort::ConstKernelInfo ki(info);
   auto constant = [&](size_t i) -> Ort::ConstValue {
     int is_constant = 0;
@@ -123,7 +94,18 @@ Kernel::Kernel(const OrtKernelInfo* info, bool numba_host)
       Ort::ConstValue rw = constant(spec::krouter_w);
       if (rw != nullptr && rw.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[0], s[2]})
         p.router_w = rw.GetTensorData<float>();
-      packed_ = std::make_unique<PackedWeights>(pack_weights(p));
+      // B2 + sum_e U[e], the output every token starts from, precomputed when both are constant (or absent).
+      Ort::ConstValue b2 = constant(spec::kB2), ub = constant(spec::kunselected_bias);
+      const bool b2_absent = ki.GetInputCount() <= spec::kB2 || ki.GetInputName(spec::kB2).empty();
+      const bool ub_absent = ki.GetInputCount() <= spec::kunselected_bias ||
+                             ki.GetInputName(spec::kunselected_bias).empty();
+      if ((b2_absent || b2 != nullptr) && (ub_absent || ub != nullptr) &&
+          (b2 == nullptr || b2.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[2]}) &&
+          (ub == nullptr || ub.GetTensorTypeAndShapeInfo().GetShape() == Shape{s[0], s[2]})) {
+        p.b2 = b2 != nullptr ? b2.GetTensorData<float>() : nullptr;
+        p.unselected_bias = ub != nullptr ? ub.GetTensorData<float>() : nullptr;
+      }
+      packed_ = std::make_unique<PackedWeights>(pack_weights(p, *isa_));
       packed_shape_ = s;
       packed_type_ = p.weight_type;
     }
@@ -202,43 +184,37 @@ void Kernel::Compute(OrtKernelContext* context) {
   if (present[spec::krouter_b] && !has_w) fail("router_b needs router_w");
   if (present[spec::kBg] && !present[spec::kWg]) fail("Bg needs Wg");
   if (E < 1 || m < 1) fail("W1 " + fmt(&w1) + " must have at least one expert and one neuron");
-  if (top_k_ < 1 || top_k_ > E)
-    fail("top_k must be an integer in [1, E=" + std::to_string(E) + "], got " + std::to_string(top_k_));
-  if (min_k_ < 1 || min_k_ > top_k_)
-    fail("min_k must be an integer in [1, top_k=" + std::to_string(top_k_) + "], got " + std::to_string(min_k_));
-  if (std::isnan(score_threshold_)) fail("score_threshold must be a number (not NaN), got nan");
+  if (d < 1) fail("d (the last dim of X and W1) must be >= 1, got X " + fmt(&x) + ", W1 " + fmt(&w1));
+  check_ranges(attrs_, E);
 
   int64_t tokens = 1;
   for (size_t i = 0; i + 1 < x.size(); ++i) tokens *= x[i];
   Ort::UnownedValue out = ctx.GetOutput(0, x);
 
   SparseFFNProblem p;
-  p.tokens = tokens, p.d = d, p.experts = E, p.m = m, p.top_k = top_k_;
-  p.min_k = min_k_, p.score_threshold = score_threshold_;
+  p.tokens = tokens, p.d = d, p.experts = E, p.m = m, p.top_k = attrs_.top_k;
+  p.min_k = attrs_.min_k, p.score_threshold = attrs_.score_threshold;
   p.weight_type = types[spec::kW1] == kInt8 ? WeightType::kInt8 : WeightType::kFloat32;
   p.x = data(spec::kX), p.w1 = raw[spec::kW1], p.b1 = data(spec::kB1), p.w2 = raw[spec::kW2];
   p.b2 = data(spec::kB2), p.router_w = data(spec::krouter_w), p.router_b = data(spec::krouter_b);
   p.router_scores = data(spec::krouter_scores), p.wg = raw[spec::kWg], p.bg = data(spec::kBg);
   p.unselected_bias = data(spec::kunselected_bias);
   p.w1_scale = data(spec::kW1_scale), p.w2_scale = data(spec::kW2_scale), p.wg_scale = data(spec::kWg_scale);
-  p.activation = static_cast<Activation>(activation_);
+  p.activation = static_cast<Activation>(attrs_.activation);
   p.y = out.GetTensorMutableData<float>();
 
-  ParallelFor ort_pool = [&ctx](std::size_t n, const std::function<void(std::size_t)>& fn) {
-    ParallelForThunk thunk{&fn};
-    ctx.ParallelFor(&ParallelForThunk::call, n, n, &thunk);
-  };
-  if (numba_host_)
+  const OrtPool ort_pool(ctx);
+  if (!isa_)
     numba_host::run(p, raw, ort_pool, workers_);
   else if (packed_ && packed_shape_ == w1 && packed_type_ == p.weight_type)
     sparse_ffn(p, *packed_, ort_pool, workers_);
   else
-    sparse_ffn(p, ort_pool, workers_);
+    sparse_ffn(p, *isa_, ort_pool, workers_);
 }
 
 OrtStatusPtr Op::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
   try {
-    *kernel = new Kernel(info, numba_host_);
+    *kernel = new Kernel(info, isa_);
     return nullptr;
   } catch (const std::exception& e) {
     return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());

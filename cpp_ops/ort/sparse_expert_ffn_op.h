@@ -9,6 +9,7 @@
 #include <memory>
 #include <string_view>
 
+#include "attributes.h"
 #include "kernels/sparse_ffn.h"
 #include "moefy_spec.h"
 
@@ -23,25 +24,25 @@ static_assert(std::string_view(spec::kActivations[static_cast<int>(Activation::k
 
 class Kernel {
  public:
-  // numba_host: compute with the Numba callbacks of numba_host.h instead of the C++ kernel.
-  Kernel(const OrtKernelInfo* info, bool numba_host);
+  // isa: the C++ kernels' instruction-set path; null: compute with the Numba callbacks of numba_host.h.
+  Kernel(const OrtKernelInfo* info, const IsaKernels* isa);
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
  private:
   void Compute(OrtKernelContext* context);
-  bool numba_host_ = false;
+  const IsaKernels* isa_ = nullptr;
   std::size_t workers_ = 1;  // per-worker output accumulators (ONNX Runtime's pool spans the cores)
-  int64_t top_k_ = 0, min_k_ = spec::kDefaultMinK;
-  float score_threshold_ = -std::numeric_limits<float>::infinity();
-  int activation_ = 0;
+  OpAttributes attrs_;
   // First-layer (and gate) weights repacked at session creation when they are initializers.
   std::unique_ptr<PackedWeights> packed_;
   std::vector<int64_t> packed_shape_;
   WeightType packed_type_ = WeightType::kFloat32;
 };
 
+// One Op object per instruction-set path (and one computed by Numba callbacks: isa null); a session gets the
+// one its options asked for when the library was registered.
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  explicit Op(bool numba_host = false) : numba_host_(numba_host) {
+  explicit Op(const IsaKernels* isa) : isa_(isa) {
     start_ver_ = spec::kSinceVersion, end_ver_ = spec::kVersion;
   }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
@@ -57,7 +58,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
  private:
-  bool numba_host_;
+  const IsaKernels* isa_;
 };
 
 }  // namespace moefy::ort_ops

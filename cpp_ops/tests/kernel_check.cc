@@ -1,15 +1,33 @@
 // The C++ kernel core against a plain double-precision implementation of runtime/spec.py's math, with no
-// ONNX Runtime involved, so that each vector ISA the kernel compiles for (AVX-512, AVX2, generic vectors,
-// NEON) can be checked by building this file for it (tests/test_isa_builds.py; NEON under qemu).
-// Prints one line per failing case and "ok N cases"; exit code 1 on any failure.
+// ONNX Runtime involved, for every instruction-set path the CPU runs (or the one MOEFY_ISA forces), so that
+// the paths a test machine lacks can be checked under qemu (tests/test_isa_paths.py).
+//   kernel_check            every path this CPU runs, then the dispatcher's default
+//   kernel_check --describe the dispatcher's view of this CPU (JSON)
+// Prints "ok <path> N cases" per path and one line per failing case; exit code 1 on a failure, 2 when the
+// forced path cannot run here (its message on stderr).
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <vector>
 
 #include "kernels/sparse_ffn.h"
+
+// Every operator new of the process, to check that a call of the kernel allocates nothing once its scratch
+// has grown (the kernel's std::vectors; packed weights use malloc directly, once per session).
+static std::atomic<long> g_allocations{0};
+void* operator new(std::size_t n) {
+  ++g_allocations;
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 using moefy::Activation;
 using moefy::SparseFFNProblem;
@@ -58,7 +76,7 @@ void quantize(const std::vector<float>& w, int64_t rows, int64_t d, std::vector<
   }
 }
 
-bool run(const Case& c, uint64_t seed) {
+bool run(const Case& c, uint64_t seed, const moefy::IsaKernels& isa) {
   Rng rng{seed};
   const int64_t T = c.T, d = c.d, E = c.E, m = c.m, k = c.k;
   auto x = rng.vec(T * d, 1), w1 = rng.vec(E * m * d, 1 / std::sqrt(float(d))),
@@ -88,7 +106,13 @@ bool run(const Case& c, uint64_t seed) {
   if (c.unselected) p.unselected_bias = ub.data();
   std::vector<float> y(T * d);
   p.y = y.data();
-  moefy::sparse_ffn(p, moefy::serial_for, 3);  // 3 workers on one thread: the per-worker sums are exercised
+  // 3 workers on one thread: the per-worker sums are exercised. The first call grows the scratch; the
+  // second, on weights packed once as a session does, must allocate nothing.
+  const moefy::PackedWeights packed = moefy::pack_weights(p, isa);
+  moefy::sparse_ffn(p, packed, moefy::SerialFor(), 3);
+  const long before = g_allocations.load();
+  moefy::sparse_ffn(p, packed, moefy::SerialFor(), 3);
+  const long allocated = g_allocations.load() - before;
 
   double worst = 0, scale = 0;
   int skipped = 0;
@@ -130,31 +154,54 @@ bool run(const Case& c, uint64_t seed) {
       scale = std::max(scale, std::fabs(out[i]));
     }
   }
-  const bool ok = worst <= 2e-5 * scale + 1e-6 && skipped < T;
+  const bool ok = worst <= 2e-5 * scale + 1e-6 && (skipped < T || T == 0) && allocated == 0;
   if (!ok)
-    std::printf("FAIL T=%lld d=%lld E=%lld m=%lld k=%lld min_k=%lld act=%d gated=%d int8=%d: max err %.3g (scale %.3g, "
-                "%d tokens skipped)\n", (long long)T, (long long)d, (long long)E, (long long)m, (long long)k,
-                (long long)c.min_k, int(c.a), c.gated, c.int8, worst, scale, skipped);
+    std::printf("FAIL %s T=%lld d=%lld E=%lld m=%lld k=%lld min_k=%lld act=%d gated=%d int8=%d: max err %.3g (scale %.3g, "
+                "%d tokens skipped, %ld allocations in a repeated call)\n", isa.name, (long long)T, (long long)d, (long long)E, (long long)m, (long long)k,
+                (long long)c.min_k, int(c.a), c.gated, c.int8, worst, scale, skipped, allocated);
   return ok;
 }
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--describe") {
+    std::printf("%s\n", moefy::describe_isas().c_str());
+    return 0;
+  }
   std::vector<Case> cases;
   for (int a = 0; a < 4; ++a)
     for (bool gated : {false, true})
       for (bool int8 : {false, true}) cases.push_back({19, 40, 8, 7, 3, 1, -INFINITY, Activation(a), gated, int8});
   cases.push_back({1, 33, 5, 17, 5});                                  // one token, k = E, vector tails
+  cases.push_back({0, 24, 4, 8, 2});                                   // no tokens
   cases.push_back({130, 64, 8, 16, 8, 1, -INFINITY, Activation::kGelu, false, false, false, true});  // 3 blocks
   cases.push_back({70, 384, 32, 48, 8, 1, -INFINITY, Activation::kGelu, false, false, false, true});  // MiniLM
   cases.push_back({70, 384, 32, 48, 8, 1, -INFINITY, Activation::kGelu, false, true, false, true});   // int8
+  cases.push_back({3, 576, 32, 48, 8, 1, -INFINITY, Activation::kSilu, true, false});                 // SmolLM2
+  cases.push_back({1, 576, 32, 48, 8, 1, -INFINITY, Activation::kSilu, true, true});                  // decode int8
   cases.push_back({40, 48, 16, 8, 6, 2, 0.3f, Activation::kGelu, false, false, true, true});         // dynamic k
   cases.push_back({40, 48, 16, 8, 6, 1, 0.0f, Activation::kSilu, true, true, false, true});          // dynamic, int8
+  std::vector<const moefy::IsaKernels*> paths;
+  if (const char* forced = std::getenv("MOEFY_ISA"); forced && *forced) {
+    const moefy::IsaChoice& c = moefy::default_isa();
+    if (!c.kernels) {
+      std::fprintf(stderr, "%s\n", c.error.c_str());
+      return 2;
+    }
+    paths.push_back(c.kernels);
+  } else {
+    for (const char* name : {"avx512", "avx2", "sse41", "sse2", "neon", "generic"})
+      if (const moefy::IsaChoice c = moefy::choose_isa(name); c.kernels) paths.push_back(c.kernels);
+  }
   int failed = 0;
-  uint64_t seed = 1;
-  for (const Case& c : cases) failed += !run(c, seed++);
-  if (failed) return 1;
-  std::printf("ok %zu cases\n", cases.size());
-  return 0;
+  for (const moefy::IsaKernels* isa : paths) {
+    uint64_t seed = 1;
+    int path_failed = 0;
+    for (const Case& c : cases) path_failed += !run(c, seed++, *isa);
+    if (!path_failed) std::printf("ok %s %zu cases\n", isa->name, cases.size());
+    failed += path_failed;
+  }
+  std::printf("default %s\n", moefy::default_isa().kernels ? moefy::default_isa().kernels->name : "none");
+  return failed ? 1 : 0;
 }

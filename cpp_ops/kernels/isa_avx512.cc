@@ -1,0 +1,10 @@
+// AVX-512 path (x86-64-v4): 32 zmm registers; tile 8 tokens x 32 columns = 16 accumulators + 2 weight
+// vectors + 1 broadcast. 8 x 48 (24 accumulators) was 5% faster at 128 tokens but streamed a single token's
+// weights 25% slower (rows of three cache lines; benchmarks/README.md, item 12).
+#define MOEFY_ISA_NS avx512
+#define MOEFY_LANES 16
+#define MOEFY_TILE_TOKENS 8
+#define MOEFY_TILE_VECS 2
+#define MOEFY_TILE_NAME "8x32"
+#define MOEFY_PREFETCH_FEW_BYTES 0  // the hardware prefetcher does better for small blocks (simd_impl.h)
+#include "simd_impl.h"
