@@ -115,7 +115,7 @@ def _run(args, rest, tasks, log) -> int:
         shares = {}
         for path in args.models:  # before the slow dense side: bad files fail at once
             config = read_moe_onnx(path)[0]
-            shares.setdefault(config.top_k / config.experts, []).append(Path(path).name)
+            shares.setdefault(config.active_share, []).append(Path(path).name)
         if args.plot and (len(shares) < 2 or len(shares) < len(args.models)):
             raise ValueError("--plot needs models at two or more different active shares, one model per share; got "
                              + "; ".join(f"{100 * s:.1f}%: {', '.join(n)}" for s, n in sorted(shares.items())))

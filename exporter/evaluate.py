@@ -254,7 +254,8 @@ class EvalReport:
 
     @property
     def active_share(self) -> float:
-        return self.config["top_k"] / self.config["experts"]
+        """Share of FFN parameters used per token, a low-rank stand-in included (MoEConfig.active_share)."""
+        return MoEConfig.from_dict(self.config).active_share
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -267,6 +268,7 @@ class EvalReport:
         c = self.config
         lines = [f"{self.model}: {c['experts']} experts, top-k {c['top_k']} ({100 * self.active_share:.1f}% active), "
                  f"split {c['split']}, router {c['router']}, correction {c['correction']}"
+                 + (f", low-rank stand-in of rank {c['lowrank']}" if c.get("lowrank") else "")
                  + (f", dynamic k {c['dynamic_k']:g}" if c.get("dynamic_k") else "") + f"{_training(c)}; "
                  f"calibrated on {self.calibration.get('source')}; {self.backend} backend",
                  f"  held-out texts: {self.heldout_texts}; " + (

@@ -74,6 +74,8 @@ class ExportReport:
         c = self.config
         ks = str(c.top_k) if c.layer_top_k is None else ",".join(map(str, c.layer_top_k))
         shared = f" ({c.shared_experts} shared)" if c.shared_experts else ""
+        if c.lowrank:
+            shared += f", plus a rank-{c.lowrank} low-rank stand-in ({100 * c.lowrank_share:.1f}%)"
         if c.dynamic_k is not None:
             shared += f", dynamic (k/{c.dynamic_k:g} to k*{c.dynamic_k:g} per token, k on average on calibration text)"
         return "\n".join([
@@ -165,7 +167,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
             intermediate_size=first.width(), task=task.name, gated=first.gated)
     else:
         for flag, value in (("--budget", recipe.budget), ("--dynamic-k", recipe.dynamic_k),
-                            ("--distill", recipe.distill), ("--relufy", recipe.relufy),
+                            ("--distill", recipe.distill), ("--relufy", recipe.relufy), ("--lowrank", recipe.lowrank or None),
                             ("--recipe best", "best" if recipe.preset == "best" else None)):
             if value is not None:
                 raise ValueError(f"{source} is already MoEfied: {flag} needs the original dense model")

@@ -107,6 +107,13 @@ class Recipe(_Settings):
         0, "N always-on experts per layer, built from the neurons with the largest mean contribution "
            "|h - mean| * ||W2 row|| on calibration text and forced on by the router (zero row, bias 1e6); they count "
            "in --top-k, which must exceed N", type=int, metavar="N")
+    lowrank: int = setting(
+        0, "R > 0: a rank-R linear stand-in for what the skipped experts leave out, added once per token: each layer's "
+           "remaining FFN error on calibration text is fitted in closed form (reduced-rank ridge regression on the "
+           "FFN input, R-Sparse-like) and exported as two R x d matrices (standard ONNX MatMuls beside the operator). "
+           "It costs as much as R/m experts of m neurons (plain FFN; gated: 2R/3m) and counts in the active share "
+           "reported; lower --top-k to keep the budget (measured on MiniLM: --top-k 7 --lowrank 48 is 25%%)",
+        type=int, metavar="R")
     split: str | None = setting(
         None, "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
                  "FFNs); coact: balanced k-means on how neurons' output deviations move together on calibration text; "
@@ -185,7 +192,7 @@ class Recipe(_Settings):
     def describe(self) -> str:
         """The resolved recipe as moe-export flags, named by its preset (for summaries)."""
         flags = [f"{self.flags()[n]} {getattr(self, n)}" for n in ("split", "router", "correction")]
-        for name in ("shared_experts", "budget", "dynamic_k", "relufy", "distill"):
+        for name in ("lowrank", "shared_experts", "budget", "dynamic_k", "relufy", "distill"):
             value = getattr(self, name)
             if value not in (None, 0):
                 flags.append(f"{self.flags()[name]} {value:g}")
@@ -201,6 +208,8 @@ class Recipe(_Settings):
                 continue  # from the preset
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.flags()[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not (isinstance(self.lowrank, int) and self.lowrank >= 0):
+            raise ValueError(f"--lowrank must be a rank >= 0, got {self.lowrank!r}")
         if self.budget is not None and self.top_k is not None:
             raise ValueError("give --top-k or --budget, not both")
         if self.dynamic_k is not None and not (isinstance(self.dynamic_k, (int, float)) and 1 < self.dynamic_k <= 64):
