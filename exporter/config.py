@@ -37,6 +37,7 @@ class MoEConfig:
     # text (k-means / METIS graph partitioning); "random": baseline
     router: str = "centroid"  # "centroid", "avgk", "norm": from the weights; "ls", "bce": fitted on calibration text
     correction: str = "none"  # "mean": skipped experts add their mean calibration output when not selected
+    router_labels: str = "deviation"  # what calibrated routers rank by: "deviation" from the mean output, or "output" norm
     shared_experts: int = 0  # the first N experts of every layer are always on (counted in top_k)
     lowrank: int = 0  # --lowrank R: a rank-R linear stand-in for the skipped experts beside the operator
     layer_top_k: list | None = None  # per-layer top_k (from --budget); None: top_k everywhere

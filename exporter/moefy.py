@@ -13,7 +13,8 @@ from .arch import FFNAdapter
 from .config import ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
 from .outfile import staged_directory
-from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
+from .routers import (avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router,
+                      representative_router)
 from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
 
 
@@ -36,10 +37,11 @@ def check_budget(budget: float, experts: int, shared: int = 0) -> None:
 
 
 SPLITS = ("param", "coact", "metis", "random")
-ROUTERS = ("centroid", "ls", "bce", "avgk", "norm", "mlp")
+ROUTERS = ("centroid", "ls", "bce", "avgk", "norm", "mlp", "cmoe")
+ROUTER_LABELS = ("deviation", "output")
 CORRECTIONS = ("none", "mean")
 CALIBRATED_SPLITS = ("coact", "metis")
-CALIBRATED_ROUTERS = ("ls", "bce", "mlp")
+CALIBRATED_ROUTERS = ("ls", "bce", "mlp", "cmoe")
 MLP_HIDDEN = 64  # hidden width of the "mlp" router
 # router_b of a shared (always-on) expert, whose router_w row is zero: its score is exactly 1e6 in float32
 # in every runtime, and moefy() checks that routed scores stay far below it on calibration text.
@@ -170,11 +172,14 @@ def build_router(ffn, x, h, config: MoEConfig, top_k: int, *, groups=None, progr
     b1 = np.zeros(len(w1), np.float32) if key_bias is None else key_bias[S * m:]
     hr = None if h is None else h[:, S * m:]
     info = None
+    centred = config.router_labels == "deviation"
     if config.router == "ls":
-        rw, rb = least_squares_router(x, hr, w2, n)
+        rw, rb = least_squares_router(x, hr, w2, n, centred=centred)
     elif config.router in ("bce", "mlp"):
         rw, rb, info = bce_router(x, hr, w2, n, k, groups=groups, seed=config.seed, progress=progress,
-                                  hidden=MLP_HIDDEN if config.router == "mlp" else 0)
+                                  hidden=MLP_HIDDEN if config.router == "mlp" else 0, centred=centred)
+    elif config.router == "cmoe":
+        rw, rb = representative_router(w1, b1, hr, w2, n)
     elif config.router == "avgk":
         rw, rb = avgk_router(w1, b1, n)
     elif config.router == "norm":

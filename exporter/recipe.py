@@ -13,7 +13,7 @@ import math
 
 from .genai_layout import PRECISIONS as GENAI_PRECISIONS
 from .distill import HOLDOUT_MAX, MAX_STEPS, check_distill
-from .moefy import CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split
+from .moefy import CORRECTIONS, ROUTER_LABELS, ROUTERS, SPLITS, check_budget, check_split
 from .quantize import WEIGHT_TYPES
 from .relufy import check_relufy
 from .text import CALIB_LINES, DISTILL_TEXTS
@@ -126,8 +126,14 @@ class Recipe(_Settings):
                     "squares to each expert's output deviation on calibration text; bce: trained (logistic loss, from "
                     "the ls fit) to pick each calibration token's top-k experts by output deviation, keeping the best "
                     "weights on held-out calibration texts; mlp: bce plus a small MLP (64 hidden ReLU units, exported "
-                    "as standard ONNX ops feeding the operator's router_scores input); best measured: bce (default: from "
+                    "as standard ONNX ops feeding the operator's router_scores input); cmoe: each expert scored by the "
+                    "pre-activation of its representative neuron, the one with the largest mean contribution on "
+                    "calibration text (CMoE's analytic router, no training); best measured: bce (default: from "
                     "--recipe)", choices=ROUTERS, show_default=False)
+    router_labels: str = setting(
+        "deviation", "what the calibrated routers (ls, bce, mlp) rank experts by on calibration tokens: deviation: "
+                     "||(h_e - mean h_e) W2_e||, what a skipped expert changes when --correction mean replaces it by its "
+                     "mean; output: ||h_e W2_e||, its output norm (WINA's criterion)", choices=ROUTER_LABELS)
     correction: str | None = setting(
         None, "none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
                 "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not zero; use it "
@@ -192,6 +198,8 @@ class Recipe(_Settings):
     def describe(self) -> str:
         """The resolved recipe as moe-export flags, named by its preset (for summaries)."""
         flags = [f"{self.flags()[n]} {getattr(self, n)}" for n in ("split", "router", "correction")]
+        if self.router_labels != "deviation":
+            flags.append(f"{self.flags()['router_labels']} {self.router_labels}")
         for name in ("lowrank", "shared_experts", "budget", "dynamic_k", "relufy", "distill"):
             value = getattr(self, name)
             if value not in (None, 0):
@@ -203,8 +211,8 @@ class Recipe(_Settings):
         if self.preset not in PRESETS:
             raise ValueError(f"--recipe must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         for name, allowed in (("split", SPLITS), ("router", ROUTERS), ("correction", CORRECTIONS),
-                              ("weights", WEIGHT_TYPES)):
-            if getattr(self, name) is None and name != "weights":
+                              ("router_labels", ROUTER_LABELS), ("weights", WEIGHT_TYPES)):
+            if getattr(self, name) is None and name in PRESET_FIELDS:
                 continue  # from the preset
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.flags()[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -288,9 +288,12 @@ def test_decoder_fidelity_is_exact_with_every_expert_and_bounded_otherwise(tiny_
 
 
 def test_decoder_curve(tiny_model_dir, tmp_path, capsys, with_data):
+    """Without --shares a decoder's curve is 25/50/75% active (JSON + PNG), with perplexity ratio, next-token
+    agreement and KL at each share."""
     out = tmp_path / "curve"
-    assert main([str(tiny_model_dir("gpt2")), "--curve", str(out), "--experts", "4", "--shares", "0.5,0.75",
-                 "--quiet"]) == 0
+    assert main([str(tiny_model_dir("gpt2")), "--curve", str(out), "--experts", "4", "--quiet"]) == 0
     payload = json.loads((out / "curve.json").read_text())
-    assert [r["next_token"]["tokens"] > 0 for r in payload["reports"]] == [True, True]
+    assert [r["active_share"] for r in payload["reports"]] == [0.25, 0.5, 0.75]
+    assert all(r["next_token"]["tokens"] > 0 and {"perplexity_ratio", "next_token_agreement", "mean_kl"}
+               <= set(r["next_token"]) for r in payload["reports"])
     assert (out / "curve.png").stat().st_size > 0

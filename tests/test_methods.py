@@ -266,3 +266,28 @@ def test_lowrank_stand_in_exports_beside_the_operator(tiny_bert_dir, tmp_path, c
     bad = tmp_path / "bad"
     bad.mkdir()
     assert_fails_cleanly(capsys, bad, [tiny_bert_dir, "--lowrank", "-1"], "--lowrank must be a rank >= 0, got -1")
+
+
+def test_router_labels_and_the_representative_router(rng):
+    """--router-labels output ranks experts by ||h_e W2_e|| (WINA) instead of the deviation from the mean; the cmoe
+    router scores each expert by its most contributing neuron's pre-activation."""
+    from exporter.routers import expert_deviation, representative_router
+    h, w2 = rng.standard_normal((50, 12)) + 3.0, rng.standard_normal((12, 5))
+    out = expert_deviation(h, w2, 3, centred=False)
+    np.testing.assert_allclose(out[7, 1], np.linalg.norm(h[7, 4:8] @ w2[4:8]), rtol=1e-6)
+    np.testing.assert_allclose(expert_deviation(h, w2, 3)[7, 1], np.linalg.norm((h[7, 4:8] - h[:, 4:8].mean(0)) @ w2[4:8]),
+                               rtol=1e-6)
+    keys, bias = rng.standard_normal((12, 6)), rng.standard_normal(12)
+    h = np.zeros((4, 12))
+    h[:, [2, 5, 11]] = 1.0  # the representative neuron of experts 0, 1, 2 (4 neurons each)
+    rw, rb = representative_router(keys, bias, h, np.ones((12, 5)), 3)
+    np.testing.assert_array_equal(rw, keys[[2, 5, 11]].astype(np.float32))
+    np.testing.assert_array_equal(rb, bias[[2, 5, 11]].astype(np.float32))
+
+
+def test_wina_labels_export(tiny_bert_dir, tmp_path, calib):
+    out, saved = tmp_path / "m.onnx", tmp_path / "saved"
+    report = quiet_export(tiny_bert_dir, out, experts=8, top_k=3, router="ls", router_labels="output", calib=calib,
+                          save_moefied_dir=saved)
+    assert report.config.router_labels == "output" and "--router-labels output" in report.summary()
+    onnx_matches_torch(out, saved)
