@@ -159,7 +159,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
     hf = model.config
     if moe_cfg is None:
         first = adapter.read(adapter.layers(model)[0])
-        recipe = recipe.resolved(first.gated)
+        recipe = recipe.resolved(first.gated, first.width())
         log(f"recipe {recipe.describe()}")
         moe_cfg = MoEConfig.from_recipe(
             recipe, top_k=DEFAULT_TOP_K if recipe.top_k is None else recipe.top_k,

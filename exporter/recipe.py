@@ -27,17 +27,19 @@ GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 # LLaMA's SwiGLU): the best recipes measured (docs/QUALITY.md, "Recipes by default"). Written here only; a
 # flag given explicitly overrides its preset value. fast: closed-form fits only (about a minute for MiniLM);
 # balanced (the default): the best training-free recipe; best: balanced plus the recovery fine-tune
-# (--distill) within the stated CPU-minute budget.
+# (--distill) within the stated CPU-minute budget. "lowrank_experts": a low-rank stand-in (--lowrank) costing as
+# much as that many experts, taken from the default top-k so that the total stays DEFAULT_TOP_K experts' worth.
 _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
+_BALANCED = {"plain": {**_TRAINING_FREE, "lowrank_experts": 1}, "gated": _TRAINING_FREE}
+_DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000}, "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
-    "fast": {"plain": {"split": "coact", "router": "ls", "correction": "mean"},
+    "fast": {"plain": {"split": "coact", "router": "ls", "correction": "mean", "lowrank_experts": 1},
              "gated": {"split": "coact", "router": "ls", "correction": "mean"}},
-    "balanced": {"plain": _TRAINING_FREE, "gated": _TRAINING_FREE},
-    "best": {"plain": {**_TRAINING_FREE, "distill": 30.0, "distill_steps": 100000},
-             "gated": {**_TRAINING_FREE, "distill": 60.0, "distill_steps": 100000}},
+    "balanced": _BALANCED,
+    "best": {family: {**_BALANCED[family], **_DISTILL[family]} for family in ("plain", "gated")},
 }
 DEFAULT_PRESET = "balanced"
-PRESET_FIELDS = ("split", "router", "correction", "distill", "distill_steps")  # what a preset may set
+PRESET_FIELDS = ("split", "router", "correction", "lowrank", "distill", "distill_steps")  # what a preset may set
 
 
 def setting(default, help: str, *, flag: str | None = None, show_default: bool = True, **argparse_kwargs):
@@ -107,13 +109,15 @@ class Recipe(_Settings):
         0, "N always-on experts per layer, built from the neurons with the largest mean contribution "
            "|h - mean| * ||W2 row|| on calibration text and forced on by the router (zero row, bias 1e6); they count "
            "in --top-k, which must exceed N", type=int, metavar="N")
-    lowrank: int = setting(
-        0, "R > 0: a rank-R linear stand-in for what the skipped experts leave out, added once per token: each layer's "
+    lowrank: int | None = setting(
+        None, "R > 0: a rank-R linear stand-in for what the skipped experts leave out, added once per token: each layer's "
            "remaining FFN error on calibration text is fitted in closed form (reduced-rank ridge regression on the "
            "FFN input, R-Sparse-like) and exported as two R x d matrices (standard ONNX MatMuls beside the operator). "
            "It costs as much as R/m experts of m neurons (plain FFN; gated: 2R/3m) and counts in the active share "
-           "reported; lower --top-k to keep the budget (measured on MiniLM: --top-k 7 --lowrank 48 is 25%%)",
-        type=int, metavar="R")
+           "reported. Without --top-k and --budget, --recipe fast/balanced/best use it for plain FFNs: one expert's "
+           f"worth (R = m) in place of one of the default {DEFAULT_TOP_K} experts (MiniLM: 7 experts and --lowrank 48, "
+           "25%% in all); with --top-k, none unless given (default: from --recipe)",
+        type=int, metavar="R", show_default=False)
     split: str | None = setting(
         None, "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
                  "FFNs); coact: balanced k-means on how neurons' output deviations move together on calibration text; "
@@ -186,18 +190,30 @@ class Recipe(_Settings):
     def trains(self) -> bool:
         return self.distill is not None or self.relufy is not None or self.preset == "best"
 
-    def resolved(self, gated: bool) -> "Recipe":
-        """This recipe with what it leaves open filled in from its preset for the FFN family (gated or plain)."""
+    def resolved(self, gated: bool, width: int) -> "Recipe":
+        """This recipe with what it leaves open filled in from its preset for the FFN family (gated or plain) of
+        an FFN of ``width`` neurons."""
         family = "gated" if gated else "plain"
-        values = PRESETS[self.preset][family]
+        values = dict(PRESETS[self.preset][family])
         filled = {name: values[name] for name in PRESET_FIELDS if getattr(self, name) is None and name in values}
         if self.distill_steps is None and "distill_steps" not in filled:
             filled["distill_steps"] = MAX_STEPS
+        if self.lowrank is None:
+            # With neither --top-k nor --budget, the preset's stand-in is paid for with the default top-k, so the
+            # default stays DEFAULT_TOP_K experts' worth. One expert's weights are 2 m x d (plain) or 3 m x d (gated),
+            # the stand-in's 2 R x d. An explicit --top-k K means K experts and no stand-in (unless --lowrank).
+            spend = values.get("lowrank_experts", 0)
+            if spend and self.top_k is None and self.budget is None and DEFAULT_TOP_K - spend > self.shared_experts:
+                filled["top_k"] = DEFAULT_TOP_K - spend
+                filled["lowrank"] = spend * (width // self.experts) * (3 if gated else 2) // 2
+            else:
+                filled["lowrank"] = 0
         return dataclasses.replace(self, **filled, resolved_for_family=family)
 
     def describe(self) -> str:
         """The resolved recipe as moe-export flags, named by its preset (for summaries)."""
-        flags = [f"{self.flags()[n]} {getattr(self, n)}" for n in ("split", "router", "correction")]
+        flags = [f"{self.flags()[n]} {getattr(self, n)}" for n in ("top_k", "split", "router", "correction")
+                 if getattr(self, n) is not None]
         if self.router_labels != "deviation":
             flags.append(f"{self.flags()['router_labels']} {self.router_labels}")
         for name in ("lowrank", "shared_experts", "budget", "dynamic_k", "relufy", "distill"):
@@ -216,7 +232,7 @@ class Recipe(_Settings):
                 continue  # from the preset
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.flags()[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not (isinstance(self.lowrank, int) and self.lowrank >= 0):
+        if self.lowrank is not None and not (isinstance(self.lowrank, int) and self.lowrank >= 0):
             raise ValueError(f"--lowrank must be a rank >= 0, got {self.lowrank!r}")
         if self.budget is not None and self.top_k is not None:
             raise ValueError("give --top-k or --budget, not both")
