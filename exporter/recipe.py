@@ -30,11 +30,11 @@ GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 # (--distill) within the stated CPU-minute budget. "lowrank_experts": a low-rank stand-in (--lowrank) costing as
 # much as that many experts, taken from the default top-k so that the total stays DEFAULT_TOP_K experts' worth.
 _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
-_BALANCED = {"plain": {**_TRAINING_FREE, "lowrank_experts": 1}, "gated": _TRAINING_FREE}
+_BALANCED = {family: {**_TRAINING_FREE, "lowrank_experts": 1} for family in ("plain", "gated")}
 _DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000}, "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
-    "fast": {"plain": {"split": "coact", "router": "ls", "correction": "mean", "lowrank_experts": 1},
-             "gated": {"split": "coact", "router": "ls", "correction": "mean"}},
+    "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "lowrank_experts": 1}
+             for family in ("plain", "gated")},
     "balanced": _BALANCED,
     "best": {family: {**_BALANCED[family], **_DISTILL[family]} for family in ("plain", "gated")},
 }
@@ -114,8 +114,8 @@ class Recipe(_Settings):
            "remaining FFN error on calibration text is fitted in closed form (reduced-rank ridge regression on the "
            "FFN input, R-Sparse-like) and exported as two R x d matrices (standard ONNX MatMuls beside the operator). "
            "It costs as much as R/m experts of m neurons (plain FFN; gated: 2R/3m) and counts in the active share "
-           "reported. Without --top-k and --budget, --recipe fast/balanced/best use it for plain FFNs: one expert's "
-           f"worth (R = m) in place of one of the default {DEFAULT_TOP_K} experts (MiniLM: 7 experts and --lowrank 48, "
+           "reported. Without --top-k and --budget, --recipe fast/balanced/best use one expert's worth (R = m plain, "
+           f"3m/2 gated) in place of one of the default {DEFAULT_TOP_K} experts (MiniLM: 7 experts and --lowrank 48, "
            "25%% in all); with --top-k, none unless given (default: from --recipe)",
         type=int, metavar="R", show_default=False)
     split: str | None = setting(

@@ -148,7 +148,7 @@ def test_recipe_presets_map_to_the_measured_flags():
         ("balanced", "coact", "bce", "mean", None)
     assert (balanced.top_k, balanced.lowrank) == (DEFAULT_TOP_K - 1, 48)
     gated = Recipe().resolved(gated=True, width=1536)
-    assert (gated.split, gated.router, gated.correction, gated.top_k, gated.lowrank) == ("coact", "bce", "mean", None, 0)
+    assert (gated.split, gated.router, gated.correction, gated.top_k, gated.lowrank) == ("coact", "bce", "mean", 7, 72)
     fast = Recipe(preset="fast").resolved(gated=True, width=1536)
     assert (fast.split, fast.router, fast.correction, fast.distill) == ("coact", "ls", "mean", None)
     best_plain = Recipe(preset="best").resolved(gated=False, width=1536)
