@@ -89,7 +89,8 @@ class Recipe(_Settings):
     preset: str = setting(
         DEFAULT_PRESET, "fast: calibrated closed-form fits only (--split coact --router ls --correction mean); "
                         "balanced: the best training-free recipe measured (--split coact --router bce --correction "
-                        "mean); best: balanced plus the recovery fine-tune within a CPU-minute budget (--distill 30 "
+                        "mean); both, without --top-k, compute 7 experts plus a low-rank stand-in of one expert's "
+                        "worth (--lowrank); best: balanced plus the recovery fine-tune within a CPU-minute budget (--distill 30 "
                         "for plain FFNs, --distill 60 for gated ones, --distill-steps 100000). Flags given "
                         "explicitly override the preset's values", flag="--recipe", choices=tuple(PRESETS))
     experts: int = setting(32, "experts per FFN; must divide the FFN width", type=int)
