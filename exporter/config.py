@@ -37,7 +37,9 @@ class MoEConfig:
     # text (k-means / METIS graph partitioning); "random": baseline
     router: str = "centroid"  # "centroid", "avgk", "norm": from the weights; "ls", "bce": fitted on calibration text
     correction: str = "none"  # "mean": skipped experts add their mean calibration output when not selected
+    router_labels: str = "deviation"  # what calibrated routers rank by: "deviation" from the mean output, or "output" norm
     shared_experts: int = 0  # the first N experts of every layer are always on (counted in top_k)
+    lowrank: int = 0  # --lowrank R: a rank-R linear stand-in for the skipped experts beside the operator
     layer_top_k: list | None = None  # per-layer top_k (from --budget); None: top_k everywhere
     budget: float | None = None  # --budget: target mean share of FFN parameters active per token
     dynamic_k: float | None = None  # --dynamic-k F: a token computes k/F..k*F experts, k on average (calibration)
@@ -82,10 +84,17 @@ class MoEConfig:
         return {"top_k": hi, "min_k": lo, "score_threshold": float(self.layer_threshold[i])}
 
     @property
+    def lowrank_share(self) -> float:
+        """What the low-rank stand-in (two R x d matrices) costs per token, as a share of the dense FFN's
+        weights (2 I x d plain, 3 I x d gated)."""
+        return 2 * self.lowrank / ((3 if self.gated else 2) * self.intermediate_size)
+
+    @property
     def active_share(self) -> float:
-        """Share of FFN parameters used per token (mean over layers; with dynamic k, on calibration text)."""
+        """Share of FFN parameters used per token (mean over layers; with dynamic k, on calibration text), the
+        low-rank stand-in included."""
         ks = [self.layer_k(i) for i in range(self.num_layers)]
-        return sum(ks) / len(ks) / self.experts
+        return sum(ks) / len(ks) / self.experts + self.lowrank_share
 
     @property
     def trained(self) -> bool:
@@ -124,6 +133,8 @@ class MoEConfig:
                 f"{self.intermediate_size}")
         if self.intermediate_size % self.experts:
             bad(f"experts ({self.experts}) must divide intermediate_size ({self.intermediate_size})")
+        if not 0 <= self.lowrank:
+            bad(f"lowrank must be >= 0, got {self.lowrank}")
         if not 1 <= self.top_k <= self.experts or not 0 <= self.shared_experts < self.top_k:
             bad(f"need 0 <= shared_experts < top_k <= experts, got {self.shared_experts}, {self.top_k}, {self.experts}")
         for name, values, ok in (

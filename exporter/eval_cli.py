@@ -14,6 +14,8 @@ from .outfile import Interrupted, check_output, check_output_dir, interruptible,
 from .recipe import ExportOptions, Recipe
 from .text import load_texts
 
+# Where each family's curve is informative: decoders lose far more at low shares (docs/QUALITY.md).
+DEFAULT_SHARES = {"encoder": "0.125,0.25,0.5", "decoder": "0.25,0.5,0.75"}
 # moe-export flags the curve sets itself, or that make no sense for it: the recipe's number of experts per token,
 # and every export option (--backend is moe-eval's own).
 CURVE_OWNS = tuple([Recipe.flags()["top_k"], Recipe.flags()["budget"]]
@@ -35,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--curve", metavar="OUT_DIR",
                     help="export dense_dir at each --shares with the given moe-export flags into OUT_DIR, evaluate "
                          "each, and write OUT_DIR/curve.json and OUT_DIR/curve.png")
-    ap.add_argument("--shares", default="0.125,0.25,0.5",
-                    help="active shares (top-k / experts) for --curve, comma-separated (default 0.125,0.25,0.5)")
+    ap.add_argument("--shares", default=None,
+                    help="active shares (top-k / experts) for --curve, comma-separated (default "
+                         f"{DEFAULT_SHARES['encoder']} for encoders, {DEFAULT_SHARES['decoder']} for decoders)")
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help=f"labelled tasks, comma-separated from {', '.join(TASKS)}, or 'none' (default all)")
     ap.add_argument("--backend", choices=BACKENDS, default="auto", help="moefy runtime backend (default auto)")
@@ -104,7 +107,8 @@ def _run(args, rest, tasks, log) -> int:
             raise ValueError(f"--tasks: unknown task(s) {sorted(set(tasks) - set(TASKS))}; "
                              f"choose from {', '.join(TASKS)}, or 'none'")
         recipe = _recipe(args, rest) if args.curve else None
-        top_ks = _top_ks(args.shares, recipe.experts) if args.curve else []
+        if args.curve and args.shares is not None:
+            _top_ks(args.shares, recipe.experts)  # bad shares fail before the slow dense side
         if not Path(args.dense_dir).exists():
             raise FileNotFoundError(f"dense model {args.dense_dir} does not exist")
         for flag, out in (("--json", args.json), ("--plot", args.plot)):
@@ -115,12 +119,14 @@ def _run(args, rest, tasks, log) -> int:
         shares = {}
         for path in args.models:  # before the slow dense side: bad files fail at once
             config = read_moe_onnx(path)[0]
-            shares.setdefault(config.top_k / config.experts, []).append(Path(path).name)
+            shares.setdefault(config.active_share, []).append(Path(path).name)
         if args.plot and (len(shares) < 2 or len(shares) < len(args.models)):
             raise ValueError("--plot needs models at two or more different active shares, one model per share; got "
                              + "; ".join(f"{100 * s:.1f}%: {', '.join(n)}" for s, n in sorted(shares.items())))
         evaluator = Evaluator(args.dense_dir, tasks=tasks, progress=not args.quiet, log=log)
         if args.curve:
+            top_ks = _top_ks(args.shares or DEFAULT_SHARES["decoder" if evaluator.decoder else "encoder"],
+                             recipe.experts)
             reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, recipe, backend=args.backend,
                                     log=log)
             flags = " ".join(rest) or "default recipe"

@@ -41,13 +41,11 @@ from .moefy import ffn_inputs
 from .outfile import atomic_path, writing
 from .source import load_model
 from .tasks import task_for
-from .tasks.decoder import NextTokenFidelity
-from .tasks.encoder import mean_pool
+from .tasks.base import length_batches
+from .tasks.encoder import nearest_neighbours, unit
 
 TASKS = ("ws353", "simlex", "wordnet")
 TASK_NAMES = {"ws353": "WordSim-353 Spearman", "simlex": "SimLex-999 Spearman", "wordnet": "WordNet gloss->lemma MRR"}
-BATCH_SIZE = 32
-DECODER_BATCH_SIZE = 4  # texts: their logits over the whole vocabulary are large
 MATCH_RTOL = 1e-3  # all experts of the exported op vs the dense FFN: above this, they are different models
 # A trained export (--distill, --relufy) no longer matches exactly; its MoE FFN must still beat predicting
 # zero (relative error 1) on the dense inputs in every layer, which another model's FFN does not.
@@ -208,27 +206,16 @@ def layer_fidelity(index: int, x: np.ndarray, dense, op: SparseFFNLayer, dense_a
     return LayerFidelity(index, float(recall.mean()), float(oracle.mean()), error, float(count.mean()))
 
 
-def _unit(e: np.ndarray) -> np.ndarray:
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
-
-
-def nearest_neighbours(e: np.ndarray) -> np.ndarray:
-    """For each row, the index of its most cosine-similar other row."""
-    s = _unit(e) @ _unit(e).T
-    np.fill_diagonal(s, -np.inf)
-    return s.argmax(1)
-
-
 def word_similarity(embed, pairs) -> float:
     """Spearman correlation between embedding cosine and human similarity scores."""
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
-    e = dict(zip(words, _unit(embed(words))))
+    e = dict(zip(words, unit(embed(words))))
     return float(spearmanr([e[a] @ e[b] for a, b, _ in pairs], [s for *_, s in pairs]).statistic)
 
 
 def gloss_retrieval_mrr(embed, pairs) -> float:
     """Each definition ranks all lemmas by cosine; mean reciprocal rank of its own lemma."""
-    s = _unit(embed([g for g, _ in pairs])) @ _unit(embed([lemma for _, lemma in pairs])).T
+    s = unit(embed([g for g, _ in pairs])) @ unit(embed([lemma for _, lemma in pairs])).T
     rank = (s > np.diag(s)[:, None]).sum(1)
     return float((1.0 / (rank + 1)).mean())
 
@@ -267,7 +254,8 @@ class EvalReport:
 
     @property
     def active_share(self) -> float:
-        return self.config["top_k"] / self.config["experts"]
+        """Share of FFN parameters used per token, a low-rank stand-in included (MoEConfig.active_share)."""
+        return MoEConfig.from_dict(self.config).active_share
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -280,6 +268,7 @@ class EvalReport:
         c = self.config
         lines = [f"{self.model}: {c['experts']} experts, top-k {c['top_k']} ({100 * self.active_share:.1f}% active), "
                  f"split {c['split']}, router {c['router']}, correction {c['correction']}"
+                 + (f", low-rank stand-in of rank {c['lowrank']}" if c.get("lowrank") else "")
                  + (f", dynamic k {c['dynamic_k']:g}" if c.get("dynamic_k") else "") + f"{_training(c)}; "
                  f"calibrated on {self.calibration.get('source')}; {self.backend} backend",
                  f"  held-out texts: {self.heldout_texts}; " + (
@@ -354,57 +343,27 @@ class Evaluator:
         self.task_data = {t: _task_data(t) for t in tasks}  # fails early (MissingDataError) if not fetched
         hf = self.model.config
         self.max_length = min(128, getattr(hf, "max_position_embeddings", 128))
-        self.batch_size = DECODER_BATCH_SIZE if self.decoder else BATCH_SIZE
         self.texts = datasets.heldout_texts()
         if not datasets.fortunes_available():
             log(f"held-out text: only the {len(self.texts)} built-in sentences (run `make data` for 300 more)")
         self.ffn_x = self._ffn_inputs(self.texts)
+        self.reference = self.task.heldout_reference(self.model, self.tokenizer, self.texts, self.max_length,
+                                                     progress=self.progress)
         if not self.decoder:
-            self.dense_emb = self._embed_dense(self.texts, "dense embeddings")
-            self.dense_nn = nearest_neighbours(self.dense_emb)
             self.dense_tasks = {t: fn(lambda s: self._embed_dense(s, f"dense {t}"), data)
                                 for t, (data, fn) in self.task_data.items()}
 
-    def _batches(self, texts: list[str], desc: str):
-        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
-        inputs = self.task.model_inputs(self.model)
-        for i in tqdm(range(0, len(texts), self.batch_size), desc=desc, disable=not self.progress, leave=False):
-            idx = order[i:i + self.batch_size]
-            b = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="np")
-            yield idx, {k: b[k].astype(np.int64) for k in inputs if k in b}
-
-    @torch.no_grad()
     def _embed_dense(self, texts, desc):
-        out = np.zeros((len(texts), self.model.config.hidden_size))
-        for idx, feed in self._batches(texts, desc):
-            h = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
-            out[idx] = mean_pool(h, feed["attention_mask"])
-        return out
-
-    def _embed_onnx(self, session, texts, desc):
-        names = [i.name for i in session.get_inputs()]
-        out = np.zeros((len(texts), self.model.config.hidden_size))
-        for idx, feed in self._batches(texts, desc):
-            h = session.run(["last_hidden_state"], {k: feed[k] for k in names})[0]
-            out[idx] = mean_pool(h, feed["attention_mask"])
-        return out
-
-    @torch.no_grad()
-    def _next_token(self, decoder_session) -> NextTokenFidelity:
-        """The dense model (PyTorch) against the exported decoder on the held-out texts, batch by batch."""
-        fidelity = NextTokenFidelity()
-        for _, feed in self._batches(self.texts, "next-token predictions"):
-            dense = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-            moe = decoder_session.logits(feed["input_ids"], feed["attention_mask"])
-            fidelity.add(dense, moe, feed["input_ids"], feed["attention_mask"].astype(bool))
-        return fidelity
+        return self.task.dense_embeddings(self.model, self.tokenizer, texts, self.max_length, desc=desc,
+                                          progress=self.progress)
 
     @torch.no_grad()
     def _ffn_inputs(self, texts) -> list[np.ndarray]:
         """Each layer's dense FFN input on the texts' real tokens, [N, d] per layer."""
         captured = [ffn_inputs(self.model, self.adapter, {k: torch.from_numpy(v) for k, v in feed.items()})
-                    for _, feed in self._batches(texts, "dense FFN inputs")]
+                    for _, feed in length_batches(self.tokenizer, texts, self.task.model_inputs(self.model),
+                                                  self.max_length, self.task.heldout_batch, desc="dense FFN inputs",
+                                                  progress=self.progress)]
         return [np.concatenate(layer) for layer in zip(*captured)]
 
     def _check_same_model(self, path, config: MoEConfig, layers: list[SparseFFNLayer]) -> None:
@@ -419,7 +378,7 @@ class Evaluator:
                                 f"in the ONNX model, {dense!r} in the dense model")
 
     def __call__(self, moe_path: str | os.PathLike, *, backend: str = "auto") -> EvalReport:
-        from runtime import DecoderSession, InferenceSession
+        from runtime import InferenceSession
         t0 = time.perf_counter()
         config, calibration, ops = read_moe_onnx(moe_path)
         self._check_same_model(moe_path, config, ops)
@@ -428,19 +387,19 @@ class Evaluator:
         layers = [layer_fidelity(i, x, dense, op, dense_act, config.trained) for i, (x, dense, op) in enumerate(
             tqdm(list(zip(self.ffn_x, dense_layers, ops)), desc="per-layer fidelity", disable=not self.progress,
                  leave=False))]
+        metrics, _ = self.task.heldout_fidelity(self.reference, model_file(moe_path), self.tokenizer, self.texts,
+                                                self.max_length, backend=backend, progress=self.progress)
         if self.decoder:
-            session = DecoderSession(model_file(moe_path), backend=backend)
-            fidelity = self._next_token(session)
-            return EvalReport(str(moe_path), config.to_dict(), calibration, session.backend, len(self.texts), None,
-                              None, None, layers, {}, time.perf_counter() - t0, fidelity.to_dict())
-        session = InferenceSession(model_file(moe_path), backend=backend)
-        emb = self._embed_onnx(session, self.texts, "MoE embeddings")
-        cos = (_unit(emb) * _unit(self.dense_emb)).sum(1)
-        tasks = {t: TaskScore(self.dense_tasks[t], fn(lambda s: self._embed_onnx(session, s, f"MoE {t}"), data))
+            return EvalReport(str(moe_path), config.to_dict(), calibration, metrics["backend"], len(self.texts), None,
+                              None, None, layers, {}, time.perf_counter() - t0,
+                              {k: v for k, v in metrics.items() if k not in ("heldout_texts", "backend")})
+        session = InferenceSession(model_file(moe_path), backend=backend)  # for the labelled tasks
+        embed = lambda s, t: self.task.session_embeddings(session, self.tokenizer, s, self.max_length,  # noqa: E731
+                                                          desc=f"MoE {t}", progress=self.progress)
+        tasks = {t: TaskScore(self.dense_tasks[t], fn(lambda s: embed(s, t), data))
                  for t, (data, fn) in self.task_data.items()}
-        return EvalReport(str(moe_path), config.to_dict(), calibration, session.backend, len(self.texts),
-                          float(cos.mean()), float(cos.min()),
-                          float((nearest_neighbours(emb) == self.dense_nn).mean()), layers, tasks,
+        return EvalReport(str(moe_path), config.to_dict(), calibration, metrics["backend"], len(self.texts),
+                          metrics["cosine_mean"], metrics["cosine_min"], metrics["nn_agreement"], layers, tasks,
                           time.perf_counter() - t0)
 
 

@@ -26,7 +26,7 @@ from runtime.session import METADATA_KEY
 from . import arch
 from .calib_cache import calibrate
 from .config import MoEConfig
-from .datasets import calibration_texts
+from .datasets import calibration_texts, heldout_texts
 from .distill import DistillResult, distill as distill_moe
 from .moe_ffn import MoEFFN
 from .genai_layout import GenaiLayoutError, add_to_export, genai_precision
@@ -59,25 +59,30 @@ class ExportReport:
     file_bytes: int
     max_abs_diff: float  # ONNX vs PyTorch MoEfied model, over real (unpadded) tokens
     max_rel_diff: float  # max_abs_diff / max |PyTorch output|
-    cosine_moe_vs_dense: float | None  # encoders: mean over texts of mean-pooled embedding cosine
+    cosine_moe_vs_dense: float | None  # encoders: moe-eval's held-out cosine (mean-pooled embeddings, mean)
     validated_on: int  # number of texts compared
     tied_texts: int  # texts left out: a near-tied routing decision
     backend: str
     seconds: float
     weights: str = "float32"
     task: str = "feature-extraction"
-    metrics: dict = dataclasses.field(default_factory=dict)  # the task's fidelity to the dense model
+    metrics: dict = dataclasses.field(default_factory=dict)  # validation figures and held-out fidelity to dense
     lines: list = dataclasses.field(default_factory=list)
+    recipe: str = ""  # Recipe.describe() of the recipe applied
+    calibration: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         c = self.config
         ks = str(c.top_k) if c.layer_top_k is None else ",".join(map(str, c.layer_top_k))
         shared = f" ({c.shared_experts} shared)" if c.shared_experts else ""
+        if c.lowrank:
+            shared += f", plus a rank-{c.lowrank} low-rank stand-in ({100 * c.lowrank_share:.1f}%)"
         if c.dynamic_k is not None:
             shared += f", dynamic (k/{c.dynamic_k:g} to k*{c.dynamic_k:g} per token, k on average on calibration text)"
         return "\n".join([
             f"wrote {self.output} ({self.file_bytes / 2**20:.1f} MiB, {self.task}, target {self.target}, "
             f"{self.weights} experts)",
+            *([f"  recipe {self.recipe}; calibration: {_calibration_words(self.calibration)}"] if self.recipe else []),
             f"  experts {c.experts} x {c.expert_size} neurons{' (gated)' if c.gated else ''}, top-k {ks}{shared}: "
             f"{100 * c.active_share:.1f}% of FFN parameters active per token, {c.num_layers} layers",
             f"  vs PyTorch MoEfied model ({self.backend} backend, {self.validated_on} texts"
@@ -86,6 +91,11 @@ class ExportReport:
             *(f"  {line}" for line in self.lines),
             f"  took {self.seconds:.1f} s",
         ])
+
+
+def _calibration_words(calibration: dict) -> str:
+    words = str(calibration.get("source", "?"))
+    return words + (f" ({calibration['texts']} texts)" if "texts" in calibration else "")
 
 
 @dataclasses.dataclass
@@ -101,6 +111,7 @@ class Converted:
     moes: list[MoEFFN]
     calibration: dict  # where the calibration text came from
     dense: torch.nn.Module  # the dense source model (``model`` itself unless the recipe trained it)
+    recipe: Recipe  # as applied: resolved for the FFN family (unless the source was already MoEfied)
 
     def patched(self):
         return arch.patched(self.model, self.adapter, self.moes)
@@ -149,13 +160,16 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
     hf = model.config
     if moe_cfg is None:
         first = adapter.read(adapter.layers(model)[0])
+        recipe = recipe.resolved(first.gated, first.width())
+        log(f"recipe {recipe.describe()}")
         moe_cfg = MoEConfig.from_recipe(
             recipe, top_k=DEFAULT_TOP_K if recipe.top_k is None else recipe.top_k,
             activation=adapter.activation(hf), model_type=hf.model_type, num_layers=len(adapter.layers(model)),
             intermediate_size=first.width(), task=task.name, gated=first.gated)
     else:
         for flag, value in (("--budget", recipe.budget), ("--dynamic-k", recipe.dynamic_k),
-                            ("--distill", recipe.distill), ("--relufy", recipe.relufy)):
+                            ("--distill", recipe.distill), ("--relufy", recipe.relufy), ("--lowrank", recipe.lowrank or None),
+                            ("--recipe best", "best" if recipe.preset == "best" else None)):
             if value is not None:
                 raise ValueError(f"{source} is already MoEfied: {flag} needs the original dense model")
         if recipe.top_k is not None:
@@ -185,7 +199,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         calib_batch = train_batch = None
         if needs_calibration(moe_cfg) or recipe.trains:
             n_texts = max(CALIB_LINES, recipe.distill_texts) if recipe.trains else CALIB_LINES
-            pool, where = (calib_texts, f"--calib {recipe.calib}") if calib_texts else calibration_texts(n_texts)
+            pool, where = (calib_texts, f"--calib {recipe.calib}") if calib_texts else calibration_texts(n_texts, log)
             sample = pool[:CALIB_LINES]
             calibration = {"source": where, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({where})")
@@ -228,7 +242,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         for m in moes:
             m.quantize_int8()
     return Converted(model, tokenizer, adapter, task, moe_cfg, routers, moes, calibration,
-                     teacher if teacher is not None else model)
+                     teacher if teacher is not None else model, recipe)
 
 
 # ----------------------------------------------------------------------------- trace and write
@@ -331,6 +345,10 @@ class _Output:
 def _add_genai(source, converted: Converted, directory: Path, precision: str, tie: float, metadata: dict,
                progress: bool, log) -> dict:
     """onnxruntime-genai's layout of the same MoE beside optimum's (genai_layout.add_to_export)."""
+    if converted.config.lowrank:
+        raise GenaiLayoutError("the onnxruntime-genai layout has no place for the low-rank stand-in (--lowrank, which "
+                               "the default recipe adds when --top-k is not given); pass --top-k or --lowrank 0, or "
+                               "--genai off")
     tokenizer = converted.tokenizer
     context = getattr(converted.model.config, "max_position_embeddings", None) or 2**31
     prompts = [tokenizer(p)["input_ids"] for p in SAMPLE_PROMPTS]
@@ -473,6 +491,14 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
         if approximated:
             v.lines.append(_erf_distance(converted, tmp / MODEL_FILE, batch))
         v.lines.extend(f"note: {n}" for n in notes)
+        # Fidelity to the dense model as moe-eval measures it: its held-out texts, batching and pooling.
+        heldout = heldout_texts()
+        log(f"measuring fidelity to the dense model on {len(heldout)} held-out texts (as moe-eval)")
+        reference = task.heldout_reference(converted.dense, converted.tokenizer, heldout, max_length, progress=progress)
+        fidelity, line = task.heldout_fidelity(reference, tmp / MODEL_FILE, converted.tokenizer, heldout, max_length,
+                                               backend=backend, progress=progress)
+        v.metrics.update({f"heldout_{k}" if not k.startswith("heldout") else k: x for k, x in fidelity.items()})
+        v.lines.append(line)
         if embedding is not None:
             from .embed_model import INPUT, OUTPUT, encoder_dim, write_checked
             with writing(out.path):
@@ -489,7 +515,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
                 model.config.save_pretrained(tmp)
                 converted.tokenizer.save_pretrained(tmp)
                 task.save_extras(model, tmp)
-                info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration, "recipe": recipe.to_dict(),
+                info = {"moe": metadata[METADATA_KEY], "calibration": converted.calibration,
+                        "recipe": converted.recipe.to_dict(),
                         "recipe_version": Recipe.VERSION, "target": options.target,
                         **({"sentence_embedding": {"file": EMBED_FILE, **embedding}} if embedding else {}),
                         "validation": {**dataclasses.asdict(v), "rtol": options.rtol}}
@@ -509,5 +536,6 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
                 (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=float) + "\n")
         size = out.commit()
     return ExportReport(str(out.path), options.target, cfg, size, v.max_abs_diff, v.max_rel_diff,
-                        v.metrics.get("cosine"), v.validated_on, v.tied, v.backend, time.perf_counter() - t0,
-                        recipe.weights, task.name, v.metrics, v.lines)
+                        v.metrics.get("heldout_cosine_mean"), v.validated_on, v.tied, v.backend,
+                        time.perf_counter() - t0, recipe.weights, task.name, v.metrics, v.lines,
+                        converted.recipe.describe(), converted.calibration)

@@ -157,7 +157,7 @@ class MoEFFN(nn.Module):
 
     def __init__(self, w1, b1, w2, b2, router_w, router_b, unselected_bias=None, *, top_k: int, activation: str,
                  wg=None, bg=None, target: str = "custom", shared: int = 0, router_mlp=None, min_k: int = 1,
-                 score_threshold: float = -math.inf):
+                 score_threshold: float = -math.inf, lowrank=None):
         super().__init__()
         E, m, d = w1.shape
         if not 1 <= top_k <= E:
@@ -182,6 +182,12 @@ class MoEFFN(nn.Module):
                 raise ValueError(f"router_mlp must be ([H, {d}], [H], [{E}, H]), got "
                                  f"{[tuple(t.shape) for t in (a, a_b, b)]}")
             self.router_mlp = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in (a, a_b, b)])
+        self.lowrank = None
+        if lowrank is not None:
+            a, b, c = (torch.as_tensor(t, dtype=torch.float32).contiguous() for t in lowrank)
+            if a.ndim != 2 or a.shape[1] != d or b.shape != (a.shape[0], d) or c.shape != (d,):
+                raise ValueError(f"lowrank must be ([R, {d}], [R, {d}], [{d}]), got {[tuple(t.shape) for t in (a, b, c)]}")
+            self.lowrank = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in (a, b, c)])
         self.unselected_bias = None if unselected_bias is None else nn.Buffer(
             torch.as_tensor(unselected_bias, dtype=torch.float32).contiguous())
         self.top_k, self.activation, self.target, self.shared = top_k, activation, target, shared
@@ -244,6 +250,8 @@ class MoEFFN(nn.Module):
         if self.router_mlp is not None:
             inputs["router_w"] = inputs["router_b"] = None
             inputs["router_mlp"] = tuple(f(t) for t in self.router_mlp)
+        if self.lowrank is not None:  # not an operator input: added beside it as (X A^T) B + c
+            inputs["lowrank"] = tuple(f(t) for t in self.lowrank)
         attrs = {"top_k": self.top_k, "activation": self.activation, "min_k": self.min_k,
                  "score_threshold": self.score_threshold}
         return inputs, attrs
@@ -260,7 +268,12 @@ class MoEFFN(nn.Module):
         args = (x, w1, self.b1, w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation,
                 self.min_k, self.score_threshold, wg, self.bg)
         if exporting:
-            return _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale, self.wg_scale)
-        if self.gap_log is not None:
-            self.gap_log.append(routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold))
-        return masked_dense(*args, router_temperature=self.router_temperature)
+            y = _SparseExpertFFNFunction.apply(*args, self.w1_scale, self.w2_scale, self.wg_scale)
+        else:
+            if self.gap_log is not None:
+                self.gap_log.append(routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold))
+            y = masked_dense(*args, router_temperature=self.router_temperature)
+        if self.lowrank is not None:  # the low-rank stand-in for the skipped experts (standard ops when exported)
+            a, b, c = self.lowrank
+            y = y + (x @ a.T) @ b + c
+        return y

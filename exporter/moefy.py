@@ -13,7 +13,8 @@ from .arch import FFNAdapter
 from .config import ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
 from .outfile import staged_directory
-from .routers import avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router
+from .routers import (avgk_router, bce_router, centroid_router, expert_deviation, least_squares_router, norm_router,
+                      representative_router)
 from .split import coactivation_split, metis_split, parameter_clustering, random_split, shared_neurons
 
 
@@ -36,10 +37,11 @@ def check_budget(budget: float, experts: int, shared: int = 0) -> None:
 
 
 SPLITS = ("param", "coact", "metis", "random")
-ROUTERS = ("centroid", "ls", "bce", "avgk", "norm", "mlp")
+ROUTERS = ("centroid", "ls", "bce", "avgk", "norm", "mlp", "cmoe")
+ROUTER_LABELS = ("deviation", "output")
 CORRECTIONS = ("none", "mean")
 CALIBRATED_SPLITS = ("coact", "metis")
-CALIBRATED_ROUTERS = ("ls", "bce", "mlp")
+CALIBRATED_ROUTERS = ("ls", "bce", "mlp", "cmoe")
 MLP_HIDDEN = 64  # hidden width of the "mlp" router
 # router_b of a shared (always-on) expert, whose router_w row is zero: its score is exactly 1e6 in float32
 # in every runtime, and moefy() checks that routed scores stay far below it on calibration text.
@@ -48,7 +50,7 @@ FORCED_SCORE = 1e6
 
 def needs_calibration(config: MoEConfig) -> bool:
     return (config.split in CALIBRATED_SPLITS or config.router in CALIBRATED_ROUTERS or config.correction == "mean"
-            or config.shared_experts > 0 or config.budget is not None or config.dynamic_k is not None)
+            or config.lowrank > 0 or config.shared_experts > 0 or config.budget is not None or config.dynamic_k is not None)
 
 
 def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress: bool = True,
@@ -105,6 +107,12 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress
             config.layer_threshold = thresholds
         if config.correction == "mean":
             routers[f"layer.{i}.unselected_bias"] = mean_correction(ffn, layer_selection(config, i, scores), h, config)
+        if config.lowrank:
+            moe = _layer_moe(ffn, config, routers, i)
+            with torch.no_grad():
+                left = ffn.forward(x, config.activation) - moe(torch.as_tensor(x, dtype=torch.float32)).numpy()
+            for name, t in zip(LOWRANK_KEYS, lowrank_fit(x, left, config.lowrank)):
+                routers[f"layer.{i}.{name}"] = t
     if config.dynamic_k is not None and log:
         ranges = (f"{lo}..{hi}" for lo, hi in map(config.k_bounds, range(len(layers))))
         log(f"  --dynamic-k {config.dynamic_k:g}: experts per token per layer {', '.join(ranges)} "
@@ -164,11 +172,14 @@ def build_router(ffn, x, h, config: MoEConfig, top_k: int, *, groups=None, progr
     b1 = np.zeros(len(w1), np.float32) if key_bias is None else key_bias[S * m:]
     hr = None if h is None else h[:, S * m:]
     info = None
+    centred = config.router_labels == "deviation"
     if config.router == "ls":
-        rw, rb = least_squares_router(x, hr, w2, n)
+        rw, rb = least_squares_router(x, hr, w2, n, centred=centred)
     elif config.router in ("bce", "mlp"):
         rw, rb, info = bce_router(x, hr, w2, n, k, groups=groups, seed=config.seed, progress=progress,
-                                  hidden=MLP_HIDDEN if config.router == "mlp" else 0)
+                                  hidden=MLP_HIDDEN if config.router == "mlp" else 0, centred=centred)
+    elif config.router == "cmoe":
+        rw, rb = representative_router(w1, b1, hr, w2, n)
     elif config.router == "avgk":
         rw, rb = avgk_router(w1, b1, n)
     elif config.router == "norm":
@@ -282,6 +293,37 @@ def mean_correction(ffn, selected: np.ndarray, h: np.ndarray, config: MoEConfig,
     return u
 
 
+LOWRANK_KEYS = ("lowrank_a", "lowrank_b", "lowrank_c")
+
+
+def lowrank_fit(x: np.ndarray, target: np.ndarray, rank: int, *, ridge: float = 1e-3
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A [R, d], B [R, d_out], c [d_out]) such that (x A^T) B + c predicts ``target`` [N, d_out] from x [N, d]
+    with least squared error at rank R (reduced-rank ridge regression, closed form): the ridge solution W on
+    centred data (ridge scaled as in :func:`~exporter.routers.least_squares_router`), projected onto the top R
+    right singular vectors of its fitted values."""
+    x, t = np.asarray(x, np.float64), np.asarray(target, np.float64)
+    mx, mt = x.mean(0), t.mean(0)
+    xc = x - mx
+    gram = xc.T @ xc
+    gram[np.diag_indices_from(gram)] += ridge * np.trace(gram) / len(gram)
+    w = np.linalg.solve(gram, xc.T @ (t - mt))  # [d, d_out]
+    v = np.linalg.svd(xc @ w, full_matrices=False)[2][:rank].T  # [d_out, R]
+    a, b = (w @ v).T, v.T
+    return a.astype(np.float32), b.astype(np.float32), (mt - mx @ a.T @ b).astype(np.float32)
+
+
+def _layer_moe(ffn, config: MoEConfig, routers, i: int) -> MoEFFN:
+    return MoEFFN.from_dense(ffn, config.experts, routers[f"layer.{i}.router_w"], routers[f"layer.{i}.router_b"],
+                             routers.get(f"layer.{i}.unselected_bias"), activation=config.activation,
+                             shared=config.shared_experts, router_mlp=layer_mlp(routers, i), **config.op_selection(i))
+
+
+def layer_lowrank(routers, i: int):
+    """Layer i's low-rank stand-in (A, B, c), or None."""
+    return tuple(routers[f"layer.{i}.{n}"] for n in LOWRANK_KEYS) if f"layer.{i}.{LOWRANK_KEYS[0]}" in routers else None
+
+
 def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, routers) -> None:
     """A Hugging Face directory (permuted weights: still the dense model) plus the MoE config and routers."""
     with staged_directory(directory, "--save-moefied") as tmp:  # whole or not at all
@@ -296,7 +338,8 @@ def build_moes(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target
     return [MoEFFN.from_dense(adapter.read(layer), config.experts, routers[f"layer.{i}.router_w"],
                               routers[f"layer.{i}.router_b"], routers.get(f"layer.{i}.unselected_bias"),
                               activation=config.activation, target=target, shared=config.shared_experts,
-                              router_mlp=layer_mlp(routers, i), **config.op_selection(i))
+                              router_mlp=layer_mlp(routers, i), lowrank=layer_lowrank(routers, i),
+                              **config.op_selection(i))
             for i, layer in enumerate(adapter.layers(model))]
 
 
@@ -311,8 +354,8 @@ def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, targe
 def operator_inputs(moes: list[MoEFFN]) -> list[dict]:
     """Per layer, what its SparseExpertFFN node holds: the constant inputs by spec name (W1, B1, W2, B2, Wg, Bg,
     router_w, router_b, unselected_bias, W1_scale, W2_scale, Wg_scale: NumPy arrays, None if absent; with the
-    MLP router, router_w / router_b are None and ``router_mlp`` = (A, a, B) computes router_scores from X) and
-    the attributes (top_k, activation, min_k, score_threshold). What other layouts of the same MoE (e.g.
+    MLP router, router_w / router_b are None and ``router_mlp`` = (A, a, B) computes router_scores from X; with
+    --lowrank, ``lowrank`` = (A, B, c) is added to the operator's output as (X A^T) B + c) and the attributes (top_k, activation, min_k, score_threshold). What other layouts of the same MoE (e.g.
     onnxruntime-genai's) need, from :func:`exporter.convert`'s ``moes``."""
     out = []
     for moe in moes:

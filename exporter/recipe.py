@@ -14,7 +14,7 @@ import math
 from .calib_cache import DEFAULT_MAX_GB, MAX_GB_ENV, max_bytes
 from .genai_layout import PRECISIONS as GENAI_PRECISIONS
 from .distill import HOLDOUT_MAX, MAX_STEPS, check_distill
-from .moefy import CORRECTIONS, ROUTERS, SPLITS, check_budget, check_split
+from .moefy import CORRECTIONS, ROUTER_LABELS, ROUTERS, SPLITS, check_budget, check_split
 from .quantize import WEIGHT_TYPES
 from .relufy import check_relufy
 from .text import CALIB_LINES, DISTILL_TEXTS
@@ -23,6 +23,24 @@ from runtime.session import BACKENDS
 DEFAULT_TOP_K = 8
 TARGETS = ("custom", "standard", "ort-moe")
 GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
+
+# The presets of --recipe, per FFN family ("plain": act(W1 x) W2, e.g. BERT; "gated": act(Wg x) * (W1 x) W2, e.g.
+# LLaMA's SwiGLU): the best recipes measured (docs/QUALITY.md, "Recipes by default"). Written here only; a
+# flag given explicitly overrides its preset value. fast: closed-form fits only (about a minute for MiniLM);
+# balanced (the default): the best training-free recipe; best: balanced plus the recovery fine-tune
+# (--distill) within the stated CPU-minute budget. "lowrank_experts": a low-rank stand-in (--lowrank) costing as
+# much as that many experts, taken from the default top-k so that the total stays DEFAULT_TOP_K experts' worth.
+_TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
+_BALANCED = {family: {**_TRAINING_FREE, "lowrank_experts": 1} for family in ("plain", "gated")}
+_DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000}, "gated": {"distill": 60.0, "distill_steps": 100000}}
+PRESETS = {
+    "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "lowrank_experts": 1}
+             for family in ("plain", "gated")},
+    "balanced": _BALANCED,
+    "best": {family: {**_BALANCED[family], **_DISTILL[family]} for family in ("plain", "gated")},
+}
+DEFAULT_PRESET = "balanced"
+PRESET_FIELDS = ("split", "router", "correction", "lowrank", "distill", "distill_steps")  # what a preset may set
 
 
 def setting(default, help: str, *, flag: str | None = None, show_default: bool = True, **argparse_kwargs):
@@ -39,7 +57,7 @@ class _Settings:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
         for f in dataclasses.fields(cls):
-            if f.name in exclude:
+            if f.name in exclude or f.metadata.get("internal"):
                 continue
             m = f.metadata
             kwargs = {"dest": f.name, "help": m["help"], **m["argparse"]}
@@ -50,7 +68,8 @@ class _Settings:
     @classmethod
     def flags(cls) -> dict[str, str]:
         """Field name -> its command-line flag."""
-        return {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
+        return {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
+                if not f.metadata.get("internal")}
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace):
@@ -58,7 +77,7 @@ class _Settings:
 
     @classmethod
     def names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+        return {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,6 +87,13 @@ class _Settings:
 class Recipe(_Settings):
     """How a dense model becomes a MoE: the split, the routers, the corrections and the training."""
 
+    preset: str = setting(
+        DEFAULT_PRESET, "fast: calibrated closed-form fits only (--split coact --router ls --correction mean); "
+                        "balanced: the best training-free recipe measured (--split coact --router bce --correction "
+                        "mean); both, without --top-k, compute 7 experts plus a low-rank stand-in of one expert's "
+                        "worth (--lowrank); best: balanced plus the recovery fine-tune within a CPU-minute budget (--distill 30 "
+                        "for plain FFNs, --distill 60 for gated ones, --distill-steps 100000). Flags given "
+                        "explicitly override the preset's values", flag="--recipe", choices=tuple(PRESETS))
     experts: int = setting(32, "experts per FFN; must divide the FFN width", type=int)
     top_k: int | None = setting(
         None, f"experts computed per token, 1..experts, shared experts included (default {DEFAULT_TOP_K}; "
@@ -85,24 +111,40 @@ class Recipe(_Settings):
         0, "N always-on experts per layer, built from the neurons with the largest mean contribution "
            "|h - mean| * ||W2 row|| on calibration text and forced on by the router (zero row, bias 1e6); they count "
            "in --top-k, which must exceed N", type=int, metavar="N")
-    split: str = setting(
-        "param", "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
+    lowrank: int | None = setting(
+        None, "R > 0: a rank-R linear stand-in for what the skipped experts leave out, added once per token: each layer's "
+           "remaining FFN error on calibration text is fitted in closed form (reduced-rank ridge regression on the "
+           "FFN input, R-Sparse-like) and exported as two R x d matrices (standard ONNX MatMuls beside the operator). "
+           "It costs as much as R/m experts of m neurons (plain FFN; gated: 2R/3m) and counts in the active share "
+           "reported. Without --top-k and --budget, --recipe fast/balanced/best use one expert's worth (R = m plain, "
+           f"3m/2 gated) in place of one of the default {DEFAULT_TOP_K} experts (MiniLM: 7 experts and --lowrank 48, "
+           "25%% in all); with --top-k, none unless given (default: from --recipe)",
+        type=int, metavar="R", show_default=False)
+    split: str | None = setting(
+        None, "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
                  "FFNs); coact: balanced k-means on how neurons' output deviations move together on calibration text; "
                  "metis: the same co-activation as a neighbour graph cut into equal parts by METIS (pymetis); random: "
-                 "a seeded random split, a baseline", choices=SPLITS)
-    router: str = setting(
-        "centroid", "centroid: similarity to each expert's mean normalised first-layer (gated: gate) row "
+                 "a seeded random split, a baseline (default: from --recipe)", choices=SPLITS, show_default=False)
+    router: str | None = setting(
+        None, "centroid: similarity to each expert's mean normalised first-layer (gated: gate) row "
                     "(MoEfication); avgk: each expert's mean first-layer row and bias (its mean pre-activation); norm: "
                     "avgk with each neuron weighted by its second-layer row's norm (output-aware); ls: fitted by least "
                     "squares to each expert's output deviation on calibration text; bce: trained (logistic loss, from "
                     "the ls fit) to pick each calibration token's top-k experts by output deviation, keeping the best "
                     "weights on held-out calibration texts; mlp: bce plus a small MLP (64 hidden ReLU units, exported "
-                    "as standard ONNX ops feeding the operator's router_scores input); best measured: bce",
-        choices=ROUTERS)
-    correction: str = setting(
-        "none", "none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
+                    "as standard ONNX ops feeding the operator's router_scores input); cmoe: each expert scored by the "
+                    "pre-activation of its representative neuron, the one with the largest mean contribution on "
+                    "calibration text (CMoE's analytic router, no training); best measured: bce (default: from "
+                    "--recipe)", choices=ROUTERS, show_default=False)
+    router_labels: str = setting(
+        "deviation", "what the calibrated routers (ls, bce, mlp) rank experts by on calibration tokens: deviation: "
+                     "||(h_e - mean h_e) W2_e||, what a skipped expert changes when --correction mean replaces it by its "
+                     "mean; output: ||h_e W2_e||, its output norm (WINA's criterion)", choices=ROUTER_LABELS)
+    correction: str | None = setting(
+        None, "none: a skipped expert contributes nothing; mean: it contributes its mean output over the "
                 "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not zero; use it "
-                "with a calibrated router (ls, bce): with centroid it hurts", choices=CORRECTIONS)
+                "with a calibrated router (ls, bce): with centroid it hurts (default: from --recipe)", choices=CORRECTIONS,
+        show_default=False)
     weights: str = setting(
         "float32", "element type of the exported expert weights: int8 stores each weight row as int8 with a float "
                    "scale (a quarter of the bytes; few-token latency is bound by reading them); needs --target "
@@ -113,11 +155,13 @@ class Recipe(_Settings):
               "most MINUTES: first each FFN alone on the dense model's FFN inputs, then the whole model (hidden "
               "states of every layer and the embedding cosine), with the model's own top-k routing in the loop; a "
               f"tenth of the texts (at most {HOLDOUT_MAX}) is held out and the best weights are kept. The exported "
-              "experts then no longer add up to the dense FFN (default: off)", type=float, metavar="MINUTES",
+              "experts then no longer add up to the dense FFN (default: off, but --recipe best sets it)", type=float,
+        metavar="MINUTES",
         show_default=False)
-    distill_steps: int = setting(
-        MAX_STEPS, "cap on the end-to-end steps (32 texts each) of every distillation (--distill, --relufy); a run "
-                   "that stops on this cap rather than on time is reproducible", type=int, metavar="N")
+    distill_steps: int | None = setting(
+        None, "cap on the end-to-end steps (32 texts each) of every distillation (--distill, --relufy); a run "
+                   f"that stops on this cap rather than on time is reproducible (default {MAX_STEPS}; --recipe best: 100000, "
+                   "so its budget is time)", type=int, metavar="N", show_default=False)
     distill_texts: int = setting(
         DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
                        f"or of --calib; the MoE's calibration uses the first {CALIB_LINES} of them; memory grows with "
@@ -130,8 +174,9 @@ class Recipe(_Settings):
         show_default=False)
     relufy_minutes: float = setting(2.0, "time budget of --relufy's recovery distillation", type=float, metavar="M")
     calib: str | None = setting(
-        None, f"UTF-8 calibration text, one sample per line (default: 1,000 Debian fortunes once `make data` fetched "
-              f"them, else sentences from Python's standard-library docstrings); at most the first {CALIB_LINES:,} "
+        None, f"UTF-8 calibration text, one sample per line (default: 1,000 Debian fortunes, fetched from the package "
+              f"registry into the cache on first use; if that fails, with a warning, sentences from Python's "
+              f"standard-library docstrings); at most the first {CALIB_LINES:,} "
               "lines calibrate the MoE (with --distill/--relufy up to --distill-texts train it; said when cut); "
               "validation always uses built-in held-out sentences", metavar="FILE")
     calib_cache: bool = setting(
@@ -144,25 +189,66 @@ class Recipe(_Settings):
               f"keeps none (default ${MAX_GB_ENV} if set, else {DEFAULT_MAX_GB:g})", type=float, metavar="GB",
         show_default=False)
     seed: int = setting(0, "seed of the expert clustering and of the training", type=int)
+    # Set by resolved(): the FFN family ("plain" or "gated") whose preset values filled the open fields; not a flag.
+    resolved_for_family: str | None = dataclasses.field(default=None, metadata={"internal": True})
 
     VERSION = 1  # bump when a field changes meaning
 
     @property
     def trains(self) -> bool:
-        return self.distill is not None or self.relufy is not None
+        return self.distill is not None or self.relufy is not None or self.preset == "best"
+
+    def resolved(self, gated: bool, width: int) -> "Recipe":
+        """This recipe with what it leaves open filled in from its preset for the FFN family (gated or plain) of
+        an FFN of ``width`` neurons."""
+        family = "gated" if gated else "plain"
+        values = dict(PRESETS[self.preset][family])
+        filled = {name: values[name] for name in PRESET_FIELDS if getattr(self, name) is None and name in values}
+        if self.distill_steps is None and "distill_steps" not in filled:
+            filled["distill_steps"] = MAX_STEPS
+        if self.lowrank is None:
+            # With neither --top-k nor --budget, the preset's stand-in is paid for with the default top-k, so the
+            # default stays DEFAULT_TOP_K experts' worth. One expert's weights are 2 m x d (plain) or 3 m x d (gated),
+            # the stand-in's 2 R x d. An explicit --top-k K means K experts and no stand-in (unless --lowrank).
+            spend = values.get("lowrank_experts", 0)
+            if spend and self.top_k is None and self.budget is None and DEFAULT_TOP_K - spend > self.shared_experts:
+                filled["top_k"] = DEFAULT_TOP_K - spend
+                filled["lowrank"] = spend * (width // self.experts) * (3 if gated else 2) // 2
+            else:
+                filled["lowrank"] = 0
+        return dataclasses.replace(self, **filled, resolved_for_family=family)
+
+    def describe(self) -> str:
+        """The resolved recipe as moe-export flags, named by its preset (for summaries)."""
+        flags = [f"{self.flags()[n]} {getattr(self, n)}" for n in ("top_k", "split", "router", "correction")
+                 if getattr(self, n) is not None]
+        if self.router_labels != "deviation":
+            flags.append(f"{self.flags()['router_labels']} {self.router_labels}")
+        for name in ("lowrank", "shared_experts", "budget", "dynamic_k", "relufy", "distill"):
+            value = getattr(self, name)
+            if value not in (None, 0):
+                flags.append(f"{self.flags()[name]} {value:g}")
+        return f"--recipe {self.preset} ({self.resolved_for_family or 'any'} FFN): {' '.join(flags)}"
 
     def check(self) -> None:
         """Every range the recipe alone decides (the FFN width is checked once the model is loaded)."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"--recipe must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         for name, allowed in (("split", SPLITS), ("router", ROUTERS), ("correction", CORRECTIONS),
-                              ("weights", WEIGHT_TYPES)):
+                              ("router_labels", ROUTER_LABELS), ("weights", WEIGHT_TYPES)):
+            if getattr(self, name) is None and name in PRESET_FIELDS:
+                continue  # from the preset
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.flags()[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.lowrank is not None and not (isinstance(self.lowrank, int) and self.lowrank >= 0):
+            raise ValueError(f"--lowrank must be a rank >= 0, got {self.lowrank!r}")
         if self.budget is not None and self.top_k is not None:
             raise ValueError("give --top-k or --budget, not both")
         if self.dynamic_k is not None and not (isinstance(self.dynamic_k, (int, float)) and 1 < self.dynamic_k <= 64):
             raise ValueError(f"--dynamic-k must be a factor in (1, 64] (e.g. 2: each token computes k/2 to 2k experts), "
                              f"got {self.dynamic_k!r}")
-        check_distill(self.distill, self.distill_steps, self.distill_texts)
+        check_distill(self.distill, MAX_STEPS if self.distill_steps is None else self.distill_steps,
+                      self.distill_texts)
         if self.calib_cache:
             max_bytes(self.calib_cache_max_gb)  # a bad cap (flag or environment) fails before the work
         if self.relufy is not None:

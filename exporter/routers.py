@@ -11,12 +11,15 @@ def centroid_router(w1: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndar
     return rows.reshape(n_experts, -1, w1.shape[1]).mean(1).astype(np.float32), np.zeros(n_experts, np.float32)
 
 
-def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int, *, chunk: int = 2048) -> np.ndarray:
+def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int, *, chunk: int = 2048, centred: bool = True
+                     ) -> np.ndarray:
     """[N, E]: how far each expert's output on each token is from its mean output, ||(h_e - mean h_e) W2_e||
-    (h [N, I] and w2 [I, d] permuted so experts are contiguous). What a router should rank by. Computed
-    ``chunk`` tokens at a time: the outputs [N, E, d] of a whole calibration set would take gigabytes."""
+    (h [N, I] and w2 [I, d] permuted so experts are contiguous). What a router should rank by when a skipped
+    expert is replaced by its mean (--correction mean). ``centred=False``: the output norm itself, ||h_e W2_e||
+    (WINA's criterion: what a skipped expert takes away when it contributes nothing). Computed ``chunk`` tokens
+    at a time: the outputs [N, E, d] of a whole calibration set would take gigabytes."""
     n, width = h.shape
-    mean, w2e = h.mean(0), w2.reshape(n_experts, width // n_experts, -1)
+    mean, w2e = h.mean(0) if centred else 0.0, w2.reshape(n_experts, width // n_experts, -1)
     out = np.empty((n, n_experts), np.result_type(h, w2))
     for start in range(0, n, chunk):
         hc = (h[start:start + chunk] - mean).reshape(-1, n_experts, width // n_experts)
@@ -24,8 +27,8 @@ def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int, *, chunk: in
     return out
 
 
-def least_squares_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, *, ridge: float = 1e-3
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def least_squares_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, *, ridge: float = 1e-3,
+                         centred: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A linear router fitted (ridge regression on centred inputs) to predict each expert's deviation
     norm from the FFN input on calibration tokens (x [N, d], h [N, I] its activations).
 
@@ -34,7 +37,7 @@ def least_squares_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts
     to noise, so two runtimes route differently. Centring and a ridge of ``ridge`` x the mean input
     variance keep the scores on the scale of the targets.
     """
-    target = expert_deviation(h, w2, n_experts)
+    target = expert_deviation(h, w2, n_experts, centred=centred)
     x = np.asarray(x, np.float64)
     mx, mt = x.mean(0), target.mean(0)
     xc = x - mx
@@ -62,6 +65,17 @@ def norm_router(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, n_experts: int) 
             (b1 * g).reshape(n_experts, -1).mean(1).astype(np.float32))
 
 
+def representative_router(keys: np.ndarray, key_bias: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """CMoE's analytic router: each expert is scored by the pre-activation of its representative neuron, the one
+    with the largest mean contribution |h_j| * ||W2 row j|| on calibration tokens (the gate's row if gated).
+    No training; a start for a trained router."""
+    m = len(keys) // n_experts
+    contrib = (np.abs(h) * np.linalg.norm(w2, axis=1)).mean(0).reshape(n_experts, m)
+    rep = np.arange(n_experts) * m + contrib.argmax(1)
+    return keys[rep].astype(np.float32), key_bias[rep].astype(np.float32)
+
+
 def oracle_top_k(target: np.ndarray, k: int) -> np.ndarray:
     """[N, E] 0/1: each token's k experts with the largest target (ties to the lower index)."""
     sel = np.zeros(target.shape, np.float32)
@@ -78,7 +92,7 @@ def top_k_recall(scores: np.ndarray, chosen: np.ndarray, k: int) -> float:
 
 def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top_k: int, *, groups=None,
                hidden: int = 0, steps: int = 300, lr: float = 3e-3, holdout: float = 0.1, eval_every: int = 10,
-               seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+               seed: int = 0, progress: bool = False, centred: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """A router trained as a multi-label classifier: logistic loss (BCE) of its scores against each
     calibration token's oracle set, the ``top_k`` experts whose output deviates most from its mean
     (:func:`expert_deviation`). Linear (x·W + b), starting from :func:`least_squares_router`; with
@@ -94,7 +108,7 @@ def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top
     import torch.nn.functional as F
     from .progress import tqdm
 
-    target = expert_deviation(h, w2, n_experts)
+    target = expert_deviation(h, w2, n_experts, centred=centred)
     chosen = oracle_top_k(target, top_k)
     n, d = x.shape
     groups = np.arange(n) if groups is None else np.asarray(groups)
@@ -105,7 +119,7 @@ def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top
     fit = ~held if (~held).any() else np.ones(n, bool)
     if not held.any():
         held = fit
-    w0, b0 = least_squares_router(x[fit], h[fit], w2, n_experts)
+    w0, b0 = least_squares_router(x[fit], h[fit], w2, n_experts, centred=centred)
     x_fit, y_fit = torch.as_tensor(np.asarray(x[fit], np.float32)), torch.as_tensor(chosen[fit])
     x_held = torch.as_tensor(np.asarray(x[held], np.float32))
     params = [torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)]

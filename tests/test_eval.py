@@ -101,10 +101,36 @@ def test_heldout_and_calibration_never_overlap(with_data):
     assert (held, calib) == (datasets.heldout_texts(), datasets.calibration_texts()[0])  # deterministic
 
 
-def test_calibration_falls_back_to_docstrings(monkeypatch, tmp_path):
+def test_calibration_text_is_fetched_on_first_use(monkeypatch, tmp_path):
+    """A pip-only user (no `make data`) gets the fortunes: fetched from the package registry on first use."""
+    from exporter import fetch_data
     monkeypatch.setenv("MOEFY_DATA_DIR", str(tmp_path))
-    texts, source = datasets.calibration_texts()
-    assert source == "standard-library docstrings" and len(texts) > 100
+    fetched = []
+
+    def fake_fetch(name, packages, marker, root, log=print):  # what apt-get download + dpkg-deb -x would leave
+        fetched.append(packages)
+        (root / marker).mkdir(parents=True)
+        (root / marker / "fortunes").write_text("\n%\n".join(f"Fortune number {i} is a sentence of seven words." for i in range(40)))
+    monkeypatch.setattr(fetch_data, "fetch_debs", fake_fetch)
+    logged = []
+    texts, source = datasets.calibration_texts(log=logged.append)
+    assert fetched == [["fortunes", "fortunes-min"]] and source == "fortunes" and len(texts) == 20
+    assert any("fetching the default calibration text" in line for line in logged)
+    datasets.calibration_texts(log=logged.append)
+    assert len(fetched) == 1  # once
+
+
+def test_calibration_falls_back_to_docstrings_loudly(monkeypatch, tmp_path):
+    from exporter import fetch_data
+
+    def offline(*a, **k):
+        raise fetch_data.FetchError("apt-get download failed: no network")
+    monkeypatch.setenv("MOEFY_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(fetch_data, "fetch_debs", offline)
+    logged = []
+    texts, source = datasets.calibration_texts(log=logged.append)
+    assert source.startswith("standard-library docstrings (fallback") and len(texts) > 100
+    assert any("WARNING" in line and "no network" in line and "make data" in line for line in logged)
     assert len(datasets.heldout_texts()) == 12
 
 
@@ -262,9 +288,12 @@ def test_decoder_fidelity_is_exact_with_every_expert_and_bounded_otherwise(tiny_
 
 
 def test_decoder_curve(tiny_model_dir, tmp_path, capsys, with_data):
+    """Without --shares a decoder's curve is 25/50/75% active (JSON + PNG), with perplexity ratio, next-token
+    agreement and KL at each share."""
     out = tmp_path / "curve"
-    assert main([str(tiny_model_dir("gpt2")), "--curve", str(out), "--experts", "4", "--shares", "0.5,0.75",
-                 "--quiet"]) == 0
+    assert main([str(tiny_model_dir("gpt2")), "--curve", str(out), "--experts", "4", "--quiet"]) == 0
     payload = json.loads((out / "curve.json").read_text())
-    assert [r["next_token"]["tokens"] > 0 for r in payload["reports"]] == [True, True]
+    assert [r["active_share"] for r in payload["reports"]] == [0.25, 0.5, 0.75]
+    assert all(r["next_token"]["tokens"] > 0 and {"perplexity_ratio", "next_token_agreement", "mean_kl"}
+               <= set(r["next_token"]) for r in payload["reports"])
     assert (out / "curve.png").stat().st_size > 0

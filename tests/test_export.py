@@ -88,7 +88,9 @@ def test_standard_target_runs_on_stock_onnxruntime(tiny_bert_dir, tiny_custom, t
 @pytest.mark.parametrize("target", ["custom", "standard"])
 def test_minilm_round_trip(minilm_dir, tmp_path, target):
     out = tmp_path / f"minilm-{target}.onnx"
-    report = export(minilm_dir, out, experts=32, top_k=8, target=target, progress=False, log=lambda *a: None)
+    # the plumbing on the real model: the weight-only recipe (quick); the default recipe is tested on the tiny BERT
+    report = export(minilm_dir, out, experts=32, top_k=8, split="param", router="centroid", correction="none",
+                    target=target, progress=False, log=lambda *a: None)
     assert out.is_file() and report.max_rel_diff <= 1e-4
     assert report.config.active_share == 0.25
     if target == "custom":
@@ -133,3 +135,62 @@ def test_least_squares_router_scores_stay_on_the_targets_scale(rng):
     target = expert_deviation(h, w2, 4)
     assert np.abs(rb).max() < 10 * np.abs(target).max()
     assert np.abs(x @ rw.T + rb - target).mean() < np.abs(target - target.mean(0)).mean()
+
+
+# ----------------------------------------------------------------------------- recipes by default
+def test_recipe_presets_map_to_the_measured_flags():
+    from exporter.cli import build_parser
+    from exporter.recipe import DEFAULT_TOP_K, PRESETS, Recipe
+    # no flags: the best training-free recipe measured; for plain FFNs one of the default experts' worth goes to the
+    # low-rank stand-in (MiniLM: 1536 neurons, 32 experts of 48 -> top-k 7 + rank 48, 25% in all)
+    balanced = Recipe().resolved(gated=False, width=1536)
+    assert (balanced.preset, balanced.split, balanced.router, balanced.correction, balanced.distill) == \
+        ("balanced", "coact", "bce", "mean", None)
+    assert (balanced.top_k, balanced.lowrank) == (DEFAULT_TOP_K - 1, 48)
+    gated = Recipe().resolved(gated=True, width=1536)
+    assert (gated.split, gated.router, gated.correction, gated.top_k, gated.lowrank) == ("coact", "bce", "mean", 7, 72)
+    fast = Recipe(preset="fast").resolved(gated=True, width=1536)
+    assert (fast.split, fast.router, fast.correction, fast.distill) == ("coact", "ls", "mean", None)
+    best_plain = Recipe(preset="best").resolved(gated=False, width=1536)
+    best_gated = Recipe(preset="best").resolved(gated=True, width=1536)
+    assert (best_plain.distill, best_gated.distill) == (30.0, 60.0) and best_plain.distill_steps == 100000
+    assert Recipe(preset="best").trains and not Recipe().trains
+    # an explicit --top-k means that many experts and no stand-in; other explicit flags win over the preset's values
+    mixed = Recipe.from_namespace(build_parser().parse_args(["m", "o.onnx", "--recipe", "fast", "--router", "bce",
+                                                             "--distill-steps", "7", "--top-k", "8"]))
+    mixed = mixed.resolved(gated=False, width=1536)
+    assert (mixed.preset, mixed.split, mixed.router, mixed.distill_steps, mixed.top_k, mixed.lowrank) == \
+        ("fast", "coact", "bce", 7, 8, 0)
+    assert mixed.describe() == "--recipe fast (plain FFN): --top-k 8 --split coact --router bce --correction mean"
+    assert Recipe(lowrank=16).resolved(gated=False, width=1536).lowrank == 16
+    assert set(PRESETS) == {"fast", "balanced", "best"} and all(set(p) == {"plain", "gated"} for p in PRESETS.values())
+    with pytest.raises(ValueError, match="--recipe must be one of fast, balanced, best, got 'quick'"):
+        Recipe(preset="quick").check()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m", "o.onnx", "--recipe", "quick"])
+
+
+def test_default_export_is_the_balanced_recipe(tiny_bert_dir, tmp_path):
+    """No recipe flags: the balanced preset, its low-rank stand-in in place of one default expert (25% in all)."""
+    report = export(tiny_bert_dir, tmp_path / "d.onnx", experts=32, backend="numba-split", progress=False,
+                    log=lambda *a: None)
+    c = report.config
+    assert (c.split, c.router, c.correction, c.top_k, c.lowrank) == ("coact", "bce", "mean", 7, 2)
+    assert c.active_share == pytest.approx(0.25)
+    assert "recipe --recipe balanced (plain FFN): --top-k 7 --split coact --router bce --correction mean --lowrank 2" \
+        in report.summary()
+
+
+def test_summary_names_the_recipe_and_matches_moe_eval(tiny_custom, tiny_bert_dir):
+    """The export's held-out cosine is moe-eval's: same texts, batching and pooling."""
+    from exporter import datasets
+    from exporter.evaluate import Evaluator
+    out, _, report = tiny_custom
+    summary = report.summary()
+    assert "recipe --recipe balanced (plain FFN): --top-k 2 --split coact --router bce --correction mean" in summary
+    assert f"held-out texts ({len(datasets.heldout_texts())}, as moe-eval)" in summary
+    assert report.metrics["heldout_texts"] == len(datasets.heldout_texts())
+    r = Evaluator(tiny_bert_dir, tasks=(), progress=False, log=lambda *a: None)(out, backend="numba-split")
+    assert report.cosine_moe_vs_dense == pytest.approx(r.cosine_mean, abs=1e-6)
+    assert report.metrics["heldout_nn_agreement"] == r.nn_agreement
+    assert json.loads((out.parent / "tiny.moefied" / "moefy_config.json").read_text())["router"] == "bce"

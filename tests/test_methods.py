@@ -221,3 +221,73 @@ def test_dynamic_k_exports_and_matches(tiny_bert_dir, tmp_path, calib):
 @pytest.mark.parametrize("factor", [1.0, 0.5, 100.0])
 def test_bad_dynamic_k(tiny_bert_dir, tmp_path, capsys, factor):
     assert_fails_cleanly(capsys, tmp_path, [tiny_bert_dir, "--dynamic-k", factor], "--dynamic-k must be a factor in (1, 64]")
+
+
+def test_lowrank_fit_is_the_reduced_rank_least_squares_solution(rng):
+    from exporter.moefy import lowrank_fit
+    x = rng.standard_normal((400, 12))
+    w = rng.standard_normal((12, 3)) @ rng.standard_normal((3, 10))  # a rank-3 map
+    target = x @ w + 0.5
+    a, b, c = lowrank_fit(x, target, 3, ridge=0)
+    assert (a.shape, b.shape, c.shape) == ((3, 12), (3, 10), (10,))
+    np.testing.assert_allclose((x @ a.T) @ b + c, target, atol=1e-4)  # recovered exactly at its rank
+    noisy = target + rng.standard_normal(target.shape)
+    errors = [np.linalg.norm((x @ a.T) @ b + c - noisy) for a, b, c in (lowrank_fit(x, noisy, r) for r in (1, 2, 3))]
+    assert errors[0] > errors[1] > errors[2]  # each rank captures more
+
+
+def test_lowrank_stand_in_exports_beside_the_operator(tiny_bert_dir, tmp_path, calib, capsys):
+    """--lowrank: two R x d matrices per layer, standard MatMuls beside the node; ONNX matches PyTorch; it lowers
+    each layer's FFN error on the calibration text; its cost counts in the active share."""
+    from exporter.calib_cache import calibrate
+    from exporter.moefy import build_moes
+    out, saved = tmp_path / "lr.onnx", tmp_path / "lr.moefied"
+    report = quiet_export(tiny_bert_dir, out, experts=8, top_k=2, router="ls", lowrank=4, calib=calib,
+                          save_moefied_dir=saved)
+    assert report.config.lowrank == 4 and report.config.active_share == pytest.approx(2 / 8 + 2 * 4 / (2 * 64))
+    assert "rank-4 low-rank stand-in" in report.summary() and "--lowrank 4" in report.summary()
+    onnx_matches_torch(out, saved)
+    nodes = onnx.load(out).graph.node
+    assert sum(n.domain == spec.DOMAIN for n in nodes) == 2  # still one operator per FFN, the stand-in beside it
+    from exporter.tasks import task_for as tf
+    model, tok, adapter, cfg, routers = load_model(saved)  # the dense FFNs, experts contiguous
+    assert routers["layer.0.lowrank_a"].shape == (4, 32)
+    x = calibrate(model, adapter, tf(adapter).batch(tok, CALIB.splitlines(), model, 32), use_cache=False).xs
+    without = {k: v for k, v in routers.items() if "lowrank" not in k}
+    for i, (with_lr, plain) in enumerate(zip(build_moes(model, adapter, cfg, routers),
+                                             build_moes(model, adapter, cfg, without))):
+        ffn = adapter.read(adapter.layers(model)[i])
+        y = ffn.forward(x[i], cfg.activation)
+        err = [np.linalg.norm(m(torch.as_tensor(x[i])).detach().numpy() - y) for m in (with_lr, plain)]
+        assert err[0] < err[1]
+    from exporter.genai_layout import GenaiLayoutError, normalize_layer
+    with pytest.raises(GenaiLayoutError, match="unknown keys \\['lowrank'\\]"):
+        normalize_layer({**with_lr.operator_inputs()[0], **with_lr.operator_inputs()[1]}, 0)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    assert_fails_cleanly(capsys, bad, [tiny_bert_dir, "--lowrank", "-1"], "--lowrank must be a rank >= 0, got -1")
+
+
+def test_router_labels_and_the_representative_router(rng):
+    """--router-labels output ranks experts by ||h_e W2_e|| (WINA) instead of the deviation from the mean; the cmoe
+    router scores each expert by its most contributing neuron's pre-activation."""
+    from exporter.routers import expert_deviation, representative_router
+    h, w2 = rng.standard_normal((50, 12)) + 3.0, rng.standard_normal((12, 5))
+    out = expert_deviation(h, w2, 3, centred=False)
+    np.testing.assert_allclose(out[7, 1], np.linalg.norm(h[7, 4:8] @ w2[4:8]), rtol=1e-6)
+    np.testing.assert_allclose(expert_deviation(h, w2, 3)[7, 1], np.linalg.norm((h[7, 4:8] - h[:, 4:8].mean(0)) @ w2[4:8]),
+                               rtol=1e-6)
+    keys, bias = rng.standard_normal((12, 6)), rng.standard_normal(12)
+    h = np.zeros((4, 12))
+    h[:, [2, 5, 11]] = 1.0  # the representative neuron of experts 0, 1, 2 (4 neurons each)
+    rw, rb = representative_router(keys, bias, h, np.ones((12, 5)), 3)
+    np.testing.assert_array_equal(rw, keys[[2, 5, 11]].astype(np.float32))
+    np.testing.assert_array_equal(rb, bias[[2, 5, 11]].astype(np.float32))
+
+
+def test_wina_labels_export(tiny_bert_dir, tmp_path, calib):
+    out, saved = tmp_path / "m.onnx", tmp_path / "saved"
+    report = quiet_export(tiny_bert_dir, out, experts=8, top_k=3, router="ls", router_labels="output", calib=calib,
+                          save_moefied_dir=saved)
+    assert report.config.router_labels == "output" and "--router-labels output" in report.summary()
+    onnx_matches_torch(out, saved)

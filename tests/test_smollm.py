@@ -17,8 +17,10 @@ NEW_TOKENS = 32
 def smollm_export(smollm2_gguf, tmp_path_factory):
     from exporter import export
     root = tmp_path_factory.mktemp("smollm")
-    report = export(smollm2_gguf, root / "out", experts=32, top_k=8, backend=BACKEND, save_moefied_dir=root / "saved",
-                    progress=False)
+    # the plumbing on the real model with the weight-only recipe (the default's co-activation split and bce router
+    # calibrate 30 layers: tens of minutes); the default recipe is tested on the tiny models
+    report = export(smollm2_gguf, root / "out", experts=32, top_k=8, split="param", router="centroid",
+                    correction="none", backend=BACKEND, save_moefied_dir=root / "saved", progress=False)
     return root / "out", report, root / "saved"
 
 

@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 TASKS: dict[str, type["Task"]] = {}
 
@@ -54,6 +55,17 @@ def relative_difference(got: np.ndarray, want: np.ndarray, keep: np.ndarray) -> 
     return max_abs, max_abs / float(np.abs(want[keep]).max())
 
 
+def length_batches(tokenizer, texts: list[str], input_names, max_length: int, batch_size: int, *, desc: str = "",
+                   progress: bool = False):
+    """(indices, NumPy feed) over ``texts`` in batches of similar length (less padding), int64 inputs: how held-out
+    text is batched everywhere (``moe-export``'s summary and ``moe-eval``), so both see the same numbers."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[i:i + batch_size]
+        b = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        yield idx, {k: b[k].astype(np.int64) for k in input_names if k in b}
+
+
 class Task(abc.ABC):
     name: str = ""  # moefy's name, also the family's FFNAdapter.task
     optimum_task: str = ""  # the task of optimum's ONNX config
@@ -92,6 +104,18 @@ class Task(abc.ABC):
                  log) -> Validation:
         """The ONNX model at ``onnx_path`` against the PyTorch MoEfied ``model`` (its MoE FFNs ``moes``) and the
         dense outputs ``dense`` on ``batch``; raises ValidationError when it does not match."""
+
+    heldout_batch = 32  # texts per batch of held-out fidelity
+
+    @abc.abstractmethod
+    def heldout_reference(self, model, tokenizer, texts, max_length: int, *, progress: bool = False):
+        """The dense model's side of :meth:`heldout_fidelity` on ``texts`` (computed once, reused per MoE)."""
+
+    @abc.abstractmethod
+    def heldout_fidelity(self, reference, onnx_path, tokenizer, texts, max_length: int, *, backend: str,
+                         progress: bool = False) -> tuple[dict, str]:
+        """(metrics, one summary line): the exported MoE against the dense model on held-out ``texts``, the
+        figures ``moe-eval`` reports (its quality columns), computed the same way."""
 
     def save_extras(self, model, directory) -> None:
         """Files beside model.onnx and config.json that loaders expect (e.g. generation_config.json)."""
