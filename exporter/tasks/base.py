@@ -49,6 +49,15 @@ def clear_texts(margins: list[list[torch.Tensor]], mask: np.ndarray) -> np.ndarr
     return np.where(mask, margin, np.inf).min(1) >= TIE_MARGIN
 
 
+def clear_prefix(margins: list[list[torch.Tensor]], mask: np.ndarray) -> np.ndarray:
+    """Bool [texts, tokens]: the real tokens before each text's first near-tied routing decision in any layer. In a
+    causal model nothing before that position depends on the decision, so a decoder compares those (a long text
+    through many layers almost always meets a tie somewhere, which would leave nothing to compare)."""
+    per_layer = [calls[0].reshape(mask.shape) for calls in margins]
+    tied = (torch.stack(per_layer).amin(0).numpy() < TIE_MARGIN) & mask
+    return mask & (np.cumsum(tied, axis=1) == 0)
+
+
 def relative_difference(got: np.ndarray, want: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
     """(max abs diff, max abs diff / max |want|) over the rows ``keep`` selects."""
     max_abs = float(np.abs(got - want)[keep].max())
