@@ -209,6 +209,18 @@ def embedding_model(encoder: onnx.ModelProto, tokenizer, *, max_length: int, poo
     return model
 
 
+def tokenizer_settings(model_dir, max_length: int | None = None, pooling: str | None = None):
+    """(tokenizer, max_length, pooling) of a Hugging Face model directory for the strings model (``settings``
+    fills what is None), or an EmbeddingModelError saying why it cannot be made."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise EmbeddingModelError(f"{model_dir} holds no Hugging Face tokenizer: {e}") from None
+    check_tokenizer(tokenizer)
+    return (tokenizer, *settings(model_dir, tokenizer, max_length, pooling))
+
+
 def check_tokenizer(tokenizer) -> None:
     """Fail before the work if ``tokenizer`` cannot go into the graph (or onnxruntime-extensions is missing)."""
     try:
@@ -298,20 +310,13 @@ def with_tokenizer(encoder_path: str | os.PathLike, tokenizer_dir: str | os.Path
 
     Raises EmbeddingModelError (what cannot be wrapped, or a failed check), OSError (files).
     """
-    from transformers import AutoTokenizer
-
     from .outfile import atomic_path, check_output, writing
     tokenizer_dir = Path(tokenizer_dir)
     for path, what in ((encoder_path, "encoder model"), (tokenizer_dir, "tokenizer directory")):
         if not os.path.exists(path):
             raise EmbeddingModelError(f"{what} {path} does not exist")
     output = check_output(output)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise EmbeddingModelError(f"{tokenizer_dir} holds no Hugging Face tokenizer: {e}") from None
-    check_tokenizer(tokenizer)
-    max_length, pooling = settings(tokenizer_dir, tokenizer, max_length, pooling)
+    tokenizer, max_length, pooling = tokenizer_settings(tokenizer_dir, max_length, pooling)
     try:
         encoder = onnx.load(os.fspath(encoder_path))
     except Exception as e:  # noqa: BLE001 (protobuf's DecodeError and friends)

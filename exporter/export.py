@@ -367,9 +367,7 @@ def _add_genai(source, converted: Converted, directory: Path, precision: str, ti
 
 def _embedding_settings(source, task: Task, target: str) -> dict:
     """--with-tokenizer's max_length and pooling (from the model directory), or why it cannot be done here."""
-    from transformers import AutoTokenizer
-
-    from .embed_model import check_tokenizer, settings
+    from .embed_model import EmbeddingModelError, tokenizer_settings
     from .tasks.encoder import FeatureExtraction
     if task.name != FeatureExtraction.name:
         raise ValueError(f"--with-tokenizer makes sentence embeddings from an encoder; this model's task is "
@@ -383,11 +381,9 @@ def _embedding_settings(source, task: Task, target: str) -> dict:
             raise ValueError("--with-tokenizer with --target custom needs moefy's C++ op library, which was not "
                              "built (see cpp_ops/README.md); use --target ort-moe or standard, or build the library")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--with-tokenizer: {source} holds no Hugging Face tokenizer: {e}") from None
-    check_tokenizer(tokenizer)
-    max_length, pooling = settings(source, tokenizer, None, None)
+        _, max_length, pooling = tokenizer_settings(source)
+    except EmbeddingModelError as e:
+        raise ValueError(f"--with-tokenizer: {e}") from None
     return {"max_length": max_length, "pooling": pooling}
 
 
