@@ -445,8 +445,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     out = _Output(output)  # a directory, a read-only place ...: said now, not after the work
     adapter = check_source(source)  # an unsupported or unreadable model fails before the (slow) load
     decoder_dir = task_for(adapter).name == TextGeneration.name and not out.single_file
-    genai = genai_precision(options.genai, decoder=decoder_dir, directory=decoder_dir,
-                            model_type=model_type_of(Path(source))[0])
+    genai = genai_precision(options.genai, decoder_directory=decoder_dir, model_type=model_type_of(Path(source))[0])
     if genai and recipe.trains:  # the builder takes attention and norms from the source, not the trained model
         if options.genai != "auto":
             raise ValueError("--genai builds from the source model's attention and norms; with --distill or --relufy "

@@ -233,12 +233,12 @@ GENAI_SUBDIR = "genai"  # in a moe-export directory: the genai layout's model fi
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # moefy's families that onnxruntime-genai's builder (0.18) builds
 
 
-def genai_precision(choice: str, *, decoder: bool, directory: bool, model_type: str) -> str | None:
+def genai_precision(choice: str, *, decoder_directory: bool, model_type: str) -> str | None:
     """The dense parts' precision of the genai layout ``moe-export --genai CHOICE`` builds, or None for none;
     an explicit choice that cannot be honoured is an error now, before the export's work."""
     if choice == "off":
         return None
-    if not (decoder and directory):
+    if not decoder_directory:  # a decoder exported to a directory: the layout goes beside optimum's
         if choice == "auto":
             return None
         raise GenaiLayoutError("--genai builds onnxruntime-genai's layout of a decoder exported to a directory; "
