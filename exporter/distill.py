@@ -233,7 +233,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     fit_targets = _teacher_targets(teacher, fit)
     router = {id(t) for moe in moes for t in _router_tensors(moe)}  # frozen, or refit on its own: docstring
     params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
-    params += [t for moe in moes for t in _expert_tensors(moe)]
+    params += [t for moe in moes for t in _expert_tensors(moe) if all(t is not p for p in params)]
     groups = [{"params": params, "lr": E2E_LR, "base_lr": E2E_LR}]
     inputs, hooks = {}, []
     routed = [moe for moe in moes if moe.top_k < moe.w1.shape[0]]  # not relufy's one always-selected expert
@@ -294,7 +294,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     ``teacher_calib``: the teacher's FFN inputs on ``batch`` (tokenized, padded calibration texts; the
     Calibration's ``groups`` index them). At most ``minutes`` of training, at most ``max_steps``
     end-to-end steps; seeded."""
-    from .moefy import MLP_KEYS, install_moe
+    from .moefy import LOWRANK_KEYS, MLP_KEYS, install_moe
     check_distill(minutes, max_steps)
     t0 = time.monotonic()
     deadline = t0 + 60 * minutes
@@ -332,6 +332,9 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
         routers[f"layer.{i}.router_b"] = moe.router_b.detach().numpy().copy()
         if moe.unselected_bias is not None:
             routers[f"layer.{i}.unselected_bias"] = moe.unselected_bias.detach().numpy().copy()
+        if moe.lowrank is not None:  # trained with the experts (expert_tensors)
+            for name, t in zip(LOWRANK_KEYS, moe.lowrank):
+                routers[f"layer.{i}.{name}"] = t.detach().numpy().copy()
         if moe.router_mlp is not None:
             for name, t in zip(MLP_KEYS, moe.router_mlp):
                 routers[f"layer.{i}.{name}"] = t.detach().numpy().copy()

@@ -209,8 +209,10 @@ class MoEFFN(nn.Module):
         return self.wg is not None
 
     def expert_tensors(self) -> list[torch.Tensor]:
-        """The experts' weights and biases that are present (what training updates), unselected_bias included."""
-        return [t for t in (*(getattr(self, n) for n in self.EXPERT_WEIGHTS), self.unselected_bias) if t is not None]
+        """The experts' weights and biases that are present (what training updates), unselected_bias and the
+        low-rank stand-in included."""
+        return [t for t in (*(getattr(self, n) for n in self.EXPERT_WEIGHTS), self.unselected_bias,
+                            *(self.lowrank or ())) if t is not None]
 
     def dense(self) -> DenseFFN:
         """All experts together as one dense FFN (operator layout; float32 NumPy copies)."""

@@ -266,3 +266,22 @@ def test_router_refit_learns_its_own_oracle():
         chosen = moe.scores(x).topk(k).indices
     overlap = (chosen.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean()
     assert overlap > 0.5  # chance: k / E = 0.25
+
+
+def test_distillation_trains_and_exports_the_low_rank_stand_in(tiny_bert_dir, tmp_path, calib):
+    """The stand-in trains with the experts, and what trained is what is exported (it used to train end to end and
+    then be dropped: the export carried the closed-form fit beside distilled experts)."""
+    from safetensors.numpy import load_file
+    from exporter.config import ROUTERS_FILE
+    kw = dict(RECIPE, top_k=1, lowrank=4, calib=calib)
+    run_export(tiny_bert_dir, tmp_path / "a.onnx", save_moefied_dir=tmp_path / "a", **kw)
+    report, _ = run_export(tiny_bert_dir, tmp_path / "b.onnx", save_moefied_dir=tmp_path / "b", distill=1.0,
+                           distill_steps=10, **kw)
+    onnx_matches_torch(tmp_path / "b.onnx", tmp_path / "b")
+    fit, trained = (load_file(tmp_path / d / ROUTERS_FILE) for d in "ab")
+    for i in range(2):
+        for name in ("lowrank_a", "lowrank_b", "lowrank_c"):
+            assert fit[f"layer.{i}.{name}"].shape == trained[f"layer.{i}.{name}"].shape
+            assert not np.allclose(fit[f"layer.{i}.{name}"], trained[f"layer.{i}.{name}"])
+    before, after_layerwise, after = report.config.distill["heldout_loss"]
+    assert after <= before  # the best held-out state is kept
