@@ -46,6 +46,10 @@ E2E_LR = 1e-4  # MiniLM, 25% active, 70 min: 3e-5 -> cosine 0.941, 1e-4 -> 0.946
 E2E_WARMUP = 10  # steps
 E2E_EVAL_EVERY = 25  # steps
 COSINE_WEIGHT = 1.0  # embedding (1 - cosine) against the mean relative squared error of the hidden states
+KL_WEIGHT = 1.0  # language models: next-token KL to the teacher (nats per token), against the same
+TARGETS_MAX_GB = 4.0  # teacher targets kept for the end-to-end phase; past this they are recomputed at each use
+FIGURES = {False: "cosine", True: "kl"}  # what DistillResult.figure holds: embedding cosine, next-token KL
+ACTIVATIONS_MAX_GB = 4.0  # teacher FFN inputs the layer-wise phase fits on (distill_texts's first texts that fit)
 ROUTER_TEMPERATURE = 0.5  # of the straight-through surrogate, in units of each token's score spread
 MAX_STEPS = 1000  # default cap on end-to-end steps
 E2E_ROUTER_LR = 3e-4  # routers refit end to end (router_refit_loss); 0 freezes them. MiniLM, 25% active, same
@@ -66,16 +70,30 @@ class DistillResult:
     """What a distillation did, measured on the held-out calibration texts."""
     layer_error: list[list[float]]  # per layer: FFN relative error on teacher inputs [before, after]
     loss: list[float]  # the end-to-end loss [before, after layer-wise, after end to end]
-    cosine: list[float]  # embedding cosine to the teacher [before, after layer-wise, after end to end]
+    figure: list[float]  # the task's figure [before, after layer-wise, after end to end]: embedding cosine to the
+    # teacher (encoders) or next-token KL to it (language models; FIGURES names it)
     steps: int  # end-to-end steps run
     seconds: float
     heldout_texts: int
+    lm: bool = False  # a language model: figure is the next-token KL
+
+    @property
+    def figure_name(self) -> str:
+        return FIGURES[self.lm]
 
     def summary(self) -> str:
         errs = ", ".join(f"{a:.3f}->{b:.3f}" for a, b in self.layer_error)
         return (f"held-out FFN rel. error per layer {errs}; held-out loss {self.loss[0]:.4f} -> {self.loss[1]:.4f} "
-                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps), embedding cosine "
-                f"{self.cosine[0]:.4f} -> {self.cosine[1]:.4f} -> {self.cosine[2]:.4f}; {self.seconds:.0f} s")
+                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps), {'next-token KL' if self.lm else 'embedding cosine'} "
+                f"{self.figure[0]:.4f} -> {self.figure[1]:.4f} -> {self.figure[2]:.4f}; {self.seconds:.0f} s")
+
+
+def layerwise_texts(batch, config) -> int:
+    """How many of ``batch``'s first texts the layer-wise phase fits on: as many as have their FFN inputs (every
+    layer, float32) within ACTIVATIONS_MAX_GB (MiniLM: all 10,000 default texts, 2.8 GB; SmolLM2: about 2,000)."""
+    per_token = 4 * config.hidden_size * config.num_hidden_layers
+    used = batch["attention_mask"].sum(1).cumsum(0) * per_token
+    return max(1, int((used <= ACTIVATIONS_MAX_GB * 1e9).sum()))
 
 
 def _heldout_texts(n_texts: int, seed: int) -> np.ndarray:
@@ -190,47 +208,82 @@ def _pool(h, mask):
     return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def _is_lm(model) -> bool:
+    """A language model (logits over a vocabulary) rather than an encoder (embeddings)."""
+    return model.get_output_embeddings() is not None
+
+
 @torch.no_grad()
-def _teacher_targets(teacher, batches) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Per batch: each layer's output on the real tokens, and the mean-pooled embeddings."""
-    out = []
-    for b in batches:
-        hs = teacher(**b, output_hidden_states=True).hidden_states[1:]
-        mask = b["attention_mask"].bool()
-        out.append(([h[mask] for h in hs], _pool(hs[-1], b["attention_mask"])))
-    return out
+def _teacher_target(teacher, b) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Each layer's output on the real tokens, the mean-pooled embeddings, and (language models) the next-token
+    log-probabilities on the real tokens."""
+    lm = _is_lm(teacher)
+    out = teacher(**b, output_hidden_states=True, **({"use_cache": False} if lm else {}))
+    hs = out.hidden_states[1:]
+    mask = b["attention_mask"].bool()
+    return [h[mask] for h in hs], _pool(hs[-1], b["attention_mask"]), \
+        F.log_softmax(out.logits[mask], -1) if lm else None
 
 
-def _loss(out, mask, layer_targets, emb):
-    """Mean over layers of the hidden states' relative squared error on real tokens, plus
-    COSINE_WEIGHT x (1 - embedding cosine) averaged over texts; and that cosine."""
+class _Targets:
+    """The teacher's targets per batch: computed once and kept when they fit in TARGETS_MAX_GB, else computed
+    again at each use (a language model's log-probabilities: tokens x vocabulary)."""
+
+    def __init__(self, teacher, batches: list[dict]):
+        self.teacher, self.batches = teacher, batches
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        c = teacher.config
+        vocab = teacher.get_output_embeddings().weight.shape[0] if _is_lm(teacher) else 0
+        size = 4 * tokens * (c.hidden_size * c.num_hidden_layers + vocab)
+        self.kept = [_teacher_target(teacher, b) for b in batches] if size <= TARGETS_MAX_GB * 1e9 else None
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, j):
+        return self.kept[j] if self.kept is not None else _teacher_target(self.teacher, self.batches[j])
+
+
+def _loss(out, mask, target):
+    """Mean over layers of the hidden states' relative squared error on real tokens, plus the task's term; and
+    the task's per-text figure. Encoders: COSINE_WEIGHT x (1 - cosine of the mean-pooled embeddings), figure the
+    cosine; language models: KL_WEIGHT x the next-token KL to the teacher per real token, figure that KL."""
+    layer_targets, emb, logprobs = target
     m = mask.bool()
     hidden = sum(((h[m] - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
                  for h, t in zip(out.hidden_states[1:], layer_targets)) / len(layer_targets)
-    cos = F.cosine_similarity(_pool(out.hidden_states[-1], mask), emb)
-    return hidden + COSINE_WEIGHT * (1 - cos.mean()), cos
+    if logprobs is None:
+        cos = F.cosine_similarity(_pool(out.hidden_states[-1], mask), emb)
+        return hidden + COSINE_WEIGHT * (1 - cos.mean()), cos
+    kl = F.kl_div(F.log_softmax(out.logits[m], -1), logprobs, log_target=True, reduction="none").sum(-1)
+    per_text = torch.zeros(len(mask)).index_add_(0, m.nonzero()[:, 0], kl.detach()) / m.sum(1).clamp_min(1)
+    return hidden + KL_WEIGHT * kl.mean(), per_text
+
+
+def _forward(student, b):
+    return student(**b, output_hidden_states=True, **({"use_cache": False} if _is_lm(student) else {}))
 
 
 @torch.no_grad()
 def heldout_eval(student, batches, targets) -> tuple[float, float]:
-    """(loss, embedding cosine) on the held-out batches, text-weighted means."""
-    losses, cos = [], []
-    for b, (layer_targets, emb) in zip(batches, targets):
-        loss, c = _loss(student(**b, output_hidden_states=True), b["attention_mask"], layer_targets, emb)
-        losses.append(float(loss) * len(c))
-        cos.append(c)
-    cos = torch.cat(cos)
-    return sum(losses) / len(cos), float(cos.mean())
+    """(loss, the task's figure: embedding cosine or next-token KL) on the held-out batches, text-weighted."""
+    losses, figures = [], []
+    for j, b in enumerate(batches):
+        loss, f = _loss(_forward(student, b), b["attention_mask"], targets[j])
+        losses.append(float(loss) * len(f))
+        figures.append(f)
+    figures = torch.cat(figures)
+    return sum(losses) / len(figures), float(figures.mean())
 
 
 def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, deadline, max_steps, seed=0,
                progress=True) -> tuple[tuple[float, float], int]:
     """Phase 2 (module docstring) on batches ``fit``; keeps the state with the lowest loss on the held-out
-    batches ``held`` and returns its held-out (loss, cosine) and the steps run."""
+    batches ``held`` and returns its held-out (loss, task figure) and the steps run."""
     best = heldout_eval(student, held, held_targets)
     if max_steps == 0 or time.monotonic() >= deadline:
         return best, 0
-    fit_targets = _teacher_targets(teacher, fit)
+    fit_targets = _Targets(teacher, fit)
     router = {id(t) for moe in moes for t in _router_tensors(moe)}  # frozen, or refit on its own: docstring
     params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
     params += [t for moe in moes for t in _expert_tensors(moe) if all(t is not p for p in params)]
@@ -254,8 +307,8 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         if not order:
             order = list(rng.permutation(len(fit)))
         j = order.pop()
-        b, (layer_targets, emb) = fit[j], fit_targets[j]
-        loss, _ = _loss(student(**b, output_hidden_states=True), b["attention_mask"], layer_targets, emb)
+        b = fit[j]
+        loss, _ = _loss(_forward(student, b), b["attention_mask"], fit_targets[j])
         if inputs:
             loss = loss + sum(router_refit_loss(moe, x) for moe, x in inputs.items())
             inputs.clear()
@@ -273,7 +326,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         bar.update()
         if step % E2E_EVAL_EVERY == 0 or step == max_steps or time.monotonic() >= deadline:
             now = heldout_eval(student, held, held_targets)
-            bar.set_postfix(heldout_loss=f"{now[0]:.4f}", heldout_cos=f"{now[1]:.4f}")
+            bar.set_postfix(heldout_loss=f"{now[0]:.4f}", **{f"heldout_{FIGURES[_is_lm(student)]}": f"{now[1]:.4f}"})
             if now[0] < best[0]:
                 best, best_state = now, copy.deepcopy(student.state_dict())
     bar.close()
@@ -308,7 +361,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     if not len(held_ids):
         held_ids = fit_ids
     fit, held = _length_batches(batch, fit_ids, E2E_BATCH), _length_batches(batch, held_ids, E2E_BATCH)
-    held_targets = _teacher_targets(teacher, held)
+    held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)
 
     errors = layerwise(moes, teacher, adapter, teacher_calib, held_texts[teacher_calib.groups],
@@ -320,7 +373,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     end, steps = end_to_end(student, teacher, adapter, moes, fit, held, held_targets, deadline=deadline,
                             max_steps=max_steps, seed=seed, progress=progress)
     result = DistillResult(errors, [start[0], mid[0], end[0]], [start[1], mid[1], end[1]], steps,
-                           time.monotonic() - t0, len(held_ids))
+                           time.monotonic() - t0, len(held_ids), _is_lm(student))
     if log:
         log(f"  {result.summary()}")
 

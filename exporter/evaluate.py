@@ -295,8 +295,9 @@ def _training(config: dict) -> str:
         out += f", relufied (shift {r['shift']:g}, recovery to held-out cosine {r['heldout_cosine'][-1]:.4f})"
     if config.get("distill"):
         t = config["distill"]
-        out += (f", distilled ({t['steps']} end-to-end steps, {t['seconds']:.0f} s; held-out calibration cosine "
-                f"{t['heldout_cosine'][0]:.4f} -> {t['heldout_cosine'][-1]:.4f})")
+        key, name = ("heldout_kl", "next-token KL") if "heldout_kl" in t else ("heldout_cosine", "cosine")
+        out += (f", distilled ({t['steps']} end-to-end steps, {t['seconds']:.0f} s; held-out calibration {name} "
+                f"{t[key][0]:.4f} -> {t[key][-1]:.4f})")
     return out
 
 

@@ -27,7 +27,7 @@ from . import arch
 from .calib_cache import calibrate
 from .config import MoEConfig
 from .datasets import calibration_texts, heldout_texts
-from .distill import DistillResult, distill as distill_moe
+from .distill import ACTIVATIONS_MAX_GB, DistillResult, distill as distill_moe, layerwise_texts
 from .moe_ffn import MoEFFN
 from .genai_layout import GenaiLayoutError, add_to_export, genai_precision
 from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
@@ -124,7 +124,7 @@ class Converted:
 def _record(result: DistillResult) -> dict:
     """What the config keeps of a distillation (rounded: it is a record, not an input)."""
     return {"steps": result.steps, "seconds": round(result.seconds, 1), "heldout_texts": result.heldout_texts,
-            "heldout_loss": [round(c, 6) for c in result.loss], "heldout_cosine": [round(c, 6) for c in result.cosine],
+            "heldout_loss": [round(c, 6) for c in result.loss], f"heldout_{result.figure_name}": [round(c, 6) for c in result.figure],
             "layer_error": [[round(a, 6), round(b, 6)] for a, b in result.layer_error]}
 
 
@@ -211,7 +211,13 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         calibrated = lambda m, b: calibrate(m, adapter, b, use_cache=recipe.calib_cache,  # noqa: E731
                                             max_gb=recipe.calib_cache_max_gb, log=log)
         teacher = copy.deepcopy(model) if recipe.trains else None
-        teacher_train = calibrated(teacher, train_batch) if teacher is not None else None
+        teacher_train = None
+        if teacher is not None:  # the layer-wise phase's FFN inputs: the first texts that fit in memory
+            n_fit = max(len(sample), layerwise_texts(train_batch, teacher.config))
+            teacher_train = calibrated(teacher, {k: v[:n_fit] for k, v in train_batch.items()})
+            if n_fit < len(pool):
+                log(f"  layer-wise distillation on the first {n_fit} texts (their activations within "
+                    f"{ACTIVATIONS_MAX_GB:g} GB); end to end on all {len(pool)}")
         if recipe.relufy is not None:
             log(f"ReLU-fying (threshold shift {recipe.relufy:g}) and recovering the dense model by distillation")
             result = relufy_model(model, teacher, adapter, teacher_train, train_batch, shift=recipe.relufy,

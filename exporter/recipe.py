@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 
 from .calib_cache import DEFAULT_MAX_GB, MAX_GB_ENV, max_bytes
 from .genai_layout import PRECISIONS as GENAI_PRECISIONS
@@ -80,7 +81,8 @@ class _Settings:
         return {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready: a path given from Python (e.g. calib=Path(...)) as its string."""
+        return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclasses.dataclass

@@ -285,3 +285,25 @@ def test_distillation_trains_and_exports_the_low_rank_stand_in(tiny_bert_dir, tm
             assert not np.allclose(fit[f"layer.{i}.{name}"], trained[f"layer.{i}.{name}"])
     before, after_layerwise, after = report.config.distill["heldout_loss"]
     assert after <= before  # the best held-out state is kept
+
+
+def test_decoder_distillation_lowers_next_token_kl(tiny_model_dir, tmp_path, calib, monkeypatch):
+    """A language model distils on the next-token KL to the dense model (plus the hidden states), its teacher
+    targets recomputed per step when they would not fit (forced here), the layer-wise phase on the first texts
+    whose activations fit (forced to 60): the export validates, and the held-out KL falls."""
+    import exporter.distill as D
+    monkeypatch.setattr(D, "TARGETS_MAX_GB", 0.0)
+    per_text = 4 * 32 * 2 * 8  # bytes of FFN inputs of a text of 8 tokens: tiny LLaMA's width x layers x 4
+    monkeypatch.setattr(D, "ACTIVATIONS_MAX_GB", 60 * per_text / 1e9)
+    import importlib
+    monkeypatch.setattr(importlib.import_module("exporter.export"), "CALIB_LINES", 50)
+    report, logs = run_export(tiny_model_dir("llama"), tmp_path / "d", calib=calib, experts=8, top_k=2,
+                              split="coact", router="ls", correction="mean", distill=1.0, distill_steps=20,
+                              distill_texts=200, genai="off")
+    record = report.config.distill
+    assert "heldout_cosine" not in record
+    before, after_layerwise, after = record["heldout_kl"]
+    assert after < before  # nats per token, lower is closer
+    assert record["heldout_loss"][2] < record["heldout_loss"][0]
+    assert any("layer-wise distillation on the first" in line for line in logs), logs
+    assert report.max_rel_diff <= 1e-4

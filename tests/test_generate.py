@@ -142,3 +142,28 @@ def test_existing_directory_is_replaced_only_if_it_is_an_export(tiny_model_dir, 
     import json
     assert json.loads((out / "moefy.json").read_text())["moe"]["top_k"] == 1
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+def test_a_tie_on_every_texts_first_token_still_validates(tiny_model_dir, tmp_path, monkeypatch):
+    """Every token counted as a near tie (as at a chat template's first token, which every prompt shares): the
+    tokens where ONNX and PyTorch agree anyway are validated, and the export goes through (it used to be refused
+    with "every validation text starts with a near-tied routing decision")."""
+    import exporter.tasks.base as base
+    import exporter.tasks.decoder as decoder
+    monkeypatch.setattr(base, "TIE_MARGIN", float("inf"))
+    monkeypatch.setattr(decoder, "TIE_MARGIN", float("inf"))
+    report = export(tiny_model_dir("llama"), tmp_path / "out", experts=4, top_k=2, genai="off", backend=BACKEND,
+                    **QUIET)
+    assert report.max_rel_diff <= 1e-4 and report.validated_on > 0
+
+
+def test_a_tie_on_every_first_token_and_wrong_logits_fail(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import exporter.tasks.base as base
+    from runtime.generate import DecoderSession
+    monkeypatch.setattr(base, "TIE_MARGIN", float("inf"))
+    logits = DecoderSession.logits
+    monkeypatch.setattr(DecoderSession, "logits", lambda self, *a: logits(self, *a) + 1.0)
+    assert export_main([str(tiny_model_dir("llama")), str(tmp_path / "out"), "--experts", "4", "--top-k", "2",
+                        "--genai", "off", "--backend", BACKEND]) == 2
+    assert "near-tied routing decision at its first token and the ONNX logits differ" in capsys.readouterr().err
+    assert_no_output(tmp_path)
