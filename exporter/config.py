@@ -40,6 +40,7 @@ class MoEConfig:
     router_labels: str = "deviation"  # what calibrated routers rank by: "deviation" from the mean output, or "output" norm
     shared_experts: int = 0  # the first N experts of every layer are always on (counted in top_k)
     lowrank: int = 0  # --lowrank R: a rank-R linear stand-in for the skipped experts beside the operator
+    sequential: bool = False  # --sequential: layer i fitted on the inputs the MoEfied layers below give it
     layer_top_k: list | None = None  # per-layer top_k (from --budget); None: top_k everywhere
     budget: float | None = None  # --budget: target mean share of FFN parameters active per token
     dynamic_k: float | None = None  # --dynamic-k F: a token computes k/F..k*F experts, k on average (calibration)

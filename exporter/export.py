@@ -169,7 +169,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
     else:
         for flag, value in (("--budget", recipe.budget), ("--dynamic-k", recipe.dynamic_k),
                             ("--distill", recipe.distill), ("--relufy", recipe.relufy), ("--lowrank", recipe.lowrank or None),
-                            ("--recipe best", "best" if recipe.preset == "best" else None)):
+                            ("--sequential", recipe.sequential or None), ("--recipe best", "best" if recipe.preset == "best" else None)):
             if value is not None:
                 raise ValueError(f"{source} is already MoEfied: {flag} needs the original dense model")
         if recipe.top_k is not None:
@@ -231,7 +231,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         calib_acts = None if not needs_calibration(moe_cfg) else \
             teacher_train.first_texts(len(sample)) if teacher is not None and recipe.relufy is None else \
             calibrated(model, calib_batch)
-        routers = moefy(model, adapter, moe_cfg, calib_acts, progress=progress, log=log)
+        routers = moefy(model, adapter, moe_cfg, calib_acts, batch=calib_batch, progress=progress, log=log)
         del calib_acts
         if recipe.distill is not None:
             log(f"distilling the MoEfied model for at most {recipe.distill:g} min, {recipe.distill_steps} end-to-end "

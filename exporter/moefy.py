@@ -2,6 +2,7 @@
 save and reload the result, and build the MoE modules that replace the dense FFNs."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from safetensors.numpy import save_file
 from .progress import tqdm
 
 from .arch import FFNAdapter
+from .arch.base import get_module
 from .config import ROUTERS_FILE, MoEConfig
 from .moe_ffn import MoEFFN
 from .outfile import staged_directory
@@ -50,10 +52,11 @@ FORCED_SCORE = 1e6
 
 def needs_calibration(config: MoEConfig) -> bool:
     return (config.split in CALIBRATED_SPLITS or config.router in CALIBRATED_ROUTERS or config.correction == "mean"
-            or config.lowrank > 0 or config.shared_experts > 0 or config.budget is not None or config.dynamic_k is not None)
+            or config.lowrank > 0 or config.shared_experts > 0 or config.budget is not None or config.dynamic_k is not None
+            or config.sequential)
 
 
-def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress: bool = True,
+def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, batch=None, progress: bool = True,
           log=None) -> dict[str, np.ndarray]:
     """Split each FFN into experts (permuting its neurons in place into contiguous blocks; the dense
     model's function is unchanged) and build the routers. Returns {layer.i.router_w [E, d],
@@ -63,6 +66,7 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress
     text) is needed for the calibrated splits and routers, shared experts, ``budget`` and the mean
     correction. With
     ``config.budget`` set, ``config.layer_top_k`` (and ``top_k``, their rounded mean) are chosen here.
+    ``config.sequential`` also needs ``batch``, the tokenized calibration text ``calib`` was captured on.
     """
     E, S = config.experts, config.shared_experts
     check_split(E, config.top_k, config.intermediate_size, 0 if config.budget is not None else S)
@@ -88,9 +92,20 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress
         if log:
             log(f"  --budget {config.budget:g}: top-k per layer {config.layer_top_k}")
     routers, thresholds = {}, []
+    if config.sequential:  # the layers below layer i are MoEfied in `student` before layer i is fitted
+        if batch is None:
+            raise ValueError("sequential calibration needs the calibration text's batch")
+        student = copy.deepcopy(model)
+        student_layers = adapter.layers(student)
+        residual = [r for _, r in layer_io(model, adapter, batch, progress=progress)]
     for i, layer in enumerate(tqdm(layers, desc="building routers", disable=not progress)):
         ffn = adapter.read(layer)
         x = None if xs is None else xs[i]
+        target = None  # what the layer's MoE (and its stand-in) should output on x: the dense FFN's output
+        if config.sequential:  # on the inputs layer i now gets; the target puts its output where the dense one is
+            target = ffn.forward(x, config.activation)
+            x, r = layer_io(student, adapter, batch, i)[0]
+            target += residual[i] - r
         h = activations(ffn, x)
         rw, rb, info = build_router(ffn, x, h, config, config.layer_k(i), groups=groups, progress=progress)
         if info and log:
@@ -110,9 +125,12 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, progress
         if config.lowrank:
             moe = _layer_moe(ffn, config, routers, i)
             with torch.no_grad():
-                left = ffn.forward(x, config.activation) - moe(torch.as_tensor(x, dtype=torch.float32)).numpy()
+                left = (ffn.forward(x, config.activation) if target is None else target) \
+                    - moe(torch.as_tensor(x, dtype=torch.float32)).numpy()
             for name, t in zip(LOWRANK_KEYS, lowrank_fit(x, left, config.lowrank)):
                 routers[f"layer.{i}.{name}"] = t
+        if config.sequential:
+            adapter.install(student_layers[i], build_moes(student, adapter, config, routers, only=i)[0])
     if config.dynamic_k is not None and log:
         ranges = (f"{lo}..{hi}" for lo, hi in map(config.k_bounds, range(len(layers))))
         log(f"  --dynamic-k {config.dynamic_k:g}: experts per token per layer {', '.join(ranges)} "
@@ -273,6 +291,55 @@ def ffn_inputs(model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUN
     return out
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the layer of interest has run."""
+
+
+@torch.no_grad()
+def layer_io(model, adapter: FFNAdapter, batch, only: int | None = None, *, chunk: int = FFN_INPUT_CHUNK,
+             progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (or only layer ``only``, the forward pass stopped after it): (FFN input, the residual stream its
+    output is added to; see :meth:`FFNAdapter.post_norm`) on the batch's real tokens, [N, d] each, text after
+    text as :func:`ffn_inputs`."""
+    mask = batch["attention_mask"].numpy().astype(bool)
+    layers = adapter.layers(model)
+    wanted = range(len(layers)) if only is None else [only]
+    post_norm = adapter.post_norm(model.config)
+    seen = {}
+    hooks = []
+    for i in wanted:
+        layer = layers[i]
+        hooks.append(adapter.ffn_module(layer).register_forward_hook(
+            lambda mod, args, out, i=i: seen.__setitem__(("x", i), args[0])))
+        hooks.append(get_module(layer, adapter.down).register_forward_hook(
+            lambda mod, args, out, i=i: seen.__setitem__(("y", i), out)))
+
+        def after(mod, args, out, i=i):
+            seen[("out", i)] = out[0] if isinstance(out, tuple) else out
+            if i == only:
+                raise _Stop
+        hooks.append(layer.register_forward_hook(after))
+    result = [([], []) for _ in wanted]
+    try:
+        for start in tqdm(range(0, len(mask), chunk), desc=f"layer {only} inputs" if only is not None else
+                          "residual stream", disable=not progress, leave=False):
+            rows = mask[start:start + chunk]
+            width = int(np.nonzero(rows.any(0))[0].max(initial=0)) + 1
+            try:
+                model.base_model(**{k: v[start:start + chunk, :width] for k, v in batch.items()})
+            except _Stop:
+                pass
+            for (xs, rs), i in zip(result, wanted):  # (OPT flattens the batch before its FFN)
+                x, y, out = (seen[(k, i)].reshape(len(rows), width, -1) for k in ("x", "y", "out"))
+                xs.append(x.numpy()[rows[:, :width]])
+                rs.append((x if post_norm else out - y).numpy()[rows[:, :width]])
+            seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(np.concatenate(xs), np.concatenate(rs)) for xs, rs in result]
+
+
 def text_ids(batch) -> np.ndarray:
     """[N]: the text each of :func:`ffn_inputs`' tokens comes from."""
     return np.nonzero(batch["attention_mask"].numpy().astype(bool))[0]
@@ -333,14 +400,15 @@ def save_moefied(directory: str | Path, model, tokenizer, config: MoEConfig, rou
         config.save(tmp)
 
 
-def build_moes(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> list[MoEFFN]:
-    """One MoEFFN per layer from its (already permuted) dense FFN and its router."""
+def build_moes(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom",
+               only: int | None = None) -> list[MoEFFN]:
+    """One MoEFFN per layer (or only for layer ``only``) from its (already permuted) dense FFN and its router."""
     return [MoEFFN.from_dense(adapter.read(layer), config.experts, routers[f"layer.{i}.router_w"],
                               routers[f"layer.{i}.router_b"], routers.get(f"layer.{i}.unselected_bias"),
                               activation=config.activation, target=target, shared=config.shared_experts,
                               router_mlp=layer_mlp(routers, i), lowrank=layer_lowrank(routers, i),
                               **config.op_selection(i))
-            for i, layer in enumerate(adapter.layers(model))]
+            for i, layer in enumerate(adapter.layers(model)) if only in (None, i)]
 
 
 def install_moe(model, adapter: FFNAdapter, config: MoEConfig, routers, *, target: str = "custom") -> list[MoEFFN]:

@@ -122,6 +122,12 @@ class Recipe(_Settings):
            f"3m/2 gated) in place of one of the default {DEFAULT_TOP_K} experts (MiniLM: 7 experts and --lowrank 48, "
            "25%% in all); with --top-k, none unless given (default: from --recipe)",
         type=int, metavar="R", show_default=False)
+    sequential: bool = setting(
+        False, "error-aware sequential calibration: layer i's router, mean correction and low-rank stand-in are fitted "
+               "on the FFN inputs the already MoEfied layers below give it (not the dense model's), and the stand-in "
+               "(--lowrank) is fitted to put the layer's output back where the dense model's is, absorbing the error "
+               "those layers left in the residual stream. One more forward pass over the calibration text per layer",
+        action="store_true")
     split: str | None = setting(
         None, "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
                  "FFNs); coact: balanced k-means on how neurons' output deviations move together on calibration text; "
@@ -230,6 +236,8 @@ class Recipe(_Settings):
             value = getattr(self, name)
             if value not in (None, 0):
                 flags.append(f"{self.flags()[name]} {value:g}")
+        if self.sequential:
+            flags.append(self.flags()["sequential"])
         return f"--recipe {self.preset} ({self.resolved_for_family or 'any'} FFN): {' '.join(flags)}"
 
     def check(self) -> None:

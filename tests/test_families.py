@@ -187,3 +187,37 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tiny_model_dir, tmp
     single = tmp_path / "single.onnx"
     export(tiny_model_dir("qwen2"), single, experts=4, top_k=2, backend=BACKEND, **QUIET)
     assert (tmp_path / "single.onnx_data").is_file()
+
+
+@pytest.mark.parametrize("family", [*ENCODER_FAMILIES, *DECODER_FAMILIES])
+def test_post_norm_says_where_the_ffn_output_is_added(tiny_model_dir, family):
+    """Sequential calibration's residual (exporter.moefy.layer_io) rests on each family's post_norm: a vector added
+    to the FFN's output comes out of the layer unchanged exactly when the layer adds it to the residual stream
+    (pre-norm); a post-norm layer normalises it away."""
+    from exporter.arch.base import get_module
+    from exporter.moefy import layer_io
+    model, tok, adapter = load_model(tiny_model_dir(family))[:3]
+    batch = task_for(adapter).batch(tok, ["the cat is on a mat", "a dog"], model, 32)
+    layer = adapter.layers(model)[0]
+    outs = []
+    for shift in (0.0, 1.0):
+        hook = get_module(layer, adapter.down).register_forward_hook(lambda m, a, out, s=shift: out + s)
+        try:
+            outs.append(layer_io(model, adapter, batch, 0)[0])
+        finally:
+            hook.remove()
+    (x0, r0), (x1, r1) = outs
+    np.testing.assert_allclose(x0, x1)  # the FFN input does not depend on its own output
+    np.testing.assert_allclose(r0, r1, atol=1e-5)  # nor does the residual it is added to
+    def out_of_layer(shift):
+        seen = []
+        h1 = layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        h2 = get_module(layer, adapter.down).register_forward_hook(lambda m, a, out: out + shift)
+        try:
+            with torch.no_grad():
+                model.base_model(**batch)
+        finally:
+            h1.remove(), h2.remove()
+        return seen[0]
+    moved = out_of_layer(1.0) - out_of_layer(0.0)
+    assert torch.allclose(moved, torch.ones_like(moved), atol=1e-5) == (not adapter.post_norm(model.config))

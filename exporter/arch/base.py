@@ -208,6 +208,12 @@ class FFNAdapter(abc.ABC):
     def ffn_module(self, layer) -> nn.Module:
         return get_module(layer, self.ffn_input)
 
+    def post_norm(self, config) -> bool:
+        """True if the layer normalises after adding the FFN output to the FFN input, LN(x + FFN(x)) (BERT); False
+        if the output is added to the residual stream the FFN input was normalised from, h + FFN(norm(h)) (GPT-2,
+        LLaMA). Sequential calibration needs that residual: x, else the layer's output minus the FFN's."""
+        return False
+
     @abc.abstractmethod
     def replacements(self, layer, moe: nn.Module) -> dict[str, nn.Module]:
         """Module path in the layer -> the module that replaces it so the layer computes ``moe`` (which

@@ -16,3 +16,6 @@ class BertAdapter(FFNAdapter):
         # BertOutput computes LayerNorm(dropout(dense(h)) + residual): with intermediate = the MoE FFN (bias
         # included) and dense = Identity, the rest of the layer is untouched.
         return {"intermediate": moe, "output.dense": nn.Identity()}
+
+    def post_norm(self, config):
+        return True

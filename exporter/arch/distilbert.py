@@ -12,3 +12,6 @@ class DistilBertAdapter(FFNAdapter):
 
     def replacements(self, layer, moe):
         return {"ffn": moe}  # its output goes to output_layer_norm(ffn + attention output), as before
+
+    def post_norm(self, config):
+        return True

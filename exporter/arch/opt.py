@@ -14,3 +14,6 @@ class OPTAdapter(FFNAdapter):
 
     def replacements(self, layer, moe):
         return {"fc1": moe, "activation_fn": nn.Identity(), "fc2": nn.Identity()}
+
+    def post_norm(self, config):
+        return not getattr(config, "do_layer_norm_before", True)  # OPT-350m normalises after the residual
