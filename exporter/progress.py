@@ -9,16 +9,18 @@ from __future__ import annotations
 import sys
 
 LOG_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal
+_CURSOR_UP = "\x1b[A"  # what tqdm writes to draw a nested bar (position > 0) below its parent
 
 
 class _Lines:
-    """A file for tqdm that turns each in-place redraw into one line (and drops the blank ones that clear a bar)."""
+    """A file for tqdm that turns each in-place redraw into one line (and drops the blank ones that clear a bar, and
+    the cursor moves of a bar nested in another)."""
 
     def __init__(self, file):
         self.file = file
 
     def write(self, s: str) -> None:
-        s = s.replace("\r", "").rstrip()
+        s = s.replace("\r", "").replace(_CURSOR_UP, "").rstrip()
         if s:
             self.file.write(s + "\n")
 

@@ -32,6 +32,11 @@ def test_progress_in_a_log_is_whole_lines():
     for _ in tqdm(range(3), desc="gone", file=log, leave=False):
         pass
     assert log.getvalue().splitlines() == [ln for ln in log.getvalue().splitlines() if ln.strip()]  # no blank lines
+    log = io.StringIO()
+    for _ in tqdm(range(2), desc="outer", file=log):
+        for _ in tqdm(range(2), desc="inner", file=log, leave=False):
+            pass
+    assert "\x1b" not in log.getvalue() and all(ln.strip() for ln in log.getvalue().splitlines())  # nested: no escapes
 
 
 def test_progress_on_a_terminal_redraws_in_place():
