@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 TASKS: dict[str, type["Task"]] = {}
 
