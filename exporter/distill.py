@@ -317,6 +317,8 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         if step == E2E_WARMUP:
             pace = (time.monotonic() - t0) / step
             planned = min(max_steps, max(step + 1, int((deadline - t0) / pace)))
+            bar.total = planned  # the bar's end (and its time left) is the budget's, not the step cap's
+            bar.refresh()
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(step / planned, 1.0))
         opt.zero_grad()
