@@ -135,14 +135,25 @@ def router_refit_loss(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(moe.scores(x), target)
 
 
-def _relative_error(moe, x, y) -> float:
+def _relative_error(moe, x, y, per_token: bool = False) -> float:
     with torch.no_grad():
-        return float((moe(x) - y).norm() / y.norm().clamp_min(1e-30))
+        return float(_relative_sq_error(moe(x), y, per_token).sqrt())
+
+
+def _relative_sq_error(y, target, per_token: bool):
+    """Squared error relative to the target's: over all tokens at once, or (``per_token``) per token, then averaged.
+    A language model's first token (the same BOS in every text: an attention sink) carries activations hundreds
+    to a thousand times larger than the others' in some layers (SmolLM2: FFN output norm 25,000 against 34); over
+    all tokens at once its error alone would be the loss."""
+    if per_token:
+        return (((y - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-30)).mean()
+    return ((y - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30)
 
 
 def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LAYERWISE_EPOCHS, seed=0,
-              progress=True) -> list[list[float]]:
-    """Phase 1 (module docstring); returns each layer's held-out FFN relative error [before, after]."""
+              progress=True, per_token: bool = False) -> list[list[float]]:
+    """Phase 1 (module docstring); returns each layer's held-out FFN relative error [before, after]
+    (``per_token``: :func:`_relative_sq_error`'s, trained on that too)."""
     errors = []
     fit_tokens = ~held_tokens if (~held_tokens).any() else held_tokens
     layers = adapter.layers(teacher)
@@ -154,7 +165,7 @@ def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LA
         x_fit, y_fit = x[torch.as_tensor(fit_tokens)], y[torch.as_tensor(fit_tokens)]
         x_held, y_held = x[torch.as_tensor(held_tokens)], y[torch.as_tensor(held_tokens)]
         params = _moe_tensors(moe)
-        best = start = _relative_error(moe, x_held, y_held)
+        best = start = _relative_error(moe, x_held, y_held, per_token)
         best_values = [p.detach().clone() for p in params]
         for p in params:
             p.requires_grad_(True)
@@ -167,14 +178,14 @@ def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LA
             for j in range(0, len(order), LAYERWISE_BATCH):
                 b = order[j:j + LAYERWISE_BATCH]
                 target = y_fit[b]
-                loss = ((moe(x_fit[b]) - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30)
+                loss = _relative_sq_error(moe(x_fit[b]), target, per_token)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 if time.monotonic() > layer_deadline:
                     break
             moe.router_temperature = None
-            err = _relative_error(moe, x_held, y_held)
+            err = _relative_error(moe, x_held, y_held, per_token)
             moe.router_temperature = ROUTER_TEMPERATURE
             if err < best:
                 best, best_values = err, [p.detach().clone() for p in params]
@@ -250,7 +261,7 @@ def _loss(out, mask, target):
     cosine; language models: KL_WEIGHT x the next-token KL to the teacher per real token, figure that KL."""
     layer_targets, emb, logprobs = target
     m = mask.bool()
-    hidden = sum(((h[m] - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
+    hidden = sum(_relative_sq_error(h[m], t, per_token=logprobs is not None)
                  for h, t in zip(out.hidden_states[1:], layer_targets)) / len(layer_targets)
     if logprobs is None:
         cos = F.cosine_similarity(_pool(out.hidden_states[-1], mask), emb)
@@ -367,7 +378,8 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     start = heldout_eval(student, held, held_targets)
 
     errors = layerwise(moes, teacher, adapter, teacher_calib, held_texts[teacher_calib.groups],
-                       deadline=t0 + LAYERWISE_SHARE * (deadline - t0), seed=seed, progress=progress)
+                       deadline=t0 + LAYERWISE_SHARE * (deadline - t0), seed=seed, progress=progress,
+                       per_token=_is_lm(student))
     if log:
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))
