@@ -97,7 +97,7 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, batch=No
             raise ValueError("sequential calibration needs the calibration text's batch")
         student = copy.deepcopy(model)
         student_layers = adapter.layers(student)
-        residual = [r for _, r in layer_io(model, adapter, batch, progress=progress)]
+        residual = [r for _, r in layer_io(model, adapter, batch, inputs=False, progress=progress)]
     for i, layer in enumerate(tqdm(layers, desc="building routers", disable=not progress)):
         ffn = adapter.read(layer)
         x = None if xs is None else xs[i]
@@ -296,11 +296,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def layer_io(model, adapter: FFNAdapter, batch, only: int | None = None, *, chunk: int = FFN_INPUT_CHUNK,
-             progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer (or only layer ``only``, the forward pass stopped after it): (FFN input, the residual stream its
-    output is added to; see :meth:`FFNAdapter.post_norm`) on the batch's real tokens, [N, d] each, text after
-    text as :func:`ffn_inputs`."""
+def layer_io(model, adapter: FFNAdapter, batch, only: int | None = None, *, inputs: bool = True,
+             chunk: int = FFN_INPUT_CHUNK, progress: bool = False) -> list[tuple[np.ndarray | None, np.ndarray]]:
+    """Per layer (or only layer ``only``, the forward pass stopped after it): (FFN input, or None without
+    ``inputs``; the residual stream its output is added to, see :meth:`FFNAdapter.post_norm`) on the batch's real
+    tokens, [N, d] each, text after text as :func:`ffn_inputs`."""
     mask = batch["attention_mask"].numpy().astype(bool)
     layers = adapter.layers(model)
     wanted = range(len(layers)) if only is None else [only]
@@ -331,13 +331,18 @@ def layer_io(model, adapter: FFNAdapter, batch, only: int | None = None, *, chun
                 pass
             for (xs, rs), i in zip(result, wanted):  # (OPT flattens the batch before its FFN)
                 x, y, out = (seen[(k, i)].reshape(len(rows), width, -1) for k in ("x", "y", "out"))
-                xs.append(x.numpy()[rows[:, :width]])
+                if inputs:
+                    xs.append(x.numpy()[rows[:, :width]])
                 rs.append((x if post_norm else out - y).numpy()[rows[:, :width]])
             seen.clear()
     finally:
         for h in hooks:
             h.remove()
-    return [(np.concatenate(xs), np.concatenate(rs)) for xs, rs in result]
+    out = []
+    while result:  # layer by layer, freeing the chunks as we go (as ffn_inputs)
+        xs, rs = result.pop(0)
+        out.append((np.concatenate(xs) if inputs else None, np.concatenate(rs)))
+    return out
 
 
 def text_ids(batch) -> np.ndarray:
