@@ -289,15 +289,18 @@ class EvalReport:
 
 def _training(config: dict) -> str:
     """', relufied (shift 0), distilled (...)' for trained exports, '' otherwise."""
+    def figure(record):  # (name, values): encoders record the embedding cosine, language models the KL
+        return ("next-token KL", record["heldout_kl"]) if "heldout_kl" in record else ("cosine", record["heldout_cosine"])
     out = ""
     if config.get("relufy"):
         r = config["relufy"]
-        out += f", relufied (shift {r['shift']:g}, recovery to held-out cosine {r['heldout_cosine'][-1]:.4f})"
+        name, values = figure(r)
+        out += f", relufied (shift {r['shift']:g}, recovery to held-out {name} {values[-1]:.4f})"
     if config.get("distill"):
         t = config["distill"]
-        key, name = ("heldout_kl", "next-token KL") if "heldout_kl" in t else ("heldout_cosine", "cosine")
+        name, values = figure(t)
         out += (f", distilled ({t['steps']} end-to-end steps, {t['seconds']:.0f} s; held-out calibration {name} "
-                f"{t[key][0]:.4f} -> {t[key][-1]:.4f})")
+                f"{values[0]:.4f} -> {values[-1]:.4f})")
     return out
 
 

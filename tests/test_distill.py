@@ -307,3 +307,5 @@ def test_decoder_distillation_lowers_next_token_kl(tiny_model_dir, tmp_path, cal
     assert record["heldout_loss"][2] < record["heldout_loss"][0]
     assert any("layer-wise distillation on the first" in line for line in logs), logs
     assert report.max_rel_diff <= 1e-4
+    from exporter.evaluate import _training  # what moe-eval prints of the export's training
+    assert "held-out calibration next-token KL" in _training({"distill": record})
