@@ -42,6 +42,8 @@ LAYERWISE_BATCH = 1024  # tokens
 LAYERWISE_LR = 1e-3
 LAYERWISE_SHARE = 0.5  # at most this share of the time budget goes to the layer-wise phase
 E2E_BATCH = 32  # texts, of similar length (less padding)
+E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
+# activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB
 E2E_LR = 1e-4  # MiniLM, 25% active, 70 min: 3e-5 -> cosine 0.941, 1e-4 -> 0.946; 3e-4 fell behind early
 E2E_WARMUP = 10  # steps
 E2E_EVAL_EVERY = 25  # steps
@@ -207,11 +209,17 @@ def _rows(batch, texts: np.ndarray) -> dict:
     return {k: v[:, :width] for k, v in sub.items()}
 
 
-def _length_batches(batch, texts: np.ndarray, size: int) -> list[dict]:
-    """Batches of ``size`` texts of similar length."""
+def _length_batches(batch, texts: np.ndarray, size: int, max_tokens: int | None = None) -> list[dict]:
+    """Batches of at most ``size`` texts of similar length, and at most ``max_tokens`` tokens padded."""
     lengths = batch["attention_mask"][torch.as_tensor(texts)].sum(1).numpy()
-    ordered = texts[np.argsort(lengths, kind="stable")]
-    return [_rows(batch, ordered[i:i + size]) for i in range(0, len(ordered), size)]
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):  # lengths ascend: a batch's padded size is its count x its last length
+        if end == len(order) or end + 1 - start > size or \
+                (max_tokens is not None and (end + 1 - start) * lengths[order[end]] > max_tokens):
+            groups.append(texts[order[start:end]])
+            start = end
+    return [_rows(batch, g) for g in groups]
 
 
 def _pool(h, mask):
@@ -373,7 +381,8 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     fit_ids, held_ids = np.nonzero(~held_texts)[0], np.nonzero(held_texts)[0]
     if not len(held_ids):
         held_ids = fit_ids
-    fit, held = _length_batches(batch, fit_ids, E2E_BATCH), _length_batches(batch, held_ids, E2E_BATCH)
+    cap = E2E_LM_TOKENS if _is_lm(student) else None
+    fit, held = (_length_batches(batch, ids, E2E_BATCH, cap) for ids in (fit_ids, held_ids))
     held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)
 
