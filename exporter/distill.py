@@ -86,8 +86,8 @@ class DistillResult:
     def summary(self) -> str:
         errs = ", ".join(f"{a:.3f}->{b:.3f}" for a, b in self.layer_error)
         return (f"held-out FFN rel. error per layer {errs}; held-out loss {self.loss[0]:.4f} -> {self.loss[1]:.4f} "
-                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps), {'next-token KL' if self.lm else 'embedding cosine'} "
-                f"{self.figure[0]:.4f} -> {self.figure[1]:.4f} -> {self.figure[2]:.4f}; {self.seconds:.0f} s")
+                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps), "
+                f"{'next-token KL' if self.lm else 'embedding cosine'} {self.figure[0]:.4f} -> {self.figure[1]:.4f} -> {self.figure[2]:.4f}; {self.seconds:.0f} s")
 
 
 def layerwise_texts(batch, config) -> int:
@@ -236,12 +236,11 @@ def _is_lm(model) -> bool:
 def _teacher_target(teacher, b) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Each layer's output on the real tokens, the mean-pooled embeddings, and (language models) the next-token
     log-probabilities on the real tokens."""
-    lm = _is_lm(teacher)
-    out = teacher(**b, output_hidden_states=True, **({"use_cache": False} if lm else {}))
+    out = _forward(teacher, b)
     hs = out.hidden_states[1:]
     mask = b["attention_mask"].bool()
     return [h[mask] for h in hs], _pool(hs[-1], b["attention_mask"]), \
-        F.log_softmax(out.logits[mask], -1) if lm else None
+        F.log_softmax(out.logits[mask], -1) if _is_lm(teacher) else None
 
 
 class _Targets:
