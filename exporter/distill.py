@@ -255,9 +255,6 @@ class _Targets:
         size = 4 * tokens * (c.hidden_size * c.num_hidden_layers + vocab)
         self.kept = [_teacher_target(teacher, b) for b in batches] if size <= TARGETS_MAX_GB * 1e9 else None
 
-    def __len__(self):
-        return len(self.batches)
-
     def __getitem__(self, j):
         return self.kept[j] if self.kept is not None else _teacher_target(self.teacher, self.batches[j])
 
