@@ -44,7 +44,9 @@ LAYERWISE_SHARE = 0.5  # at most this share of the time budget goes to the layer
 E2E_BATCH = 32  # texts, of similar length (less padding)
 E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
 # activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB
-E2E_LR = 1e-4  # MiniLM, 25% active, 70 min: 3e-5 -> cosine 0.941, 1e-4 -> 0.946; 3e-4 fell behind early
+E2E_LR = {False: 3e-4, True: 1e-4}  # embedding models, language models. MiniLM, 25% active, --recipe best's 30 min
+# (docs/QUALITY.md): 1e-4 -> cosine 0.940, 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred
+# steps and overtake as the rate decays; at 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946). SmolLM2: measured at 1e-4 only
 E2E_WARMUP = 10  # steps
 E2E_EVAL_EVERY = 25  # steps
 COSINE_WEIGHT = 1.0  # embedding (1 - cosine) against the mean relative squared error of the hidden states
@@ -122,19 +124,31 @@ def _moe_tensors(moe: MoEFFN) -> list[torch.Tensor]:
     return _expert_tensors(moe) + _router_tensors(moe)
 
 
-def router_refit_loss(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """Logistic loss of the router's scores on the FFN's own inputs ``x`` against its current oracle set:
     the top_k experts whose output deviates most from what the op adds when they are skipped (their
     unselected_bias, else their mean output). Gradients reach the router only (inputs and targets detached):
-    it follows the drifting inputs and experts without the straight-through path through the task loss."""
-    E, m, d = moe.w1.shape
-    x = x.detach().reshape(-1, d)
+    it follows the drifting inputs and experts without the straight-through path through the task loss.
+    ``h``: the experts' activations on ``x`` (:func:`expert_hidden`), when the forward pass computed them."""
     with torch.no_grad():
-        h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg)
-        out = torch.einsum("nem,emd->ned", h.unflatten(-1, (E, m)), moe.w2)
-        skipped = moe.unselected_bias if moe.unselected_bias is not None else out.mean(0)
-        target = selection_mask((out - skipped).norm(dim=-1), moe.top_k)
+        x = x.detach().reshape(-1, moe.w1.shape[2])
+        h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg) if h is None else h
+        target = selection_mask(expert_deviations(moe, h.reshape(len(x), -1)), moe.top_k)
     return F.binary_cross_entropy_with_logits(moe.scores(x), target)
+
+
+def expert_deviations(moe: MoEFFN, h: torch.Tensor) -> torch.Tensor:
+    """[n, E]: ||h_e W2_e - s_e|| per token and expert, s_e what the op adds when e is skipped (unselected_bias,
+    else the mean output over ``h``). Expanded through each expert's Gram matrix W2_e W2_e^T (m x m, not m x d):
+    the per-expert outputs would cost as much as the FFN's second layer again (MiniLM: a 45% longer step)."""
+    E, m, d = moe.w1.shape
+    h = h.unflatten(-1, (E, m))
+    w2 = moe.w2
+    s = moe.unselected_bias if moe.unselected_bias is not None else torch.einsum("em,emd->ed", h.mean(0), w2)
+    gram = w2 @ w2.transpose(1, 2)  # [E, m, m]
+    sq = (torch.einsum("nem,emk->nek", h, gram) * h).sum(-1)
+    sq = sq - 2 * torch.einsum("nem,em->ne", h, torch.einsum("emd,ed->em", w2, s)) + (s * s).sum(-1)
+    return sq.clamp_min(0).sqrt()
 
 
 def _relative_error(moe, x, y, per_token: bool = False) -> float:
@@ -302,13 +316,13 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     router = {id(t) for moe in moes for t in _router_tensors(moe)}  # frozen, or refit on its own: docstring
     params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
     params += [t for moe in moes for t in _expert_tensors(moe) if all(t is not p for p in params)]
-    groups = [{"params": params, "lr": E2E_LR, "base_lr": E2E_LR}]
-    inputs, hooks = {}, []
+    lr = E2E_LR[_is_lm(student)]
+    groups = [{"params": params, "lr": lr, "base_lr": lr}]
     routed = [moe for moe in moes if moe.top_k < moe.w1.shape[0]]  # not relufy's one always-selected expert
-    if E2E_ROUTER_LR > 0 and routed:
-        groups.append({"params": [t for moe in routed for t in _router_tensors(moe)], "lr": E2E_ROUTER_LR,
+    refit = routed if E2E_ROUTER_LR > 0 else []
+    if refit:
+        groups.append({"params": [t for moe in refit for t in _router_tensors(moe)], "lr": E2E_ROUTER_LR,
                        "base_lr": E2E_ROUTER_LR})
-        hooks = [moe.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0])) for moe in routed]
     best_state = copy.deepcopy(student.state_dict())
     for p in student.parameters():
         p.requires_grad_(False)
@@ -316,26 +330,31 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         for p in g["params"]:
             p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
-    t0, rng, step, order, planned = time.monotonic(), np.random.default_rng(seed), 0, [], max_steps
+    t0, rng, step, order, by_time = time.monotonic(), np.random.default_rng(seed), 0, [], False
     bar = tqdm(total=max_steps, desc="distilling end to end", disable=not progress)
     while step < max_steps and time.monotonic() < deadline:
         if not order:
             order = list(rng.permutation(len(fit)))
         j = order.pop()
         b = fit[j]
+        for moe in refit:  # the training forward's FFN inputs and activations, for the routers' own loss
+            moe.hidden_log = []
         loss, _ = _loss(_forward(student, b), b["attention_mask"], fit_targets[j])
-        if inputs:
-            loss = loss + sum(router_refit_loss(moe, x) for moe, x in inputs.items())
-            inputs.clear()
-        # Warm-up, then a linear decay to a tenth over the planned steps: max_steps, or as many as the time
-        # left allows at the pace of the warm-up (decided once, so a run that the step cap ends is reproducible).
+        for moe in refit:
+            loss = loss + sum(router_refit_loss(moe, x, h) for x, h in moe.hidden_log)
+            moe.hidden_log = None
+        # Warm-up, then a linear decay to a tenth by the step cap or, if the warm-up's pace says the budget ends
+        # the run first, by the deadline (in time: planning steps from that pace overestimated them by a third
+        # and MiniLM's rate decayed to 0.34 only). A run that the cap ends decays on steps alone: reproducible.
+        now = time.monotonic()
         if step == E2E_WARMUP:
-            pace = (time.monotonic() - t0) / step
-            planned = min(max_steps, max(step + 1, int((deadline - t0) / pace)))
-            bar.total = planned  # the bar's end (and its time left) is the budget's, not the step cap's
-            bar.refresh()
+            by_time = (deadline - t0) * step / (now - t0) < max_steps
+        progress = (now - t0) / (deadline - t0) if by_time else step / max_steps
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(step / planned, 1.0))
+            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(progress, 1.0))
+        if step and step % E2E_WARMUP == 0:  # the bar's end (and its time left) is the budget's, not the cap's
+            bar.total = min(max_steps, step + max(1, int((deadline - now) * step / (now - t0))))
+            bar.refresh()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -347,8 +366,6 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
             if now[0] < best[0]:
                 best, best_state = now, copy.deepcopy(student.state_dict())
     bar.close()
-    for h in hooks:
-        h.remove()
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(False)

@@ -199,7 +199,12 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
         calib_batch = train_batch = None
         if needs_calibration(moe_cfg) or recipe.trains:
             n_texts = max(CALIB_LINES, recipe.distill_texts) if recipe.trains else CALIB_LINES
-            pool, where = (calib_texts, f"--calib {recipe.calib}") if calib_texts else calibration_texts(n_texts, log)
+            if calib_texts:  # the user's text as given
+                pool, where = calib_texts, f"--calib {recipe.calib}"
+            else:
+                pool, where = calibration_texts(n_texts, log)
+                pool, change = task.default_calibration(tokenizer, pool)
+                where += f", {change}" if change else ""
             sample = pool[:CALIB_LINES]
             calibration = {"source": where, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({where})")

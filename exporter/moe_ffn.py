@@ -49,7 +49,7 @@ def expert_hidden(x, w1, b1, activation: str, wg=None, bg=None) -> torch.Tensor:
 
 def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k: int, activation: str,
                  min_k: int = 1, score_threshold: float = -math.inf, wg=None, bg=None, *,
-                 router_temperature: float | None = None) -> torch.Tensor:
+                 router_temperature: float | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Operator semantics computed densely: all experts, unselected ones masked to zero (plus
     their unselected_bias row, if any). Scores: router_scores if given, else x @ router_w.T + router_b.
     b1, b2 and bg may be None (absent); wg (and bg) make it the gated form.
@@ -57,7 +57,8 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselecte
     ``router_temperature`` (training only) lets gradients reach the router through the top-k selection
     (a straight-through surrogate): the forward value is unchanged, the backward pass treats the mask as
     sigmoid((score - t) / (temperature * spread)), t halfway between the k-th and (k+1)-th scores and
-    spread the token's median absolute deviation of scores (so the temperature is scale-free)."""
+    spread the token's median absolute deviation of scores (so the temperature is scale-free).
+    ``hidden``: :func:`expert_hidden` of ``x``, if the caller has it already."""
     E, m, d = w1.shape
     scores = router_scores if router_scores is not None else x @ router_w.T + router_b
     mask = selection_mask(scores, top_k, min_k, score_threshold)
@@ -68,7 +69,7 @@ def masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselecte
         spread = (s - centre).abs().median(-1, keepdim=True).values.clamp_min(1e-12)  # robust to shared experts
         soft = torch.sigmoid((scores - threshold) / (router_temperature * spread))
         mask = mask + (soft - soft.detach())  # exactly the hard mask in the forward pass
-    h = expert_hidden(x, w1, b1, activation, wg, bg)
+    h = expert_hidden(x, w1, b1, activation, wg, bg) if hidden is None else hidden
     h = (h.unflatten(-1, (E, m)) * mask.unsqueeze(-1)).flatten(-2)
     y = h @ w2.reshape(E * m, d)
     if b2 is not None:
@@ -194,6 +195,7 @@ class MoEFFN(nn.Module):
         self.min_k, self.score_threshold = min_k, float(score_threshold)
         self.router_temperature = None  # distillation: straight-through gradients to the router (masked_dense)
         self.gap_log = None  # validation (routing_margins): a list that collects each call's routing margins
+        self.hidden_log = None  # distillation: a list that collects each call's (input, expert_hidden), detached
         for name in ("w1_q", "w1_scale", "w2_q", "w2_scale", "wg_q", "wg_scale"):  # set by quantize_int8
             self.register_buffer(name, None)
 
@@ -274,7 +276,11 @@ class MoEFFN(nn.Module):
         else:
             if self.gap_log is not None:
                 self.gap_log.append(routing_margin(self.scores(x), self.top_k, self.shared, self.score_threshold))
-            y = masked_dense(*args, router_temperature=self.router_temperature)
+            h = None
+            if self.hidden_log is not None:  # the router refit reuses the forward's first layer (distill)
+                h = expert_hidden(x, w1, self.b1, self.activation, wg, self.bg)
+                self.hidden_log.append((x.detach(), h.detach()))
+            y = masked_dense(*args, router_temperature=self.router_temperature, hidden=h)
         if self.lowrank is not None:  # the low-rank stand-in for the skipped experts (standard ops when exported)
             a, b, c = self.lowrank
             y = y + (x @ a.T) @ b + c

@@ -270,6 +270,26 @@ def test_router_refit_learns_its_own_oracle():
     assert overlap > 0.5  # chance: k / E = 0.25
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_expert_deviations_through_the_gram_matrices_match_the_outputs(gated, bias):
+    """The router refit's labels, ||h_e W2_e - s_e|| computed through W2_e W2_e^T, equal the per-expert outputs'
+    (s_e: unselected_bias, else the mean output), and reusing the forward's activations changes nothing."""
+    from exporter.distill import expert_deviations, router_refit_loss
+    from exporter.moe_ffn import MoEFFN, expert_hidden
+    g = torch.Generator().manual_seed(1)
+    E, m, d, k = 6, 5, 12, 2
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    moe = MoEFFN(r(E, m, d), r(E, m), r(E, m, d), r(d), r(E, d), r(E), r(E, d) if bias else None, top_k=k,
+                 activation="silu" if gated else "gelu", wg=r(E, m, d) if gated else None)
+    x = r(40, d)
+    h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg)
+    out = torch.einsum("nem,emd->ned", h.unflatten(-1, (E, m)), moe.w2)
+    s = moe.unselected_bias if bias else out.mean(0)
+    torch.testing.assert_close(expert_deviations(moe, h), (out - s).norm(dim=-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(router_refit_loss(moe, x, h), router_refit_loss(moe, x))
+
+
 def test_distillation_trains_and_exports_the_low_rank_stand_in(tiny_bert_dir, tmp_path, calib):
     """The stand-in trains with the experts, and what trained is what is exported (it used to train end to end and
     then be dropped: the export carried the closed-form fit beside distilled experts)."""

@@ -167,3 +167,24 @@ def test_a_tie_on_every_first_token_and_wrong_logits_fail(tiny_model_dir, tmp_pa
                         "--genai", "off", "--backend", BACKEND]) == 2
     assert "near-tied routing decision at its first token and the ONNX logits differ" in capsys.readouterr().err
     assert_no_output(tmp_path)
+
+
+def test_instruct_models_also_calibrate_on_chat_turns(tiny_model_dir):
+    """A tokenizer with a chat template: every second default calibration text becomes a one-turn chat (the text
+    before it as the user's message), with one BOS whether or not the tokenizer adds its own; without: unchanged."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from exporter.tasks.decoder import TextGeneration
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    texts = ["one", "two", "three", "four", "five"]
+    got, change = TextGeneration().default_calibration(tok, texts)
+    assert got == ["one", "<s>user: one</s><s>assistant: two</s>", "three", "<s>user: three</s><s>assistant: four</s>",
+                   "five"]
+    assert "chat" in change
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    got, _ = TextGeneration().default_calibration(tok, texts)
+    assert tok(got[1]).input_ids[:2].count(bos) == 1 and tok(got[1]).input_ids[0] == bos
+    tok.chat_template = None
+    assert TextGeneration().default_calibration(tok, texts) == (texts, "")

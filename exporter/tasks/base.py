@@ -100,6 +100,10 @@ class Task(abc.ABC):
     def model_inputs(self, model) -> tuple[str, ...]:
         """The model's inputs in a tokenized batch (calibration, validation)."""
 
+    def default_calibration(self, tokenizer, texts: list[str]) -> tuple[list[str], str]:
+        """The default corpus's ``texts`` as this task calibrates on them, and what changed (\"\": nothing)."""
+        return texts, ""
+
     def batch(self, tokenizer, texts, model, max_length: int) -> dict[str, torch.Tensor]:
         b = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: b[k] for k in self.model_inputs(model) if k in b}

@@ -100,6 +100,21 @@ class TextGeneration(Task):
     def model_inputs(self, model):
         return ("input_ids", "attention_mask")
 
+    def default_calibration(self, tokenizer, texts):
+        """An instruct model (its tokenizer has a chat template) is used in its chat format, whose tokens plain
+        text never shows the routers: every second text becomes a one-turn chat, the text before it as the user's
+        message and itself as the reply."""
+        if not getattr(tokenizer, "chat_template", None):
+            return texts, ""
+        bos = tokenizer.bos_token
+        adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+        out = list(texts)
+        for i in range(1, len(texts), 2):
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": texts[i - 1]},
+                                                  {"role": "assistant", "content": texts[i]}], tokenize=False)
+            out[i] = chat[len(bos):] if adds_bos and chat.startswith(bos) else chat  # the tokenizer adds it
+        return out, "every second one as a chat turn in the model's chat template"
+
     heldout_batch = 4  # texts: their logits over the whole vocabulary are large
 
     def heldout_reference(self, model, tokenizer, texts, max_length, *, progress=False):
