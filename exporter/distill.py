@@ -43,7 +43,8 @@ LAYERWISE_LR = 1e-3
 LAYERWISE_SHARE = 0.5  # at most this share of the time budget goes to the layer-wise phase
 E2E_BATCH = 32  # texts, of similar length (less padding)
 E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
-# activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB
+# activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB,
+# with this cap 11.9 GB (docs/QUALITY.md, fourth pass)
 E2E_LR = {False: 3e-4, True: 1e-4}  # embedding models, language models. MiniLM, 25% active, --recipe best's 30 min
 # (docs/QUALITY.md): 1e-4 -> cosine 0.940, 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred
 # steps and overtake as the rate decays; at 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946). SmolLM2: measured at 1e-4 only
@@ -89,7 +90,8 @@ class DistillResult:
         errs = ", ".join(f"{a:.3f}->{b:.3f}" for a, b in self.layer_error)
         return (f"held-out FFN rel. error per layer {errs}; held-out loss {self.loss[0]:.4f} -> {self.loss[1]:.4f} "
                 f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps), "
-                f"{'next-token KL' if self.lm else 'embedding cosine'} {self.figure[0]:.4f} -> {self.figure[1]:.4f} -> {self.figure[2]:.4f}; {self.seconds:.0f} s")
+                f"{'next-token KL' if self.lm else 'embedding cosine'} {self.figure[0]:.4f} -> {self.figure[1]:.4f} "
+                f"-> {self.figure[2]:.4f}; {self.seconds:.0f} s")
 
 
 def layerwise_texts(batch, config) -> int:

@@ -33,7 +33,8 @@ GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 # much as that many experts, taken from the default top-k so that the total stays DEFAULT_TOP_K experts' worth.
 _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
 _BALANCED = {family: {**_TRAINING_FREE, "lowrank_experts": 1} for family in ("plain", "gated")}
-# Measured (docs/QUALITY.md, third pass): MiniLM 25% cosine 0.845 -> 0.938; SmolLM2 25% perplexity ratio x1.64.
+# Measured (docs/QUALITY.md, third and fourth pass): MiniLM 25% cosine 0.845 -> 0.9425; SmolLM2 25% perplexity ratio
+# x1.64 (third pass, before the faster router refit).
 _DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000}, "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
     "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "lowrank_experts": 1}
