@@ -44,7 +44,8 @@ LAYERWISE_SHARE = 0.5  # at most this share of the time budget goes to the layer
 E2E_BATCH = 32  # texts, of similar length (less padding)
 E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
 # activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB,
-# with this cap 11.9 GB (docs/QUALITY.md, fourth pass)
+# with this cap 11.9 GB after one step and 17.9 GB after 20 with the chat-turn calibration (docs/QUALITY.md,
+# fourth and fifth pass; before the layer-wise activations were released)
 E2E_LR = {False: 3e-4, True: 1e-4}  # embedding models, language models. MiniLM, 25% active, --recipe best's 30 min
 # (docs/QUALITY.md): 1e-4 -> cosine 0.940, 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred
 # steps and overtake as the rate decays; at 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946). SmolLM2: measured at 1e-4 only
@@ -169,15 +170,18 @@ def _relative_sq_error(y, target, per_token: bool):
 
 
 def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LAYERWISE_EPOCHS, seed=0,
-              progress=True, per_token: bool = False) -> list[list[float]]:
+              progress=True, per_token: bool = False, release: bool = False) -> list[list[float]]:
     """Phase 1 (module docstring); returns each layer's held-out FFN relative error [before, after]
-    (``per_token``: :func:`_relative_sq_error`'s, trained on that too)."""
+    (``per_token``: :func:`_relative_sq_error`'s, trained on that too). ``release``: drop each layer's
+    activations from ``calib`` once that layer is fitted."""
     errors = []
     fit_tokens = ~held_tokens if (~held_tokens).any() else held_tokens
     layers = adapter.layers(teacher)
     t0 = time.monotonic()
     for i, moe in enumerate(tqdm(moes, desc="distilling layer by layer", disable=not progress)):
         x = torch.as_tensor(calib.xs[i])
+        if release:
+            calib.xs[i] = None
         with torch.no_grad():
             y = adapter.read(layers[i]).forward(x, adapter.activation(teacher.config))
         x_fit, y_fit = x[torch.as_tensor(fit_tokens)], y[torch.as_tensor(fit_tokens)]
@@ -307,6 +311,15 @@ def heldout_eval(student, batches, targets) -> tuple[float, float]:
     return sum(losses) / len(figures), float(figures.mean())
 
 
+def lr_factor(step: int, max_steps: int, time_share: float | None = None) -> float:
+    """The end-to-end rate's multiplier at ``step``: a warm-up, then a linear decay to a tenth by the step cap
+    or, when the warm-up's pace says the budget ends the run first, by the deadline: ``time_share`` is the share
+    of the budget spent (planning steps from that pace overestimated them by a third and MiniLM's rate decayed
+    to 0.34 only). A run that the cap ends decays on steps alone: reproducible."""
+    done = step / max_steps if time_share is None else time_share
+    return min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(done, 1.0))
+
+
 def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, deadline, max_steps, seed=0,
                progress=True) -> tuple[tuple[float, float], int]:
     """Phase 2 (module docstring) on batches ``fit``; keeps the state with the lowest loss on the held-out
@@ -345,15 +358,11 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         for moe in refit:
             loss = loss + sum(router_refit_loss(moe, x, h) for x, h in moe.hidden_log)
             moe.hidden_log = None
-        # Warm-up, then a linear decay to a tenth by the step cap or, if the warm-up's pace says the budget ends
-        # the run first, by the deadline (in time: planning steps from that pace overestimated them by a third
-        # and MiniLM's rate decayed to 0.34 only). A run that the cap ends decays on steps alone: reproducible.
         now = time.monotonic()
         if step == E2E_WARMUP:
             by_time = (deadline - t0) * step / (now - t0) < max_steps
-        progress = (now - t0) / (deadline - t0) if by_time else step / max_steps
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / E2E_WARMUP) * (1 - 0.9 * min(progress, 1.0))
+            g["lr"] = g["base_lr"] * lr_factor(step, max_steps, (now - t0) / (deadline - t0) if by_time else None)
         if step and step % E2E_WARMUP == 0:  # the bar's end (and its time left) is the budget's, not the cap's
             bar.total = min(max_steps, step + max(1, int((deadline - now) * step / (now - t0))))
             bar.refresh()
@@ -376,13 +385,15 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
 
 
 def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch, *, minutes: float,
-            max_steps: int = MAX_STEPS, seed: int = 0, progress: bool = True, log=None):
+            max_steps: int = MAX_STEPS, seed: int = 0, progress: bool = True, log=None, release_calib: bool = False):
     """Train ``model`` (its FFNs split as ``config`` and ``routers`` say, weights in its own layout) to match
     ``teacher``, and write the best weights back into ``model``. Returns (routers, DistillResult).
 
     ``teacher_calib``: the teacher's FFN inputs on ``batch`` (tokenized, padded calibration texts; the
     Calibration's ``groups`` index them). At most ``minutes`` of training, at most ``max_steps``
-    end-to-end steps; seeded."""
+    end-to-end steps; seeded. ``release_calib``: ``teacher_calib``'s activations are dropped layer by layer as
+    the layer-wise phase is done with them, for a caller that needs them no more (up to ACTIVATIONS_MAX_GB that
+    the end-to-end phase would otherwise hold beside its own)."""
     from .moefy import LOWRANK_KEYS, MLP_KEYS, install_moe
     check_distill(minutes, max_steps)
     t0 = time.monotonic()
@@ -403,7 +414,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
 
     errors = layerwise(moes, teacher, adapter, teacher_calib, held_texts[teacher_calib.groups],
                        deadline=t0 + LAYERWISE_SHARE * (deadline - t0), seed=seed, progress=progress,
-                       per_token=_is_lm(student))
+                       per_token=_is_lm(student), release=release_calib)
     if log:
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))

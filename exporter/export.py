@@ -243,7 +243,7 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
                 "steps")
             routers, result = distill_moe(model, teacher, adapter, moe_cfg, routers, teacher_train, train_batch,
                                           minutes=recipe.distill, max_steps=recipe.distill_steps, seed=recipe.seed,
-                                          progress=progress, log=log)
+                                          progress=progress, log=log, release_calib=True)  # its last use
             moe_cfg.distill = {"minutes": recipe.distill, "max_steps": recipe.distill_steps, **_record(result)}
         if save_moefied_dir:
             save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
@@ -356,10 +356,6 @@ class _Output:
 def _add_genai(source, converted: Converted, directory: Path, precision: str, tie: float, metadata: dict,
                progress: bool, log) -> dict:
     """onnxruntime-genai's layout of the same MoE beside optimum's (genai_layout.add_to_export)."""
-    if converted.config.lowrank:
-        raise GenaiLayoutError("the onnxruntime-genai layout has no place for the low-rank stand-in (--lowrank, which "
-                               "the default recipe adds when --top-k is not given); pass --top-k or --lowrank 0, or "
-                               "--genai off")
     tokenizer = converted.tokenizer
     context = getattr(converted.model.config, "max_position_embeddings", None) or 2**31
     prompts = [tokenizer(p)["input_ids"] for p in SAMPLE_PROMPTS]

@@ -60,28 +60,30 @@ def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_layers(directory: Path) -> list[tuple[dict, dict]]:
-    """(inputs, attributes) per layer, arrays memory-mapped."""
+def load_layers(directory: Path) -> list[tuple[dict, dict, list | None]]:
+    """(inputs, attributes, low-rank stand-in (A, B, c) or None) per layer, the operator's arrays memory-mapped."""
     meta = json.loads((directory / "layers.json").read_text())
     layers = []
     for entry in meta["layers"]:
         inputs = {name: np.load(directory / file, mmap_mode="r") for name, file in entry["inputs"].items()}
         attrs = {k: (float(v) if k == "score_threshold" else v) for k, v in entry["attrs"].items()}
-        layers.append((inputs, attrs))
+        lowrank = [np.load(directory / f) for f in entry["lowrank"]] if "lowrank" in entry else None  # LOWRANK
+        layers.append((inputs, attrs, lowrank))
     return layers
 
 
 @contextlib.contextmanager
-def sparse_mlp(model_class, layers: list[tuple[dict, dict]], metadata: dict[str, str]):
-    """Patch ``model_class.make_mlp`` (every architecture's MLP hook) to emit one SparseExpertFFN node per layer,
-    and ``save_model`` to declare the operator's domain and store ``metadata`` in metadata_props; restored
-    afterwards so that the builder module stays usable for dense models in the same process."""
+def sparse_mlp(model_class, layers: list[tuple[dict, dict, list | None]], metadata: dict[str, str]):
+    """Patch ``model_class.make_mlp`` (every architecture's MLP hook) to emit one SparseExpertFFN node per layer
+    (and the low-rank stand-in's MatMuls beside it, if the layer has one), and ``save_model`` to declare the
+    operator's domain and store ``metadata`` in metadata_props; restored afterwards so that the builder module
+    stays usable for dense models in the same process."""
     make_mlp, save_model = model_class.make_mlp, model_class.save_model
 
     def moe_make_mlp(self, layer_id, mlp, root_input):
         if layer_id >= len(layers):
             raise InputError(f"the model has more than the {len(layers)} layers given")
-        inputs, attrs = layers[layer_id]
+        inputs, attrs, lowrank = layers[layer_id]
         d = next(iter(inputs.values())).shape[-1]
         if d != self.hidden_size:
             raise InputError(f"layer {layer_id}: the operator's inputs have width d={d}, the model's hidden size "
@@ -102,6 +104,20 @@ def sparse_mlp(model_class, layers: list[tuple[dict, dict]], metadata: dict[str,
         output = f"{basename}/output_0"
         self.make_node(spec.OP_TYPE, names, [output], name=basename, domain=spec.DOMAIN, **attrs)
         self.make_value(output, self.io_dtype, shape=self.make_hidden_state_shape())
+        if lowrank is not None:  # the stand-in for the skipped experts, beside the node: output + (X A^T) B + c
+            a, b, c = lowrank
+            base, init = f"/model/layers.{layer_id}/mlp/lowrank", f"model.layers.{layer_id}.mlp.lowrank"
+            for name, t in (("a_t", a.T), ("b", b), ("c", c)):
+                self.make_initializer(np.ascontiguousarray(t, dtype=np.float32), f"{init}.{name}")
+
+            def node(op, name, node_inputs, width=None):
+                out = f"{base}/{name}/output_0"
+                self.make_node(op, node_inputs, [out], name=f"{base}/{name}")
+                self.make_value(out, self.io_dtype, shape=self.make_hidden_state_shape(last_dim=width))
+                return out
+            low = node("MatMul", "MatMul", [root_input, f"{init}.a_t"], len(a))
+            low = node("Add", "Add", [node("MatMul", "MatMul_1", [low, f"{init}.b"]), f"{init}.c"])
+            output = node("Add", "Add_1", [output, low])
         self.mlp_attrs["output_0"] = output
         self.layernorm_attrs["skip_input"] = output
 

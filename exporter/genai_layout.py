@@ -38,6 +38,7 @@ BUILDER_SCRIPT = Path(__file__).with_name("genai_builder.py")
 METADATA_KEY = "moefy.genai"
 INPUT_NAMES = tuple(p.name for p in spec.INPUTS if p.name not in ("X", "router_scores"))
 ATTRIBUTE_NAMES = tuple(a.name for a in spec.ATTRIBUTES)
+LOWRANK = "lowrank"  # the low-rank stand-in for the skipped experts: standard MatMuls beside the node
 
 
 class GenaiLayoutError(ValueError):
@@ -63,9 +64,11 @@ def builder_python(python: str | os.PathLike | None = None) -> Path:
         "python of an environment with requirements-genai.txt installed")
 
 
-def normalize_layer(entry, index: int) -> tuple[dict[str, np.ndarray], dict]:
-    """One layer's (operator inputs, attributes) from a mapping of spec input and attribute names, or from an
-    object with ``.inputs`` and ``.attrs`` (e.g. ``exporter.evaluate.SparseFFNLayer``); checked by the spec."""
+def normalize_layer(entry, index: int) -> tuple[dict[str, np.ndarray], dict, tuple | None]:
+    """One layer's (operator inputs, attributes, low-rank stand-in or None) from a mapping of spec input and
+    attribute names (and ``lowrank``, see below), or from an object with ``.inputs`` and ``.attrs`` (e.g.
+    ``exporter.evaluate.SparseFFNLayer``); checked by the spec. ``lowrank`` = (A [R, d], B [R, d], c [d]), as
+    :func:`exporter.moefy.operator_inputs` gives it, is added to the operator's output as (X A^T) B + c."""
     if hasattr(entry, "inputs") and hasattr(entry, "attrs"):
         items = {**entry.inputs, **entry.attrs}
     elif isinstance(entry, Mapping):
@@ -73,11 +76,11 @@ def normalize_layer(entry, index: int) -> tuple[dict[str, np.ndarray], dict]:
     else:
         raise GenaiLayoutError(f"layer {index}: expected a mapping of {spec.OP_TYPE} input and attribute names, "
                                f"got {type(entry).__name__}")
-    unknown = sorted(set(items) - set(INPUT_NAMES) - set(ATTRIBUTE_NAMES))
+    unknown = sorted(set(items) - set(INPUT_NAMES) - set(ATTRIBUTE_NAMES) - {LOWRANK})
     if unknown:
         raise GenaiLayoutError(f"layer {index}: unknown keys {unknown}; accepted: inputs {', '.join(INPUT_NAMES)} "
                                f"(X comes from the graph, router_scores cannot), attributes "
-                               f"{', '.join(ATTRIBUTE_NAMES)}")
+                               f"{', '.join(ATTRIBUTE_NAMES)} and {LOWRANK} (A, B, c)")
     inputs = {k: np.asarray(v) for k, v in items.items() if k in INPUT_NAMES and v is not None}
     attrs = {k: v for k, v in items.items() if k in ATTRIBUTE_NAMES and v is not None}
     if "W1" not in inputs or np.ndim(inputs["W1"]) != 3:
@@ -92,20 +95,37 @@ def normalize_layer(entry, index: int) -> tuple[dict[str, np.ndarray], dict]:
         raise GenaiLayoutError(f"layer {index}: {e}") from None
     # Plain Python scalars: they become ONNX attributes (and JSON).
     attrs = {a.name: {"int": int, "float": float, "string": str}[a.type](attrs[a.name]) for a in spec.ATTRIBUTES}
-    return inputs, attrs
+    return inputs, attrs, _lowrank(items.get(LOWRANK), inputs["W1"].shape[-1], index)
+
+
+def _lowrank(lowrank, d: int, index: int) -> tuple[np.ndarray, ...] | None:
+    if lowrank is None:
+        return None
+    try:
+        a, b, c = (np.asarray(t, dtype=np.float32) for t in lowrank)
+    except (TypeError, ValueError):  # not three arrays
+        a = b = c = None
+    if a is None or a.ndim != 2 or a.shape[1] != d or b.shape != a.shape or c.shape != (d,):
+        got = "?" if a is None else ", ".join(str(list(t.shape)) for t in (a, b, c))
+        raise GenaiLayoutError(f"layer {index}: {LOWRANK} must be (A [R, {d}], B [R, {d}], c [{d}]), got ({got})")
+    return a, b, c
 
 
 def _write_layers(layers: Sequence, directory: Path, metadata: Mapping[str, str]) -> dict:
     directory.mkdir()
     entries, widths = [], set()
     for i, entry in enumerate(layers):
-        inputs, attrs = normalize_layer(entry, i)
+        inputs, attrs, lowrank = normalize_layer(entry, i)
         widths.add(inputs["W1"].shape[-1])
         files = {}
         for name, a in inputs.items():
             files[name] = f"{i}.{name}.npy"
             np.save(directory / files[name], np.ascontiguousarray(a))
         entries.append({"inputs": files, "attrs": attrs})
+        if lowrank is not None:  # (A, B, c): genai_builder adds (X A^T) B + c to the node's output
+            entries[-1][LOWRANK] = [f"{i}.{LOWRANK}{j}.npy" for j in range(3)]
+            for f, a in zip(entries[-1][LOWRANK], lowrank):
+                np.save(directory / f, a)
     if len(widths) > 1:
         raise GenaiLayoutError(f"the layers' operator inputs have different widths d: {sorted(widths)}")
     first = entries[0]
@@ -168,7 +188,8 @@ def export_genai(source: str | os.PathLike, layers: Sequence | None, out_dir: st
         layers: one entry per decoder layer, each a mapping of ``SparseExpertFFN`` input names (``W1``, ``W2``,
             ``Wg``, ``B1``, ``Bg``, ``B2``, ``router_w``, ``router_b``, ``unselected_bias``, ``*_scale``; NumPy
             arrays, float32 or int8 experts with row scales) and attribute names (``top_k``, ``activation``,
-            ``min_k``, ``score_threshold``), or an object with ``.inputs`` and ``.attrs`` holding the same.
+            ``min_k``, ``score_threshold``), and optionally ``lowrank`` (a low-rank stand-in beside the node,
+            see :func:`normalize_layer`), or an object with ``.inputs`` and ``.attrs`` holding the same.
             ``None``: the builder's dense model, unchanged (benchmark baselines).
         out_dir: the directory to write; it appears only when complete.
         precision: of the dense parts: ``fp32``, or ``int4`` / ``int8`` (the builder's ``MatMulNBits``).

@@ -97,15 +97,16 @@ def moefy(model, adapter: FFNAdapter, config: MoEConfig, calib=None, *, batch=No
             raise ValueError("sequential calibration needs the calibration text's batch")
         student = copy.deepcopy(model)
         student_layers = adapter.layers(student)
-        residual = [r for _, r in layer_io(model, adapter, batch, inputs=False, progress=progress)]
+        dense_io = LayerReplay(model, adapter, batch)
+        student_io = dense_io.fork(student)
     for i, layer in enumerate(tqdm(layers, desc="building routers", disable=not progress)):
         ffn = adapter.read(layer)
         x = None if xs is None else xs[i]
         target = None  # what the layer's MoE (and its stand-in) should output on x: the dense FFN's output
         if config.sequential:  # on the inputs layer i now gets; the target puts its output where the dense one is
-            target = ffn.forward(x, config.activation)
-            x, r = layer_io(student, adapter, batch, i)[0]
-            target += residual[i] - r
+            target = ffn.forward(x, config.activation) + dense_io(i)[1]
+            x, r = student_io(i)
+            target -= r
         h = activations(ffn, x)
         rw, rb, info = build_router(ffn, x, h, config, config.layer_k(i), groups=groups, progress=progress)
         if info and log:
@@ -291,58 +292,96 @@ def ffn_inputs(model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUN
     return out
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the layer of interest has run."""
+class LayerReplay:
+    """Each layer's (FFN input, residual stream: see :meth:`FFNAdapter.post_norm`) on a batch, as a forward pass
+    gives them, but one layer at a time: the hidden states entering layer i are kept, and asking for layer i + 1
+    runs layer i on them as it is *then*. Sequential calibration MoEfies layer i between the two, so the layers
+    above see the MoEfied ones below, in one pass through the depth (a forward pass per layer is quadratic in it).
 
+    A forward pass at the start records each layer's call (the attention mask, position embeddings, ... that the
+    model gives it, the same on every pass over the batch) and the hidden states entering the first layer."""
 
-@torch.no_grad()
-def layer_io(model, adapter: FFNAdapter, batch, only: int | None = None, *, inputs: bool = True,
-             chunk: int = FFN_INPUT_CHUNK, progress: bool = False) -> list[tuple[np.ndarray | None, np.ndarray]]:
-    """Per layer (or only layer ``only``, the forward pass stopped after it): (FFN input, or None without
-    ``inputs``; the residual stream its output is added to, see :meth:`FFNAdapter.post_norm`) on the batch's real
-    tokens, [N, d] each, text after text as :func:`ffn_inputs`."""
-    mask = batch["attention_mask"].numpy().astype(bool)
-    layers = adapter.layers(model)
-    wanted = range(len(layers)) if only is None else [only]
-    post_norm = adapter.post_norm(model.config)
-    seen = {}
-    hooks = []
-    for i in wanted:
-        layer = layers[i]
-        hooks.append(adapter.ffn_module(layer).register_forward_hook(
-            lambda mod, args, out, i=i: seen.__setitem__(("x", i), args[0])))
-        hooks.append(get_module(layer, adapter.down).register_forward_hook(
-            lambda mod, args, out, i=i: seen.__setitem__(("y", i), out)))
+    HIDDEN_KEYS = ("hidden_states", "hidden_state", "x")  # the hidden states' name when a layer gets keywords only
 
-        def after(mod, args, out, i=i):
-            seen[("out", i)] = out[0] if isinstance(out, tuple) else out
-            if i == only:
-                raise _Stop
-        hooks.append(layer.register_forward_hook(after))
-    result = [([], []) for _ in wanted]
-    try:
-        for start in tqdm(range(0, len(mask), chunk), desc=f"layer {only} inputs" if only is not None else
-                          "residual stream", disable=not progress, leave=False):
-            rows = mask[start:start + chunk]
-            width = int(np.nonzero(rows.any(0))[0].max(initial=0)) + 1
-            try:
-                model.base_model(**{k: v[start:start + chunk, :width] for k, v in batch.items()})
-            except _Stop:
-                pass
-            for (xs, rs), i in zip(result, wanted):  # (OPT flattens the batch before its FFN)
-                x, y, out = (seen[(k, i)].reshape(len(rows), width, -1) for k in ("x", "y", "out"))
-                if inputs:
-                    xs.append(x.numpy()[rows[:, :width]])
-                rs.append((x if post_norm else out - y).numpy()[rows[:, :width]])
-            seen.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    while result:  # layer by layer, freeing the chunks as we go (as ffn_inputs)
-        xs, rs = result.pop(0)
-        out.append((np.concatenate(xs) if inputs else None, np.concatenate(rs)))
-    return out
+    def __init__(self, model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUNK):
+        import inspect
+        from transformers.cache_utils import Cache
+        self.adapter, self.layers = adapter, adapter.layers(model)
+        self.post_norm = adapter.post_norm(model.config)
+        mask = batch["attention_mask"].numpy().astype(bool)
+        # with a key/value cache in every layer's call, a replayed layer would append to it
+        no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.base_model.forward).parameters else {}
+        self.chunks = []  # per chunk: [real tokens [b, w], hidden states entering layer self.at [b, w, d], calls]
+        calls = []
+        hooks = [layer.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(self._split(args, kwargs)),
+                                                 with_kwargs=True) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                for start in range(0, len(mask), chunk):
+                    rows = mask[start:start + chunk]
+                    width = int(np.nonzero(rows.any(0))[0].max(initial=0)) + 1
+                    model.base_model(**{k: v[start:start + chunk, :width] for k, v in batch.items()}, **no_cache)
+                    if len(calls) != len(self.layers) or any(
+                            isinstance(v, Cache) for _, args, kwargs, _ in calls for v in (*args, *kwargs.values())):
+                        raise RuntimeError(f"{type(model).__name__} does not call each layer once without a cache "
+                                           "in a forward pass: its layers cannot be replayed one at a time")
+                    self.chunks.append([rows[:, :width], calls[0][0], [c[1:] for c in calls]])  # (hidden, call)
+                    calls.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+        self.at = 0
+
+    def fork(self, model) -> "LayerReplay":
+        """The same replay on ``model``, a copy of this one's model whose layers have not changed yet: it starts
+        from the same recorded calls and first hidden states, without a forward pass of its own."""
+        if self.at:
+            raise ValueError(f"fork before asking for a layer (this replay is at layer {self.at})")
+        twin = copy.copy(self)
+        twin.layers = self.adapter.layers(model)
+        twin.chunks = [list(c) for c in self.chunks]  # the layers replace the hidden states, never modify them
+        return twin
+
+    @classmethod
+    def _split(cls, args, kwargs):
+        """(hidden states, the other arguments, the other keywords, the hidden states' keyword or None)."""
+        if args:
+            return args[0], args[1:], kwargs, None
+        key = next((k for k in cls.HIDDEN_KEYS if k in kwargs), None)
+        if key is None:
+            raise RuntimeError(f"cannot tell the hidden states among a layer's arguments {sorted(kwargs)}")
+        return kwargs[key], (), {k: v for k, v in kwargs.items() if k != key}, key
+
+    def _run(self, i: int, hidden, call):
+        args, kwargs, key = call
+        out = self.layers[i](**{key: hidden}, **kwargs) if key else self.layers[i](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(FFN input, residual stream) of layer i on the batch's real tokens, [N, d] each, text after text;
+        the layers from the last one asked for up to i - 1 are run as they are now. Layers are asked for in order."""
+        if not self.at <= i < len(self.layers):
+            raise ValueError(f"layers are replayed in order: asked for layer {i} after layer {self.at}")
+        for j in range(self.at, i):
+            for c in self.chunks:
+                c[1] = self._run(j, c[1], c[2][j])
+        self.at = i
+        seen = {}
+        layer = self.layers[i]
+        hooks = [self.adapter.ffn_module(layer).register_forward_hook(lambda m, a, out: seen.__setitem__("x", a[0])),
+                 get_module(layer, self.adapter.down).register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))]
+        xs, rs = [], []
+        try:
+            for rows, hidden, calls in self.chunks:
+                out = self._run(i, hidden, calls[i])
+                x, y, out = (t.reshape(*rows.shape, -1) for t in (seen["x"], seen["y"], out))  # (OPT flattens)
+                xs.append(x.numpy()[rows])
+                rs.append((x if self.post_norm else out - y).numpy()[rows])
+        finally:
+            for h in hooks:
+                h.remove()
+        return np.concatenate(xs), np.concatenate(rs)
 
 
 def text_ids(batch) -> np.ndarray:

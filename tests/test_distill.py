@@ -72,6 +72,30 @@ def test_distill_is_reproducible_with_a_step_cap(tiny_bert_dir, tmp_path, calib)
     assert wa.keys() == wb.keys() and [k for k in wa if not np.array_equal(wa[k], wb[k])] == []
 
 
+def test_the_export_releases_the_layerwise_activations_as_it_goes(tiny_bert_dir, tmp_path, calib, monkeypatch):
+    """The teacher's FFN inputs (up to ACTIVATIONS_MAX_GB) are dropped layer by layer in the layer-wise phase: the
+    end-to-end phase does not hold them beside its own memory."""
+    from exporter import distill
+    seen, layerwise = [], distill.layerwise
+
+    def spy(moes, teacher, adapter, calib_acts, *args, **kwargs):
+        seen.append(calib_acts)
+        return layerwise(moes, teacher, adapter, calib_acts, *args, **kwargs)
+    monkeypatch.setattr(distill, "layerwise", spy)
+    run_export(tiny_bert_dir, tmp_path / "a.onnx", calib=calib, distill=1.0, distill_steps=2, **RECIPE)
+    assert len(seen) == 1 and seen[0].xs == [None, None]
+
+
+def test_the_end_to_end_rate_warms_up_then_decays_to_a_tenth_by_the_cap_or_the_deadline():
+    from exporter.distill import E2E_WARMUP, lr_factor
+    assert lr_factor(0, 1000) == pytest.approx(1 / E2E_WARMUP)  # warm-up
+    assert lr_factor(E2E_WARMUP - 1, 1000) == pytest.approx(1 - 0.9 * (E2E_WARMUP - 1) / 1000)
+    assert lr_factor(500, 1000) == pytest.approx(0.55) and lr_factor(1000, 1000) == pytest.approx(0.1)
+    # a run the budget ends: by the share of the time spent, whatever the step; never below a tenth
+    assert lr_factor(500, 10**5, 0.5) == pytest.approx(0.55)
+    assert lr_factor(800, 10**5, 1.0) == lr_factor(900, 10**5, 1.3) == pytest.approx(0.1)
+
+
 def test_relufy_exports_relu(tiny_bert_dir, tmp_path, calib):
     out, saved = tmp_path / "r.onnx", tmp_path / "saved"
     report, logs = run_export(tiny_bert_dir, out, calib=calib, relufy=0.1, relufy_minutes=1.0, distill_steps=20,

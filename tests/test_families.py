@@ -2,6 +2,7 @@
 embed with parity to the PyTorch MoEfied model, through moefy's runtime and through optimum."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -191,11 +192,11 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tiny_model_dir, tmp
 
 @pytest.mark.parametrize("family", [*ENCODER_FAMILIES, *DECODER_FAMILIES])
 def test_post_norm_says_where_the_ffn_output_is_added(tiny_model_dir, family):
-    """Sequential calibration's residual (exporter.moefy.layer_io) rests on each family's post_norm: a vector added
+    """Sequential calibration's residual (exporter.moefy.LayerReplay) rests on each family's post_norm: a vector added
     to the FFN's output comes out of the layer unchanged exactly when the layer adds it to the residual stream
     (pre-norm); a post-norm layer normalises it away."""
     from exporter.arch.base import get_module
-    from exporter.moefy import layer_io
+    from exporter.moefy import LayerReplay
     model, tok, adapter = load_model(tiny_model_dir(family))[:3]
     batch = task_for(adapter).batch(tok, ["the cat is on a mat", "a dog"], model, 32)
     layer = adapter.layers(model)[0]
@@ -203,7 +204,7 @@ def test_post_norm_says_where_the_ffn_output_is_added(tiny_model_dir, family):
     for shift in (0.0, 1.0):
         hook = get_module(layer, adapter.down).register_forward_hook(lambda m, a, out, s=shift: out + s)
         try:
-            outs.append(layer_io(model, adapter, batch, 0)[0])
+            outs.append(LayerReplay(model, adapter, batch)(0))
         finally:
             hook.remove()
     (x0, r0), (x1, r1) = outs
@@ -221,3 +222,47 @@ def test_post_norm_says_where_the_ffn_output_is_added(tiny_model_dir, family):
         return seen[0]
     moved = out_of_layer(1.0) - out_of_layer(0.0)
     assert torch.allclose(moved, torch.ones_like(moved), atol=1e-5) == (not adapter.post_norm(model.config))
+
+
+@pytest.mark.parametrize("family", ["bert", *ENCODER_FAMILIES, *DECODER_FAMILIES])
+def test_layer_replay_sees_the_changed_layers_below(tiny_bert_dir, tiny_model_dir, family):
+    """LayerReplay (--sequential's linear-time pass) gives layer i the FFN input and residual a whole forward pass
+    gives it, after each layer below was changed between the calls; padded texts over several chunks."""
+    from exporter.arch.base import get_module
+    from exporter.moefy import LayerReplay
+    model, tok, adapter = load_model(tiny_bert_dir if family == "bert" else tiny_model_dir(family))[:3]
+    texts = ["the cat is on a mat", "a dog", "one two three four five six seven", "hello"]
+    batch = task_for(adapter).batch(tok, texts, model, 32)
+    real = batch["attention_mask"].bool()
+    layers = adapter.layers(model)
+
+    def forward_pass(i):  # layer i's (FFN input, residual stream) from the model's own forward pass
+        seen = {}
+        hooks = [adapter.ffn_module(layers[i]).register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0])),
+                 get_module(layers[i], adapter.down).register_forward_hook(lambda m, a, o: seen.__setitem__("y", o)),
+                 layers[i].register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))]
+        try:
+            with torch.no_grad():
+                model.base_model(**batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        x, y, out = (seen[k].reshape(*real.shape, -1)[real] for k in ("x", "y", "out"))
+        return x, x if adapter.post_norm(model.config) else out - y
+
+    dense = copy.deepcopy(model)
+    dense_replay = LayerReplay(dense, adapter, batch, chunk=3)
+    replay = dense_replay.fork(model)  # as --sequential: the student's replay starts from the dense model's pass
+    inputs = []
+    for i, layer in enumerate(layers):
+        inputs.append(replay(i))
+        for got, want in zip(inputs[-1], forward_pass(i)):
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # as sequential calibration MoEfies layer i before asking for layer i + 1
+            get_module(layer, adapter.down).weight.mul_(0.5)
+    for i, (x, _) in enumerate(inputs):  # the dense model's replay does not see the changes
+        assert np.allclose(dense_replay(i)[0], x, atol=1e-5) == (i == 0)
+    with pytest.raises(ValueError, match="in order: asked for layer 0 after layer 1"):
+        replay(0)
+    with pytest.raises(ValueError, match="fork before asking for a layer"):
+        replay.fork(model)

@@ -92,9 +92,10 @@ def reference_logits(model_dir: Path, layers: list[dict], tokens: list[int]) -> 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for layer, ops in zip(model.model.layers, layers):
         inputs = {k: v for k, v in ops.items() if isinstance(v, np.ndarray)}
-        attrs = {k: v for k, v in ops.items() if not isinstance(v, np.ndarray)}
-        layer.mlp.forward = (lambda x, inputs=inputs, attrs=attrs:
-                             torch.from_numpy(sparse_expert_ffn({**inputs, "X": x.numpy()}, **attrs)))
+        attrs = {k: v for k, v in ops.items() if not isinstance(v, np.ndarray) and k != "lowrank"}
+        a, b, c = ops.get("lowrank", (np.zeros((1, TINY["hidden_size"]), np.float32),) * 2 + (0.0,))
+        layer.mlp.forward = (lambda x, inputs=inputs, attrs=attrs, a=a, b=b, c=c: torch.from_numpy(
+            sparse_expert_ffn({**inputs, "X": x.numpy()}, **attrs) + (x.numpy() @ a.T) @ b + c))
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].numpy()
 
@@ -106,6 +107,26 @@ def max_rel(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def dense(tiny_llama, tmp_path_factory) -> Path:
     return export_genai(tiny_llama, None, tmp_path_factory.mktemp("g") / "dense", progress=False)
+
+
+def test_the_low_rank_stand_in_goes_beside_the_operator(tiny_llama, tmp_path):
+    """--lowrank's (X A^T) B + c: standard MatMuls beside each layer's node, matching the reference forward."""
+    rng = np.random.default_rng(1)
+    d = TINY["hidden_size"]
+    layers = [{**layer, "lowrank": tuple(rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((4, d), (4, d), (d,)))}
+              for layer in contiguous_experts(tiny_llama, top_k=2)]
+    out = export_genai(tiny_llama, layers, tmp_path / "moe", progress=False)
+    import onnx
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    per_layer = 2 * TINY["num_hidden_layers"]
+    assert sorted(n.op_type for n in graph.node if "/mlp/lowrank/" in n.name) == ["Add"] * per_layer + ["MatMul"] * per_layer
+    tokens, logits = generate(out)
+    ref = reference_logits(tiny_llama, layers, PROMPT + tokens[:-1])[len(PROMPT) - 1:]
+    assert max_rel(logits, ref) < 1e-4
+    assert tokens == [int(t) for t in ref.argmax(-1)]
+    bad = [{**layers[0], "lowrank": layers[0]["lowrank"][:2]}, layers[1]]
+    with pytest.raises(GenaiLayoutError, match=f"layer 0: lowrank must be \\(A \\[R, {d}\\], B \\[R, {d}\\], c \\[{d}\\]\\)"):
+        export_genai(tiny_llama, bad, tmp_path / "bad", progress=False)
 
 
 def test_all_experts_match_the_builders_dense_model(tiny_llama, dense, tmp_path):
@@ -206,17 +227,19 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"},
 
 def test_moe_export_directory_generates_in_optimum_genai_and_moe_generate(tiny_llama, tmp_path):
     """`moe-export` of a decoder to a directory: optimum's layout and, with --genai, onnxruntime-genai's beside it
-    (genai_config.json on top, its model in genai/), both greedy like the PyTorch MoEfied model."""
+    (genai_config.json on top, its model in genai/), both greedy like the PyTorch MoEfied model (here with the
+    low-rank stand-in, which both layouts put beside the operator)."""
     from exporter import convert, export
     from exporter.tasks.decoder import torch_greedy
     from runtime.generate import DecoderSession
     out = tmp_path / "out"
-    report = export(tiny_llama, out, experts=EXPERTS, top_k=2, genai="fp32", progress=False, log=lambda *a: None)
+    report = export(tiny_llama, out, experts=EXPERTS, top_k=2, lowrank=8, genai="fp32", progress=False,
+                    log=lambda *a: None)
     assert (out / "genai_config.json").is_file() and (out / "genai" / "model.onnx").is_file()
     info = json.loads((out / "moefy.json").read_text())
     assert info["genai"]["precision"] == "fp32" and info["genai"]["identical"] == info["genai"]["prompts"]
     assert any("onnxruntime-genai layout" in line for line in report.lines)
-    converted = convert(tiny_llama, experts=EXPERTS, top_k=2, progress=False, log=lambda *a: None)
+    converted = convert(tiny_llama, experts=EXPERTS, top_k=2, lowrank=8, progress=False, log=lambda *a: None)
     with converted.patched():
         want, tie = torch_greedy(converted.model, converted.moes, PROMPT, NEW_TOKENS, 1e-4)
     got, _ = greedy(out, PROMPT, NEW_TOKENS)
@@ -225,9 +248,9 @@ def test_moe_export_directory_generates_in_optimum_genai_and_moe_generate(tiny_l
     from optimum.onnxruntime import ORTModelForCausalLM
     import torch
     model = ORTModelForCausalLM.from_pretrained(out, session_options=runtime.session_options(threads=1))
-    optimum_tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=len(got), do_sample=False,
-                                    min_new_tokens=len(got))[0, len(PROMPT):].tolist()
-    assert optimum_tokens == got
+    # up to len(got) tokens: optimum stops at EOS as onnxruntime-genai does (the 6th token here)
+    optimum_tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=len(got), do_sample=False)[0, len(PROMPT):]
+    assert optimum_tokens.tolist() == got
     from runtime.generate import Generator, main as generate_main
     fast, slow = Generator(out, threads=1), Generator(out, threads=1, layout="onnx")
     assert fast.layout == "genai" and slow.layout == "onnx"

@@ -261,8 +261,11 @@ def test_lowrank_stand_in_exports_beside_the_operator(tiny_bert_dir, tmp_path, c
         err = [np.linalg.norm(m(torch.as_tensor(x[i])).detach().numpy() - y) for m in (with_lr, plain)]
         assert err[0] < err[1]
     from exporter.genai_layout import GenaiLayoutError, normalize_layer
-    with pytest.raises(GenaiLayoutError, match="unknown keys \\['lowrank'\\]"):
-        normalize_layer({**with_lr.operator_inputs()[0], **with_lr.operator_inputs()[1]}, 0)
+    entry = {**with_lr.operator_inputs()[0], **with_lr.operator_inputs()[1]}
+    assert [t.shape for t in normalize_layer(entry, 0)[2]] == [(4, 32), (4, 32), (32,)]  # the genai layout takes it too
+    with pytest.raises(GenaiLayoutError, match="lowrank must be \\(A \\[R, 32\\], B \\[R, 32\\], c \\[32\\]\\), got "
+                                               "\\(\\[4, 32\\], \\[4, 32\\], \\[4\\]\\)"):
+        normalize_layer({**entry, "lowrank": entry["lowrank"][:2] + (np.zeros(4),)}, 0)
     bad = tmp_path / "bad"
     bad.mkdir()
     assert_fails_cleanly(capsys, bad, [tiny_bert_dir, "--lowrank", "-1"], "--lowrank must be a rank >= 0, got -1")
