@@ -301,7 +301,7 @@ class LayerReplay:
     A forward pass at the start records each layer's call (the attention mask, position embeddings, ... that the
     model gives it, the same on every pass over the batch) and the hidden states entering the first layer."""
 
-    HIDDEN_KEYS = ("hidden_states", "hidden_state", "x")  # the hidden states' name when a layer gets keywords only
+    HIDDEN_KEYS = ("hidden_states",)  # the hidden states' name when a layer gets keywords only (every family here)
 
     def __init__(self, model, adapter: FFNAdapter, batch, *, chunk: int = FFN_INPUT_CHUNK):
         import inspect
