@@ -67,7 +67,7 @@ def load_layers(directory: Path) -> list[tuple[dict, dict, list | None]]:
     for entry in meta["layers"]:
         inputs = {name: np.load(directory / file, mmap_mode="r") for name, file in entry["inputs"].items()}
         attrs = {k: (float(v) if k == "score_threshold" else v) for k, v in entry["attrs"].items()}
-        lowrank = [np.load(directory / f) for f in entry["lowrank"]] if "lowrank" in entry else None  # LOWRANK
+        lowrank = [np.load(directory / f) for f in entry["lowrank"]] if "lowrank" in entry else None  # genai_layout.LOWRANK
         layers.append((inputs, attrs, lowrank))
     return layers
 

@@ -128,8 +128,9 @@ class Recipe(_Settings):
         False, "error-aware sequential calibration: layer i's router, mean correction and low-rank stand-in are fitted "
                "on the FFN inputs the already MoEfied layers below give it (not the dense model's), and the stand-in "
                "(--lowrank) is fitted to put the layer's output back where the dense model's is, absorbing the error "
-               "those layers left in the residual stream. Costs about three more forward passes over the calibration text "
-               "(each layer is replayed on the outputs of the one below)",
+               "those layers left in the residual stream. Costs about four more forward passes over the calibration text "
+               "(one to record it, then each layer of the dense and the MoEfied model replayed on the outputs of "
+               "the one below)",
         action="store_true")
     split: str | None = setting(
         None, "param: balanced k-means over normalised first-layer rows (MoEfication; the gate's rows in gated "
