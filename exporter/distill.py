@@ -31,6 +31,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
 from .progress import tqdm
 
 from .moe_ffn import MoEFFN, expert_hidden, selection_mask
@@ -53,6 +55,7 @@ E2E_WARMUP = 10  # steps
 E2E_EVAL_EVERY = 25  # steps
 COSINE_WEIGHT = 1.0  # embedding (1 - cosine) against the mean relative squared error of the hidden states
 KL_WEIGHT = 1.0  # language models: next-token KL to the teacher (nats per token), against the same
+KL_CHUNK = 256  # tokens whose log-softmax over the vocabulary exists at once (next_token_kl)
 TARGETS_MAX_GB = 4.0  # teacher targets kept for the end-to-end phase; past this they are recomputed at each use
 FIGURES = {False: "cosine", True: "kl"}  # what DistillResult.figure holds: embedding cosine, next-token KL
 ACTIVATIONS_MAX_GB = 4.0  # teacher FFN inputs the layer-wise phase fits on (distill_texts's first texts that fit)
@@ -290,9 +293,30 @@ def _loss(out, mask, target):
     if logprobs is None:
         cos = F.cosine_similarity(_pool(out.hidden_states[-1], mask), emb)
         return hidden + COSINE_WEIGHT * (1 - cos.mean()), cos
-    kl = F.kl_div(F.log_softmax(out.logits[m], -1), logprobs, log_target=True, reduction="none").sum(-1)
+    kl = next_token_kl(out.logits, m, logprobs)
     per_text = torch.zeros(len(mask)).index_add_(0, m.nonzero()[:, 0], kl.detach()) / m.sum(1).clamp_min(1)
     return hidden + KL_WEIGHT * kl.mean(), per_text
+
+
+def _kl_rows(logits, real, logprobs):
+    return F.kl_div(F.log_softmax(logits[real], -1), logprobs, log_target=True, reduction="none").sum(-1)
+
+
+def next_token_kl(logits, mask, logprobs) -> torch.Tensor:
+    """KL(teacher || student) of each real token (``mask``) of ``logits`` [texts, length, vocabulary], against
+    the teacher's log-probabilities on the real tokens. Computed KL_CHUNK positions at a time and recomputed in
+    the backward pass, so the log-softmax, the elementwise KL and their gradients exist for one chunk at a time,
+    not for the batch (SmolLM2: 400 MB a copy at 2,048 tokens; 0.4 GB less peak per 1,024 tokens, measured)."""
+    flat, real = logits.flatten(0, 1), mask.flatten()
+    ends = real.cumsum(0)  # the teacher's rows are the real positions in order
+    out, start = [], 0
+    for i in range(0, len(flat), KL_CHUNK):
+        end = int(ends[min(i + KL_CHUNK, len(flat)) - 1])
+        if end > start:
+            out.append(checkpoint(_kl_rows, flat[i:i + KL_CHUNK], real[i:i + KL_CHUNK], logprobs[start:end],
+                                  use_reentrant=False))
+        start = end
+    return torch.cat(out) if out else logits.new_zeros(0)
 
 
 def _forward(student, b):

@@ -314,6 +314,25 @@ def test_expert_deviations_through_the_gram_matrices_match_the_outputs(gated, bi
     torch.testing.assert_close(router_refit_loss(moe, x, h), router_refit_loss(moe, x))
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_the_chunked_next_token_kl_equals_the_whole_one_and_its_gradient(monkeypatch, chunk):
+    """next_token_kl, a few positions at a time and recomputed in the backward pass, gives the KL of the whole
+    batch at once and the same gradient, for chunks that straddle padding, hold only padding, or the whole batch."""
+    import torch.nn.functional as F
+    from exporter import distill
+    monkeypatch.setattr(distill, "KL_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    logits = torch.randn(3, 6, 11, generator=g, requires_grad=True)
+    target = F.log_softmax(torch.randn(int(mask.sum()), 11, generator=g), -1)
+    whole = F.kl_div(F.log_softmax(logits[mask], -1), target, log_target=True, reduction="none").sum(-1)
+    chunked = distill.next_token_kl(logits, mask, target)
+    torch.testing.assert_close(chunked, whole)
+    (grad_whole,) = torch.autograd.grad((whole * torch.arange(len(whole))).sum(), logits)
+    (grad_chunked,) = torch.autograd.grad((chunked * torch.arange(len(whole))).sum(), logits)
+    torch.testing.assert_close(grad_chunked, grad_whole)
+
+
 def test_distillation_trains_and_exports_the_low_rank_stand_in(tiny_bert_dir, tmp_path, calib):
     """The stand-in trains with the experts, and what trained is what is exported (it used to train end to end and
     then be dropped: the export carried the closed-form fit beside distilled experts)."""
