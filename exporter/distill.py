@@ -328,7 +328,8 @@ def heldout_eval(student, batches, targets) -> tuple[float, float]:
     """(loss, the task's figure: embedding cosine or next-token KL) on the held-out batches, text-weighted."""
     losses, figures = [], []
     for j, b in enumerate(batches):
-        loss, f = _loss(_forward(student, b), b["attention_mask"], targets[j])
+        target = targets[j]  # first: a recomputed target's forward pass then peaks alone, not beside the student's
+        loss, f = _loss(_forward(student, b), b["attention_mask"], target)
         losses.append(float(loss) * len(f))
         figures.append(f)
     figures = torch.cat(figures)
@@ -378,7 +379,8 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         b = fit[j]
         for moe in refit:  # the training forward's FFN inputs and activations, for the routers' own loss
             moe.hidden_log = []
-        loss, _ = _loss(_forward(student, b), b["attention_mask"], fit_targets[j])
+        target = fit_targets[j]  # before the student's forward: heldout_eval says why
+        loss, _ = _loss(_forward(student, b), b["attention_mask"], target)
         for moe in refit:
             loss = loss + sum(router_refit_loss(moe, x, h) for x, h in moe.hidden_log)
             moe.hidden_log = None
