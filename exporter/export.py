@@ -37,7 +37,7 @@ from .relufy import relufy as relufy_model
 from .source import check_source, load_model, model_type_of
 from .tasks import Task, ValidationError, task_for
 from .tasks.decoder import GREEDY_TOKENS, TextGeneration, torch_greedy
-from .text import CALIB_LINES, SAMPLE_PROMPTS, SAMPLE_TEXTS, load_texts
+from .text import SAMPLE_PROMPTS, SAMPLE_TEXTS, load_texts
 
 __all__ = ["Converted", "ExportReport", "ValidationError", "convert", "export"]
 
@@ -133,7 +133,7 @@ def _calibration_pool(recipe: Recipe, log) -> list[str] | None:
     if recipe.calib is None:
         return None
     texts = load_texts(recipe.calib)
-    n = max(CALIB_LINES, recipe.distill_texts) if recipe.trains else CALIB_LINES
+    n = max(recipe.calib_texts, recipe.distill_texts) if recipe.trains else recipe.calib_texts
     if len(texts) > n:
         log(f"--calib: using the first {n} of its {len(texts)} lines")
         texts = texts[:n]
@@ -148,12 +148,12 @@ def convert(source: str | os.PathLike, recipe: Recipe | None = None, *, progress
     recipe, options = split_settings(recipe, settings)
     recipe.check()
     options.check(recipe)
-    calib_texts = _calibration_pool(recipe, log)
-    return _convert(source, recipe, calib_texts, target=options.target, save_moefied_dir=options.save_moefied_dir,
+    user_texts = _calibration_pool(recipe, log)
+    return _convert(source, recipe, user_texts, target=options.target, save_moefied_dir=options.save_moefied_dir,
                     progress=progress, log=log)
 
 
-def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, progress, log) -> Converted:
+def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, progress, log) -> Converted:
     log(f"loading {source}")
     model, tokenizer, adapter, moe_cfg, routers = load_model(source)
     task = task_for(adapter)
@@ -198,14 +198,14 @@ def _convert(source, recipe: Recipe, calib_texts, *, target, save_moefied_dir, p
     if routers is None:
         calib_batch = train_batch = None
         if needs_calibration(moe_cfg) or recipe.trains:
-            n_texts = max(CALIB_LINES, recipe.distill_texts) if recipe.trains else CALIB_LINES
-            if calib_texts:  # the user's text as given
-                pool, where = calib_texts, f"--calib {recipe.calib}"
+            n_texts = max(recipe.calib_texts, recipe.distill_texts) if recipe.trains else recipe.calib_texts
+            if user_texts:  # the user's text as given
+                pool, where = user_texts, f"--calib {recipe.calib}"
             else:
                 pool, where = calibration_texts(n_texts, log)
                 pool, change = task.default_calibration(tokenizer, pool)
                 where += f", {change}" if change else ""
-            sample = pool[:CALIB_LINES]
+            sample = pool[:recipe.calib_texts]
             calibration = {"source": where, "texts": len(sample)}
             log(f"calibrating on {len(sample)} texts ({where})")
             calib_batch = tokenize(sample)
@@ -469,8 +469,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     if options.save_moefied_dir:
         check_output_dir(options.save_moefied_dir, "--save-moefied")
     embedding = _embedding_settings(source, task_for(adapter), options.target) if options.with_tokenizer else None
-    calib_texts = _calibration_pool(recipe, log)
-    converted = _convert(source, recipe, calib_texts, target=options.target,
+    user_texts = _calibration_pool(recipe, log)
+    converted = _convert(source, recipe, user_texts, target=options.target,
                          save_moefied_dir=options.save_moefied_dir, progress=progress, log=log)
     model, task, cfg = converted.model, converted.task, converted.config
     max_length = min(MAX_LENGTH, getattr(model.config, "max_position_embeddings", MAX_LENGTH))

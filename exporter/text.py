@@ -63,8 +63,8 @@ def default_calibration_texts(limit: int = 512) -> list[str]:
     return texts[:limit]
 
 
-CALIB_LINES = 1000  # calibration texts used at most (the default corpus is 1,000 fortunes): bounds memory and time
-# Distillation trains on more text (the MoEfication calibration takes the first CALIB_LINES of it): with
+CALIB_LINES = 1000  # --calib-texts' default: texts that calibrate the MoE; bounds memory and time (SmolLM2: 10 GB)
+# Distillation trains on more text (the MoEfication calibration takes the first --calib-texts of it): with
 # 1,000 texts it overfits (held-out loss stops falling after ~2 epochs). About 300 MB of activations and
 # 300 MB of teacher targets per 1,000 fortunes for MiniLM.
 DISTILL_TEXTS = 10000

@@ -133,3 +133,8 @@ def test_long_calibration_file_is_cut_and_says_so(tiny_bert_dir, tmp_path):
     export(tiny_bert_dir, tmp_path / "m.onnx", experts=8, top_k=2, router="ls", correction="mean", calib=calib,
            backend="numba-split", progress=False, log=logs.append)
     assert f"--calib: using the first {CALIB_LINES} of its {CALIB_LINES + 5} lines" in logs
+    logs.clear()
+    export(tiny_bert_dir, tmp_path / "m20.onnx", experts=8, top_k=2, router="ls", correction="mean", calib=calib,
+           calib_texts=20, backend="numba-split", progress=False, log=logs.append)
+    assert f"--calib: using the first 20 of its {CALIB_LINES + 5} lines" in logs
+    assert any(line.startswith("calibrating on 20 texts") for line in logs)

@@ -188,6 +188,7 @@ def test_straight_through_router_keeps_the_forward_value():
     (["--distill", -2], "--distill takes a positive number of minutes"),
     (["--distill", 1, "--distill-steps", -1], "--distill-steps must be >= 0, got -1"),
     (["--distill", 1, "--distill-texts", 1], "--distill-texts must be >= 2, got 1"),
+    (["--calib-texts", 0], "--calib-texts must be a number of texts >= 1, got 0"),
     (["--relufy", -0.5], "--relufy takes a threshold shift >= 0, got -0.5"),
     (["--relufy", "nan"], "--relufy takes a threshold shift >= 0"),
     (["--relufy", "--relufy-minutes", 0], "--relufy-minutes must be positive"),
@@ -196,12 +197,10 @@ def test_bad_training_values_fail_cleanly(capsys, tmp_path, tiny_bert_dir, argv,
     assert_fails_cleanly(capsys, tmp_path, [tiny_bert_dir, *argv], message)
 
 
-def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_path, calib, monkeypatch):
-    import importlib
-    ex = importlib.import_module("exporter.export")  # the module; `exporter.export` is also the function
-    monkeypatch.setattr(ex, "CALIB_LINES", 50)  # the MoE calibrates on the first 50 lines, distillation takes 120
+def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_path, calib):
+    # the MoE calibrates on the first 50 lines, distillation takes 120
     report, logs = run_export(tiny_bert_dir, tmp_path / "d.onnx", calib=calib, distill=1.0, distill_steps=3,
-                              distill_texts=120, **RECIPE)
+                              calib_texts=50, distill_texts=120, **RECIPE)
     assert "--calib: using the first 120 of its 200 lines" in logs
     assert any(line.startswith("calibrating on 50 texts") for line in logs)
     assert "distillation text: 120 texts (--calib %s)" % calib in logs
@@ -360,11 +359,9 @@ def test_decoder_distillation_lowers_next_token_kl(tiny_model_dir, tmp_path, cal
     monkeypatch.setattr(D, "TARGETS_MAX_GB", 0.0)
     per_text = 4 * 32 * 2 * 8  # bytes of FFN inputs of a text of 8 tokens: tiny LLaMA's width x layers x 4
     monkeypatch.setattr(D, "ACTIVATIONS_MAX_GB", 60 * per_text / 1e9)
-    import importlib
-    monkeypatch.setattr(importlib.import_module("exporter.export"), "CALIB_LINES", 50)
     report, logs = run_export(tiny_model_dir("llama"), tmp_path / "d", calib=calib, experts=8, top_k=2,
                               split="coact", router="ls", correction="mean", distill=1.0, distill_steps=20,
-                              distill_texts=200, genai="off")
+                              calib_texts=50, distill_texts=200, genai="off")
     record = report.config.distill
     assert "heldout_cosine" not in record
     before, after_layerwise, after = record["heldout_kl"]
