@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -52,7 +53,9 @@ E2E_LR = {False: 3e-4, True: 1e-4}  # embedding models, language models. MiniLM,
 # (docs/QUALITY.md): 1e-4 -> cosine 0.940, 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred
 # steps and overtake as the rate decays; at 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946). SmolLM2: measured at 1e-4 only
 E2E_WARMUP = 10  # steps
-E2E_EVAL_EVERY = 25  # steps
+E2E_EVAL_EVERY = 25  # steps between held-out evaluations, at least; a run the budget ends spaces them further so
+E2E_EVAL_SHARE = 0.05  # that they take at most this share of its training time: SmolLM2's 256 chat texts took 120 s
+# an evaluation against 21 s a step (19% of the end-to-end phase at every 25 steps); MiniLM's about 1.5 s against 1 s
 COSINE_WEIGHT = 1.0  # embedding (1 - cosine) against the mean relative squared error of the hidden states
 KL_WEIGHT = 1.0  # language models: next-token KL to the teacher (nats per token), against the same
 KL_CHUNK = 256  # tokens whose log-softmax over the vocabulary exists at once (next_token_kl)
@@ -336,6 +339,12 @@ def heldout_eval(student, batches, targets) -> tuple[float, float]:
     return sum(losses) / len(figures), float(figures.mean())
 
 
+def eval_interval(eval_seconds: float, step_seconds: float) -> int:
+    """End-to-end steps between held-out evaluations: E2E_EVAL_EVERY, or more when an evaluation is so slow
+    against a step that it would take more than E2E_EVAL_SHARE of the time."""
+    return max(E2E_EVAL_EVERY, math.ceil(eval_seconds / (E2E_EVAL_SHARE * max(step_seconds, 1e-9))))
+
+
 def lr_factor(step: int, max_steps: int, time_share: float | None = None) -> float:
     """The end-to-end rate's multiplier at ``step``: a warm-up, then a linear decay to a tenth by the step cap
     or, when the warm-up's pace says the budget ends the run first, by the deadline: ``time_share`` is the share
@@ -346,12 +355,14 @@ def lr_factor(step: int, max_steps: int, time_share: float | None = None) -> flo
 
 
 def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, deadline, max_steps, seed=0,
-               progress=True) -> tuple[tuple[float, float], int]:
+               progress=True) -> tuple[tuple[float, float], tuple[float, float], int]:
     """Phase 2 (module docstring) on batches ``fit``; keeps the state with the lowest loss on the held-out
-    batches ``held`` and returns its held-out (loss, task figure) and the steps run."""
-    best = heldout_eval(student, held, held_targets)
+    batches ``held``. Returns the held-out (loss, task figure) before it and of the state kept, and the steps run."""
+    t_eval = time.monotonic()
+    start = best = heldout_eval(student, held, held_targets)
+    t_eval = time.monotonic() - t_eval
     if max_steps == 0 or time.monotonic() >= deadline:
-        return best, 0
+        return start, best, 0
     fit_targets = _Targets(teacher, fit)
     router = {id(t) for moe in moes for t in _router_tensors(moe)}  # frozen, or refit on its own: docstring
     params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
@@ -371,6 +382,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
             p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     t0, rng, step, order, by_time = time.monotonic(), np.random.default_rng(seed), 0, [], False
+    eval_every, last_eval, t_evals = E2E_EVAL_EVERY, 0, 0.0
     bar = tqdm(total=max_steps, desc="distilling end to end", disable=not progress)
     while step < max_steps and time.monotonic() < deadline:
         if not order:
@@ -387,6 +399,8 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         now = time.monotonic()
         if step == E2E_WARMUP:
             by_time = (deadline - t0) * step / (now - t0) < max_steps
+            if by_time:  # a run that the cap ends keeps its schedule: reproducible
+                eval_every = eval_interval(t_eval, (now - t0) / step)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, max_steps, (now - t0) / (deadline - t0) if by_time else None)
         if step and step % E2E_WARMUP == 0:  # the bar's end (and its time left) is the budget's, not the cap's
@@ -397,8 +411,13 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         opt.step()
         step += 1
         bar.update()
-        if step % E2E_EVAL_EVERY == 0 or step == max_steps or time.monotonic() >= deadline:
+        if step - last_eval >= eval_every or step == max_steps or time.monotonic() >= deadline:
+            t_eval = time.monotonic()
             now = heldout_eval(student, held, held_targets)
+            t_eval, last_eval = time.monotonic() - t_eval, step
+            t_evals += t_eval
+            if by_time:
+                eval_every = eval_interval(t_eval, (time.monotonic() - t0 - t_evals) / step)
             bar.set_postfix(heldout_loss=f"{now[0]:.4f}", **{f"heldout_{FIGURES[_is_lm(student)]}": f"{now[1]:.4f}"})
             if now[0] < best[0]:
                 best, best_state = now, copy.deepcopy(student.state_dict())
@@ -407,7 +426,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         for p in g["params"]:
             p.requires_grad_(False)
     student.load_state_dict(best_state)
-    return best, step
+    return start, best, step
 
 
 def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch, *, minutes: float,
@@ -444,8 +463,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     if log:
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))
-    mid = heldout_eval(student, held, held_targets)
-    end, steps = end_to_end(student, teacher, adapter, moes, fit, held, held_targets, deadline=deadline,
+    mid, end, steps = end_to_end(student, teacher, adapter, moes, fit, held, held_targets, deadline=deadline,
                             max_steps=max_steps, seed=seed, progress=progress)
     result = DistillResult(errors, [start[0], mid[0], end[0]], [start[1], mid[1], end[1]], steps,
                            time.monotonic() - t0, len(held_ids), _is_lm(student))

@@ -96,6 +96,13 @@ def test_the_end_to_end_rate_warms_up_then_decays_to_a_tenth_by_the_cap_or_the_d
     assert lr_factor(800, 10**5, 1.0) == lr_factor(900, 10**5, 1.3) == pytest.approx(0.1)
 
 
+def test_slow_held_out_evaluations_are_spaced_to_a_share_of_the_time():
+    from exporter.distill import E2E_EVAL_EVERY, E2E_EVAL_SHARE, eval_interval
+    assert eval_interval(0.1, 1.0) == E2E_EVAL_EVERY  # cheap (MiniLM-like): the usual interval
+    n = eval_interval(120.0, 21.0)  # SmolLM2 on chat text: 120 s an evaluation, 21 s a step
+    assert 120.0 / (n * 21.0) <= E2E_EVAL_SHARE < 120.0 / ((n - 1) * 21.0)  # of the training time
+
+
 def test_relufy_exports_relu(tiny_bert_dir, tmp_path, calib):
     out, saved = tmp_path / "r.onnx", tmp_path / "saved"
     report, logs = run_export(tiny_bert_dir, out, calib=calib, relufy=0.1, relufy_minutes=1.0, distill_steps=20,
