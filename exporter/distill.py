@@ -47,8 +47,8 @@ LAYERWISE_SHARE = 0.5  # at most this share of the time budget goes to the layer
 E2E_BATCH = 32  # texts, of similar length (less padding)
 E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
 # activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB,
-# with this cap 11.9 GB after one step and 17.9 GB after 20 with the chat-turn calibration (docs/QUALITY.md,
-# fourth and fifth pass; before the layer-wise activations were released)
+# with this cap 11.9 GB after one step and 17.9 GB after 20 with the chat-turn calibration, 13.4 GB once the
+# layer-wise activations were released (docs/QUALITY.md, fourth to sixth pass)
 E2E_LR = {False: 3e-4, True: 1e-4}  # embedding models, language models. MiniLM, 25% active, --recipe best's 30 min
 # (docs/QUALITY.md): 1e-4 -> cosine 0.940, 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred
 # steps and overtake as the rate decays; at 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946). SmolLM2: measured at 1e-4 only

@@ -195,7 +195,7 @@ class Recipe(_Settings):
         CALIB_LINES, "texts that calibrate the MoE (split, routers, corrections, stand-in): the first N of the default "
                      "corpus (about 12,000 fortunes) or of --calib. More text, slightly better routers, for time and "
                      "memory: MiniLM's default recipe on 4,000 texts, cosine +0.002 and WordNet retrieval +1.4 points, "
-                     "3x the time, 2.6x the peak memory (docs/QUALITY.md)", type=int, metavar="N")
+                     "about 4x the time and 3x the peak memory (docs/QUALITY.md)", type=int, metavar="N")
     calib_cache: bool = setting(
         True, "do not read or write the cached calibration activations (each layer's FFN input on the calibration "
               "text, keyed by the model's weights and the tokenized text; about 280 MB per entry for MiniLM) in "
