@@ -133,7 +133,7 @@ def _calibration_pool(recipe: Recipe, log) -> list[str] | None:
     if recipe.calib is None:
         return None
     texts = load_texts(recipe.calib)
-    n = max(recipe.calib_texts, recipe.distill_texts) if recipe.trains else recipe.calib_texts
+    n = recipe.corpus_texts
     if len(texts) > n:
         log(f"--calib: using the first {n} of its {len(texts)} lines")
         texts = texts[:n]
@@ -198,11 +198,10 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
     if routers is None:
         calib_batch = train_batch = None
         if needs_calibration(moe_cfg) or recipe.trains:
-            n_texts = max(recipe.calib_texts, recipe.distill_texts) if recipe.trains else recipe.calib_texts
             if user_texts:  # the user's text as given
                 pool, where = user_texts, f"--calib {recipe.calib}"
             else:
-                pool, where = calibration_texts(n_texts, log)
+                pool, where = calibration_texts(recipe.corpus_texts, log)
                 pool, change = task.default_calibration(tokenizer, pool)
                 where += f", {change}" if change else ""
             sample = pool[:recipe.calib_texts]

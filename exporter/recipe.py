@@ -215,6 +215,12 @@ class Recipe(_Settings):
     def trains(self) -> bool:
         return self.distill is not None or self.relufy is not None or self.preset == "best"
 
+    @property
+    def corpus_texts(self) -> int:
+        """Texts of the default corpus (or of --calib) the export reads: the calibration's, or the distillation's
+        when it trains on more."""
+        return max(self.calib_texts, self.distill_texts) if self.trains else self.calib_texts
+
     def resolved(self, gated: bool, width: int) -> "Recipe":
         """This recipe with what it leaves open filled in from its preset for the FFN family (gated or plain) of
         an FFN of ``width`` neurons."""
