@@ -400,7 +400,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         if step == E2E_WARMUP:
             by_time = (deadline - t0) * step / (now - t0) < max_steps
             if by_time:  # a run that the cap ends keeps its schedule: reproducible
-                eval_every = eval_interval(t_eval, (now - t0) / step)
+                eval_every = eval_interval(t_eval, (now - t0 - t_evals) / step)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, max_steps, (now - t0) / (deadline - t0) if by_time else None)
         if step and step % E2E_WARMUP == 0:  # the bar's end (and its time left) is the budget's, not the cap's
@@ -412,15 +412,16 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         step += 1
         bar.update()
         if step - last_eval >= eval_every or step == max_steps or time.monotonic() >= deadline:
-            t_eval = time.monotonic()
-            now = heldout_eval(student, held, held_targets)
-            t_eval, last_eval = time.monotonic() - t_eval, step
-            t_evals += t_eval
+            now = time.monotonic()  # the training time so far: now - t0 - t_evals
+            held_now = heldout_eval(student, held, held_targets)
+            t_eval, last_eval = time.monotonic() - now, step
             if by_time:
-                eval_every = eval_interval(t_eval, (time.monotonic() - t0 - t_evals) / step)
-            bar.set_postfix(heldout_loss=f"{now[0]:.4f}", **{f"heldout_{FIGURES[_is_lm(student)]}": f"{now[1]:.4f}"})
-            if now[0] < best[0]:
-                best, best_state = now, copy.deepcopy(student.state_dict())
+                eval_every = eval_interval(t_eval, (now - t0 - t_evals) / step)
+            t_evals += t_eval
+            bar.set_postfix(heldout_loss=f"{held_now[0]:.4f}",
+                            **{f"heldout_{FIGURES[_is_lm(student)]}": f"{held_now[1]:.4f}"})
+            if held_now[0] < best[0]:
+                best, best_state = held_now, copy.deepcopy(student.state_dict())
     bar.close()
     for g in groups:
         for p in g["params"]:
