@@ -63,7 +63,7 @@ struct ThreadScratch {
   std::vector<float> up, gate, scores, routerp;
   std::vector<const float*> a;
   std::vector<float*> out, h, shifted;
-  std::vector<char> taken;
+  std::vector<int32_t> order;
   BlockScratch block(int64_t mp, bool gated) {
     const std::size_t n = static_cast<std::size_t>(kTokenBlock * mp);
     if (up.size() < n) up.resize(n);
@@ -118,7 +118,7 @@ void select_range(const SparseFFNProblem& p, const PackedWeights& pk, const Pack
                   int64_t t_end, int32_t* selected) {
   const int64_t E = p.experts, k = p.top_k;
   ThreadScratch& ts = thread_scratch();
-  grow(ts.taken, static_cast<std::size_t>(E));
+  grow(ts.order, static_cast<std::size_t>(E));
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokenBlock) {
     const int64_t n = std::min(kTokenBlock, t_end - t0);
     // Scores of this chunk: given, or one panel product on the packed router.
@@ -131,16 +131,19 @@ void select_range(const SparseFFNProblem& p, const PackedWeights& pk, const Pack
       pk.isa->router_scores(p, v, t0, n, ts.scores.data(), ts.block(v.mp, p.wg != nullptr));
       s = ts.scores.data(), ld = v.ep;
     }
+    // The k best in rank order: a partial sort, O(E log k) (k scans of all E scores cost 16x more at
+    // 128 experts, top-32: a third of the call at 16 tokens).
+    int32_t* order = ts.order.data();
     for (int64_t r = 0; r < n; ++r) {
       const float* row = s + r * ld;
-      std::fill(ts.taken.begin(), ts.taken.begin() + E, 0);
+      for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
+      std::partial_sort(order, order + k, order + E, [row](int32_t a, int32_t b) {
+        return better(row[a], row[b]) || (!better(row[b], row[a]) && a < b);
+      });
       for (int64_t j = 0; j < k; ++j) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < E; ++e)
-          if (!ts.taken[e] && (best < 0 || better(row[e], row[best]))) best = e;
-        ts.taken[best] = 1;
+        const int32_t best = order[j];
         const bool dropped = j >= p.min_k && row[best] < p.score_threshold;
-        selected[(t0 + r) * k + j] = dropped ? -1 : static_cast<int32_t>(best);
+        selected[(t0 + r) * k + j] = dropped ? -1 : best;
       }
     }
   }

@@ -192,12 +192,14 @@ void add(float* y, const float* x, int64_t n) {
 // One token group of TB tokens over `rows` rows of a [rows, V * L] panel. Weights are loaded once per row
 // and used by every token of the group; token values are broadcast from memory. While computing, the group
 // prefetches its share of the next bytes of the packed stream, so reading weights overlaps the math.
+// `sub` (or null): a row subtracted from every token's output as the tile is loaded (accumulating only).
 template <int TB, int V, typename Wt>
 inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const Wt* panel, float* const* out,
-                        bool accumulate, const char* prefetch, int64_t prefetch_per_row) {
+                        bool accumulate, const char* prefetch, int64_t prefetch_per_row, const float* sub) {
   vf acc[TB][V];
   for (int t = 0; t < TB; ++t)
-    for (int v = 0; v < V; ++v) acc[t][v] = accumulate ? load(out[t] + L * v) : vf{};
+    for (int v = 0; v < V; ++v)
+      acc[t][v] = !accumulate ? vf{} : sub ? load(out[t] + L * v) - load(sub + L * v) : load(out[t] + L * v);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t q = 0; q < prefetch_per_row; ++q) __builtin_prefetch(prefetch + (r * prefetch_per_row + q) * 64, 0, 2);
     vf w[V];
@@ -215,9 +217,12 @@ inline void panel_block(const float* const* a, int64_t r0, int64_t rows, const W
 // even and odd rows go to two accumulator sets.
 template <int V, typename Wt>
 inline void panel_row(const float* a, int64_t r0, int64_t rows, const Wt* panel, float* out, bool accumulate,
-                      const char* prefetch, int64_t prefetch_per_row) {
+                      const char* prefetch, int64_t prefetch_per_row, const float* sub) {
   vf acc0[V], acc1[V];
-  for (int v = 0; v < V; ++v) acc0[v] = accumulate ? load(out + L * v) : vf{}, acc1[v] = vf{};
+  for (int v = 0; v < V; ++v) {
+    acc0[v] = !accumulate ? vf{} : sub ? load(out + L * v) - load(sub + L * v) : load(out + L * v);
+    acc1[v] = vf{};
+  }
   int64_t r = 0;
   for (; r + 2 <= rows; r += 2) {
     for (int64_t q = 0; q < 2 * prefetch_per_row; ++q)
@@ -267,7 +272,7 @@ constexpr int64_t kWidenTokens = kTB > 2 ? 2 * kTB : 2;
 
 template <int V, typename Wt>
 void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, const Wt* panel,
-                  float* const* out, bool accumulate, const char* next, int64_t next_lines) {
+                  float* const* out, bool accumulate, const char* next, int64_t next_lines, const float* sub) {
   int64_t groups = 0;
   for (int64_t t = 0; t < n; t += next_group(n - t)) ++groups;
   const int64_t per_row = (next_lines + groups * rows - 1) / (groups * rows);  // cache lines per row
@@ -278,22 +283,25 @@ void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, co
     const int64_t count = first < next_lines ? per_row : 0;
     const char* pf = next + first * 64;
     if (tb == kTB)
-      panel_block<kTB, V>(a + t, r0, rows, panel, out + t, accumulate, pf, count);
+      panel_block<kTB, V>(a + t, r0, rows, panel, out + t, accumulate, pf, count, sub);
     else if (tb == kTB2 && kTB2 > 1)
-      panel_block<kTB2, V>(a + t, r0, rows, panel, out + t, accumulate, pf, count);
+      panel_block<kTB2, V>(a + t, r0, rows, panel, out + t, accumulate, pf, count, sub);
     else if (tb == kTB4 && kTB4 > 1)
-      panel_block<kTB4, V>(a + t, r0, rows, panel, out + t, accumulate, pf, count);
+      panel_block<kTB4, V>(a + t, r0, rows, panel, out + t, accumulate, pf, count, sub);
     else
-      panel_row<V>(a[t], r0, rows, panel, out[t], accumulate, pf, count);
+      panel_row<V>(a[t], r0, rows, panel, out[t], accumulate, pf, count, sub);
     t += tb;
   }
 }
 
 // out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols (a multiple of L); `packed` holds the panels back
 // to back ([rows, w] each: kPanel wide while they fit, then L). `shifted`: scratch of n row pointers.
+// `sub` (or null; accumulating only): out[t][c] -= sub[c] as well, folded into the first row step's tile
+// loads instead of another pass over every token's output (a pass per token and expert: with experts of
+// 12 neurons it cost as much as a sixth of their math).
 template <typename Wt>
 void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* packed, int64_t cols,
-                  float* const* out, bool accumulate, float** shifted) {
+                  float* const* out, bool accumulate, float** shifted, const float* sub = nullptr) {
   for (int64_t c = 0; c < cols;) {
     const int64_t w = c + kPanel <= cols ? kPanel : L;
     const Wt* panel = packed + rows * c;
@@ -309,23 +317,25 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
       // The bytes of the packed stream `ahead` of this step (panels and experts lie back to back; past the
       // end of the buffer a prefetch is harmless).
       const char* next = reinterpret_cast<const char*>(chunk) + ahead;
+      const bool acc = accumulate || r0 > 0;
+      const float* s = accumulate && sub && r0 == 0 ? sub + c : nullptr;
       if (sizeof(Wt) == 1 && n >= kWidenTokens) {
         // int8 weights and several token groups: widen the step once into an L1 buffer that every group
         // then reads as floats, instead of each group widening every weight again.
         float wide[kRowStep * kPanel];
         for (int64_t i = 0; i < step * w; i += L) store(wide + i, load(chunk + i));
         if (w == kPanel)
-          panel_tokens<kV>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, lines);
+          panel_tokens<kV>(a, n, r0, step, wide, shifted, acc, next, lines, s);
         else
-          panel_tokens<1>(a, n, r0, step, wide, shifted, accumulate || r0 > 0, next, lines);
+          panel_tokens<1>(a, n, r0, step, wide, shifted, acc, next, lines, s);
       } else if (n == 1 && w == kPanel)
-        panel_row<kV>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, 0);
+        panel_row<kV>(a[0], r0, step, chunk, shifted[0], acc, next, 0, s);
       else if (n == 1)
-        panel_row<1>(a[0], r0, step, chunk, shifted[0], accumulate || r0 > 0, next, 0);
+        panel_row<1>(a[0], r0, step, chunk, shifted[0], acc, next, 0, s);
       else if (w == kPanel)
-        panel_tokens<kV>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, lines);
+        panel_tokens<kV>(a, n, r0, step, chunk, shifted, acc, next, lines, s);
       else
-        panel_tokens<1>(a, n, r0, step, chunk, shifted, accumulate || r0 > 0, next, lines);
+        panel_tokens<1>(a, n, r0, step, chunk, shifted, acc, next, lines, s);
     }
     c += w;
   }
@@ -363,20 +373,17 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
     for (int64_t r = 0; r < n; ++r)
       for (int64_t j = 0; j < m; ++j) s.up[r * mp + j] *= p.w2_scale[e * m + j];
   for (int64_t r = 0; r < n; ++r) s.a[r] = s.up + r * mp;
-  apply_panels(s.a, n, m, static_cast<const Wt*>(pk.w2p) + e * pk.expert_stride, pk.dl, s.out, true, s.shifted);
+  // The expert's unselected bias U[e] (already in the output's base) comes off as the tiles are loaded.
+  const float* u = p.unselected_bias ? p.unselected_bias + e * d : nullptr;
+  apply_panels(s.a, n, m, static_cast<const Wt*>(pk.w2p) + e * pk.expert_stride, pk.dl, s.out, true, s.shifted, u);
   if (pk.dl < d) {
     const Wt* w2 = static_cast<const Wt*>(p.w2) + e * m * d;
     for (int64_t r = 0; r < n; ++r)
       for (int64_t i = pk.dl; i < d; ++i) {
-        float acc = s.out[r][i];
+        float acc = s.out[r][i] - (u ? u[i] : 0.f);
         for (int64_t j = 0; j < m; ++j) acc += s.up[r * mp + j] * static_cast<float>(w2[j * d + i]);
         s.out[r][i] = acc;
       }
-  }
-  if (p.unselected_bias) {
-    const float* u = p.unselected_bias + e * d;
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t i = 0; i < d; ++i) s.out[r][i] -= u[i];
   }
 }
 
