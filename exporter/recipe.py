@@ -21,7 +21,14 @@ from .relufy import check_relufy
 from .text import CALIB_LINES, DISTILL_TEXTS
 from runtime.session import BACKENDS
 
-DEFAULT_TOP_K = 8
+DEFAULT_ACTIVE = 0.25  # without --top-k or --budget, each token computes this share of the experts (8 of 32)
+LOWRANK_SHARE = 8  # the presets' low-rank stand-in costs 1/LOWRANK_SHARE of that budget (one expert of 8)
+
+
+def default_top_k(experts: int) -> int:
+    """Experts per token when --top-k is not given: DEFAULT_ACTIVE of them, so --experts alone keeps the share."""
+    return max(1, round(experts * DEFAULT_ACTIVE))
+
 TARGETS = ("custom", "standard", "ort-moe")
 GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 
@@ -29,15 +36,15 @@ GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 # LLaMA's SwiGLU): the best recipes measured (docs/QUALITY.md, "Recipes by default"). Written here only; a
 # flag given explicitly overrides its preset value. fast: closed-form fits only (about a minute for MiniLM);
 # balanced (the default): the best training-free recipe; best: balanced plus the recovery fine-tune
-# (--distill) within the stated CPU-minute budget. "lowrank_experts": a low-rank stand-in (--lowrank) costing as
-# much as that many experts, taken from the default top-k so that the total stays DEFAULT_TOP_K experts' worth.
+# (--distill) within the stated CPU-minute budget. "stand_in": a low-rank stand-in (--lowrank) costing
+# 1/LOWRANK_SHARE of the default top-k's experts, taken from them so that the total stays the default's worth.
 _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
-_BALANCED = {family: {**_TRAINING_FREE, "lowrank_experts": 1} for family in ("plain", "gated")}
+_BALANCED = {family: {**_TRAINING_FREE, "stand_in": True} for family in ("plain", "gated")}
 # Measured (docs/QUALITY.md, third and fourth pass): MiniLM 25% cosine 0.845 -> 0.9425; SmolLM2 25% perplexity ratio
 # x1.64 (third pass, before the faster router refit).
 _DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000}, "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
-    "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "lowrank_experts": 1}
+    "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "stand_in": True}
              for family in ("plain", "gated")},
     "balanced": _BALANCED,
     "best": {family: {**_BALANCED[family], **_DISTILL[family]} for family in ("plain", "gated")},
@@ -94,14 +101,15 @@ class Recipe(_Settings):
     preset: str = setting(
         DEFAULT_PRESET, "fast: calibrated closed-form fits only (--split coact --router ls --correction mean); "
                         "balanced: the best training-free recipe measured (--split coact --router bce --correction "
-                        "mean); both, without --top-k, compute 7 experts plus a low-rank stand-in of one expert's "
-                        "worth (--lowrank); best: balanced plus the recovery fine-tune within a CPU-minute budget (--distill 30 "
-                        "for plain FFNs, --distill 60 for gated ones, --distill-steps 100000). Flags given "
-                        "explicitly override the preset's values", flag="--recipe", choices=tuple(PRESETS))
+                        "mean); both, without --top-k, spend an eighth of the default top-k on a low-rank "
+                        "stand-in (--lowrank; 32 experts: 7 plus a stand-in of one expert's worth); best: balanced "
+                        "plus the recovery fine-tune within a CPU-minute budget (--distill 30 for plain FFNs, "
+                        "--distill 60 for gated ones, --distill-steps 100000). Flags given explicitly override the "
+                        "preset's values", flag="--recipe", choices=tuple(PRESETS))
     experts: int = setting(32, "experts per FFN; must divide the FFN width", type=int)
     top_k: int | None = setting(
-        None, f"experts computed per token, 1..experts, shared experts included (default {DEFAULT_TOP_K}; "
-              "re-exporting a --save-moefied directory: its own)", type=int, show_default=False)
+        None, "experts computed per token, 1..experts, shared experts included (default: a quarter of "
+              "--experts, 8 of 32; re-exporting a --save-moefied directory: its own)", type=int, show_default=False)
     budget: float | None = setting(
         None, "instead of --top-k: choose each layer's top-k from calibration text so that on average the share F of "
               "FFN parameters is active per token (greedy on the share of each layer's expert-output deviation an "
@@ -120,9 +128,9 @@ class Recipe(_Settings):
            "remaining FFN error on calibration text is fitted in closed form (reduced-rank ridge regression on the "
            "FFN input, R-Sparse-like) and exported as two R x d matrices (standard ONNX MatMuls beside the operator). "
            "It costs as much as R/m experts of m neurons (plain FFN; gated: 2R/3m) and counts in the active share "
-           "reported. Without --top-k and --budget, --recipe fast/balanced/best use one expert's worth (R = m plain, "
-           f"3m/2 gated) in place of one of the default {DEFAULT_TOP_K} experts (MiniLM: 7 experts and --lowrank 48, "
-           "25%% in all); with --top-k, none unless given (default: from --recipe)",
+           "reported. Without --top-k and --budget, --recipe fast/balanced/best spend an eighth of the default "
+           "top-k on it (MiniLM: 7 of 32 experts and --lowrank 48, or 28 of 128 and --lowrank 48; 25%% in all); "
+           "with --top-k, none unless given (default: from --recipe)",
         type=int, metavar="R", show_default=False)
     sequential: bool = setting(
         False, "error-aware sequential calibration: layer i's router, mean correction and low-rank stand-in are fitted "
@@ -231,11 +239,12 @@ class Recipe(_Settings):
             filled["distill_steps"] = MAX_STEPS
         if self.lowrank is None:
             # With neither --top-k nor --budget, the preset's stand-in is paid for with the default top-k, so the
-            # default stays DEFAULT_TOP_K experts' worth. One expert's weights are 2 m x d (plain) or 3 m x d (gated),
+            # default stays that many experts' worth. One expert's weights are 2 m x d (plain) or 3 m x d (gated),
             # the stand-in's 2 R x d. An explicit --top-k K means K experts and no stand-in (unless --lowrank).
-            spend = values.get("lowrank_experts", 0)
-            if spend and self.top_k is None and self.budget is None and DEFAULT_TOP_K - spend > self.shared_experts:
-                filled["top_k"] = DEFAULT_TOP_K - spend
+            k = default_top_k(self.experts)
+            spend = max(1, round(k / LOWRANK_SHARE)) if values.get("stand_in") else 0
+            if spend and self.top_k is None and self.budget is None and k - spend > self.shared_experts:
+                filled["top_k"] = k - spend
                 filled["lowrank"] = spend * (width // self.experts) * (3 if gated else 2) // 2
             else:
                 filled["lowrank"] = 0
@@ -283,7 +292,8 @@ class Recipe(_Settings):
         if self.budget is not None:
             check_budget(self.budget, self.experts, self.shared_experts)
         else:
-            check_split(self.experts, DEFAULT_TOP_K if self.top_k is None else self.top_k, shared=self.shared_experts)
+            k = default_top_k(self.experts) if self.top_k is None else self.top_k
+            check_split(self.experts, k, shared=self.shared_experts)
 
 
 @dataclasses.dataclass

@@ -140,13 +140,17 @@ def test_least_squares_router_scores_stay_on_the_targets_scale(rng):
 # ----------------------------------------------------------------------------- recipes by default
 def test_recipe_presets_map_to_the_measured_flags():
     from exporter.cli import build_parser
-    from exporter.recipe import DEFAULT_TOP_K, PRESETS, Recipe
+    from exporter.recipe import PRESETS, Recipe
     # no flags: the best training-free recipe measured; for plain FFNs one of the default experts' worth goes to the
     # low-rank stand-in (MiniLM: 1536 neurons, 32 experts of 48 -> top-k 7 + rank 48, 25% in all)
     balanced = Recipe().resolved(gated=False, width=1536)
     assert (balanced.preset, balanced.split, balanced.router, balanced.correction, balanced.distill) == \
         ("balanced", "coact", "bce", "mean", None)
-    assert (balanced.top_k, balanced.lowrank) == (DEFAULT_TOP_K - 1, 48)
+    assert (balanced.top_k, balanced.lowrank) == (7, 48)
+    # --experts alone keeps the share: a quarter of the experts, an eighth of them spent on the stand-in
+    # (128 experts of 12 -> top-k 28 + rank 48; 64 gated experts of 24 -> top-k 14 + rank 72)
+    fine, fine_gated = Recipe(experts=128).resolved(False, 1536), Recipe(experts=64).resolved(True, 1536)
+    assert (fine.top_k, fine.lowrank, fine_gated.top_k, fine_gated.lowrank) == (28, 48, 14, 72)
     gated = Recipe().resolved(gated=True, width=1536)
     assert (gated.split, gated.router, gated.correction, gated.top_k, gated.lowrank) == ("coact", "bce", "mean", 7, 72)
     fast = Recipe(preset="fast").resolved(gated=True, width=1536)
