@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "sparse_ffn.h"
@@ -54,8 +55,16 @@ void pack_experts(const SparseFFNProblem& p, PackedView& v, HugeVector<Wt>& stor
   v.w2p = base + first * (p.wg ? 2 : 1);
 }
 
-// NaN ranks below every number; equal scores keep the lower index (callers scan upwards).
-inline bool better(float a, float b) { return std::isnan(b) ? !std::isnan(a) : a > b; }
+// Router ranking: NaN below every number, equal scores (-0 = +0) to the lower index. rank_key orders
+// (score, index) pairs that way as one unsigned integer, larger = better.
+inline uint64_t rank_key(float score, int64_t e) {
+  uint32_t bits;
+  if (score == 0.f) score = 0.f;  // -0 ranks as +0
+  std::memcpy(&bits, &score, sizeof bits);
+  const uint32_t order = std::isnan(score) ? 0u : bits >> 31 ? ~bits : bits | 0x80000000u;
+  return uint64_t{order} << 32 | (0xFFFFFFFFu - static_cast<uint32_t>(e));
+}
+inline int32_t key_index(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
 
 // Scratch of the thread running an expert block or a routing range. Grows to the largest call it has
 // seen and is reused: calls after that allocate nothing.
@@ -63,7 +72,7 @@ struct ThreadScratch {
   std::vector<float> up, gate, scores, routerp;
   std::vector<const float*> a;
   std::vector<float*> out, h, shifted;
-  std::vector<int32_t> order;
+  std::vector<uint64_t> keys;
   BlockScratch block(int64_t mp, bool gated) {
     const std::size_t n = static_cast<std::size_t>(kTokenBlock * mp);
     if (up.size() < n) up.resize(n);
@@ -118,7 +127,7 @@ void select_range(const SparseFFNProblem& p, const PackedWeights& pk, const Pack
                   int64_t t_end, int32_t* selected) {
   const int64_t E = p.experts, k = p.top_k;
   ThreadScratch& ts = thread_scratch();
-  grow(ts.order, static_cast<std::size_t>(E));
+  grow(ts.keys, static_cast<std::size_t>(E));
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokenBlock) {
     const int64_t n = std::min(kTokenBlock, t_end - t0);
     // Scores of this chunk: given, or one panel product on the packed router.
@@ -131,17 +140,16 @@ void select_range(const SparseFFNProblem& p, const PackedWeights& pk, const Pack
       pk.isa->router_scores(p, v, t0, n, ts.scores.data(), ts.block(v.mp, p.wg != nullptr));
       s = ts.scores.data(), ld = v.ep;
     }
-    // The k best in rank order: a partial sort, O(E log k) (k scans of all E scores cost 16x more at
-    // 128 experts, top-32: a third of the call at 16 tokens).
-    int32_t* order = ts.order.data();
+    // The k best in rank order, as integer keys: the score's order (NaN lowest, -0 as +0), then the lower
+    // index; nth_element and a sort of the k (k scans of all E scores cost 16x more at 128 experts, top-32).
+    uint64_t* keys = ts.keys.data();
     for (int64_t r = 0; r < n; ++r) {
       const float* row = s + r * ld;
-      for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
-      std::partial_sort(order, order + k, order + E, [row](int32_t a, int32_t b) {
-        return better(row[a], row[b]) || (!better(row[b], row[a]) && a < b);
-      });
+      for (int64_t e = 0; e < E; ++e) keys[e] = rank_key(row[e], e);
+      std::nth_element(keys, keys + (k - 1), keys + E, std::greater<uint64_t>());
+      std::sort(keys, keys + k, std::greater<uint64_t>());
       for (int64_t j = 0; j < k; ++j) {
-        const int32_t best = order[j];
+        const int32_t best = key_index(keys[j]);
         const bool dropped = j >= p.min_k && row[best] < p.score_threshold;
         selected[(t0 + r) * k + j] = dropped ? -1 : best;
       }
