@@ -69,10 +69,11 @@ def test_all_tokens_on_one_expert_and_unpicked_experts(backend, rng):
 
 
 # Given router scores with exact ties and NaN in the positions that matter (row 2: NaN first, then a tie at the k-th
-# place; row 5: NaN must not count as below the dynamic-k threshold). Compared on every row: given scores carry no
-# rounding, so no token is a near tie to leave out.
+# place; row 5: NaN must not count as below the dynamic-k threshold; row 7: -0 ties with +0; row 8: NaN below
+# -inf). Compared on every row: given scores carry no rounding, so no token is a near tie to leave out.
 NAN_SCORES = [[1, 1, 1, 1, 1], [0, 2, 2, 0, 2], [np.nan, 0, 0, 0, 0], [np.nan] * 5, [0, np.nan, 1, np.nan, -1],
-              [np.nan, 5, np.nan, 1, 0], [3, 2, np.nan, 1, 0]]
+              [np.nan, 5, np.nan, 1, 0], [3, 2, np.nan, 1, 0], [-1, -0.0, 0, -0.0, 0],
+              [-np.inf, np.nan, np.inf, -np.inf, -1]]
 NAN_CASES = [dict(top_k=2), dict(top_k=3), dict(top_k=4, min_k=1, score_threshold=2.0)]
 
 
@@ -94,14 +95,16 @@ def assert_nan_rows_match(backend):
 def test_ties_go_to_lower_index_and_nan_ranks_last(backend):
     assert_nan_rows_match(backend)
     scores = np.array(NAN_SCORES, np.float32)
-    assert reference.select_top_k(scores, 2).tolist() == [[0, 1], [1, 2], [1, 2], [0, 1], [2, 0], [1, 3], [0, 1]]
+    assert reference.select_top_k(scores, 2).tolist() == [[0, 1], [1, 2], [1, 2], [0, 1], [2, 0], [1, 3], [0, 1],
+                                                          [1, 2], [2, 4]]
+    assert reference.select_top_k(scores, 4)[8].tolist() == [2, 4, 0, 3]
     assert reference.selected_mask(scores, 4, 1, 2.0)[5].tolist() == [True, True, False, False, False]
 
 
 NAN_PROBE = """
 import sys
 import numpy as np
-from numpy import nan
+from numpy import inf, nan
 from runtime import numba_kernels, reference
 scores = np.array({scores!r}, np.float32)
 T, E = scores.shape
