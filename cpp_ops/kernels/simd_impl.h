@@ -297,8 +297,8 @@ void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, co
 // out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols (a multiple of L); `packed` holds the panels back
 // to back ([rows, w] each: kPanel wide while they fit, then L). `shifted`: scratch of n row pointers.
 // `sub` (or null; accumulating only): out[t][c] -= sub[c] as well, folded into the first row step's tile
-// loads instead of another pass over every token's output (a pass per token and expert: with experts of
-// 12 neurons it cost as much as a sixth of their math).
+// loads instead of another pass over every token's output per expert (passes that add up with many small
+// experts).
 template <typename Wt>
 void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* packed, int64_t cols,
                   float* const* out, bool accumulate, float** shifted, const float* sub = nullptr) {
