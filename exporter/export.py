@@ -32,7 +32,7 @@ from .moe_ffn import MoEFFN
 from .genai_layout import GenaiLayoutError, add_to_export, genai_precision
 from .moefy import build_moes, check_split, moefy, needs_calibration, operator_inputs, save_moefied
 from .outfile import check_output, check_output_dir, remove_stale, temp_name, writing
-from .recipe import Recipe, default_top_k, split_settings
+from .recipe import Recipe, split_settings
 from .relufy import relufy as relufy_model
 from .source import check_source, load_model, model_type_of
 from .tasks import Task, ValidationError, task_for
@@ -163,7 +163,7 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
         recipe = recipe.resolved(first.gated, first.width())
         log(f"recipe {recipe.describe()}")
         moe_cfg = MoEConfig.from_recipe(
-            recipe, top_k=default_top_k(recipe.experts) if recipe.top_k is None else recipe.top_k,
+            recipe, top_k=recipe.top_k_or_default,
             activation=adapter.activation(hf), model_type=hf.model_type, num_layers=len(adapter.layers(model)),
             intermediate_size=first.width(), task=task.name, gated=first.gated)
     else:

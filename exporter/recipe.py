@@ -224,6 +224,11 @@ class Recipe(_Settings):
         return self.distill is not None or self.relufy is not None or self.preset == "best"
 
     @property
+    def top_k_or_default(self) -> int:
+        """Experts per token: --top-k, else the default share of --experts (what --budget replaces per layer)."""
+        return default_top_k(self.experts) if self.top_k is None else self.top_k
+
+    @property
     def corpus_texts(self) -> int:
         """Texts of the default corpus (or of --calib) the export reads: the calibration's, or the distillation's
         when it trains on more."""
@@ -292,8 +297,7 @@ class Recipe(_Settings):
         if self.budget is not None:
             check_budget(self.budget, self.experts, self.shared_experts)
         else:
-            k = default_top_k(self.experts) if self.top_k is None else self.top_k
-            check_split(self.experts, k, shared=self.shared_experts)
+            check_split(self.experts, self.top_k_or_default, shared=self.shared_experts)
 
 
 @dataclasses.dataclass
