@@ -188,11 +188,6 @@ struct PackedWeights {
 // Reads p.w1, p.wg, p.w2, p.router_w, p.b2, p.unselected_bias, E, m, d.
 PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa);
 
-// Top-k expert indices of tokens [t_begin, t_end) into selected[t * k ...]: larger score first, ties to
-// the lower index, NaN ranks below every number; -1 for experts dynamic k drops.
-void select_top_k(const SparseFFNProblem& p, const PackedWeights& packed, int64_t t_begin, int64_t t_end,
-                  int32_t* selected);
-
 // y = SparseExpertFFN(p). Shapes must already be validated; `workers` bounds the number of per-worker
 // output accumulators (use the thread count of the pool behind `pfor`). Allocates only when a call needs
 // more scratch than any before it on this thread.
