@@ -1,8 +1,8 @@
 // SparseExpertFFN kernel core, the ISA-free part: routing, top-k, grouping tokens by expert (counting sort),
 // scheduling and scratch. Each expert's two weight blocks are read once per call, not once per token;
-// workers pull expert blocks from a shared counter (heaviest first), so a descheduled worker delays only
-// the block it holds, and accumulate into their own output buffer, so no atomics touch the output. The hot
-// loops are the IsaKernels of the chosen instruction set (simd_impl.h).
+// workers pull expert blocks from a shared counter (large ones first, then in memory order), so a descheduled
+// worker delays only the block it holds, and accumulate into their own output buffer, so no atomics touch the
+// output. The hot loops are the IsaKernels of the chosen instruction set (simd_impl.h).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -237,6 +237,9 @@ void sparse_ffn(const SparseFFNProblem& p, const IsaKernels& isa, const Parallel
   sparse_ffn(p, pk, pfor, workers);
 }
 
+// Expert blocks of at least this many tokens are scheduled first, heaviest first (sparse_ffn).
+constexpr int64_t kLargeBlock = kTokenBlock / 2;
+
 void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const ParallelFor& pfor, std::size_t workers) {
   const int64_t T = p.tokens, d = p.d, E = p.experts, k = p.top_k;
   if (T == 0 || d == 0) return;  // Y is empty (and memcpy below must not be handed null pointers)
@@ -284,13 +287,20 @@ void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const Parall
     for (int64_t j = 0; j < k; ++j)
       if (const int32_t e = selected[t * k + j]; e >= 0) cs.tokens[cs.fill[e]++] = static_cast<int32_t>(t);
 
-  // Blocks of <= kTokenBlock tokens of one expert, heaviest first (ties: lower expert first).
+  // Blocks of <= kTokenBlock tokens of one expert: the large ones first, heaviest first, which balances the
+  // workers' ends; then the small ones in memory order. Packed experts lie back to back, so small blocks,
+  // which mostly stream weights, then read one forward stream that the prefetchers follow from one expert
+  // into the next (taken by size, each restarted it: with 96 experts of 16 neurons, 16 tokens, the
+  // operator waited on memory in the first layer; memory order made MiniLM 5-16% faster end to end).
   cs.blocks.clear();  // keeps its capacity
   for (int64_t e = 0; e < E; ++e)
     for (int64_t b = start[e]; b < start[e + 1]; b += kTokenBlock)
       cs.blocks.push_back({e, b, std::min(kTokenBlock, start[e + 1] - b)});
   std::sort(cs.blocks.begin(), cs.blocks.end(), [](const Block& a, const Block& b) {
-    return a.count != b.count ? a.count > b.count : a.expert != b.expert ? a.expert < b.expert : a.begin < b.begin;
+    const bool large_a = a.count >= kLargeBlock, large_b = b.count >= kLargeBlock;
+    if (large_a != large_b) return large_a;
+    if (large_a && a.count != b.count) return a.count > b.count;
+    return a.expert != b.expert ? a.expert < b.expert : a.begin < b.begin;
   });
   const std::size_t nblocks = cs.blocks.size();
   if (nblocks == 0) return;
