@@ -101,6 +101,20 @@ def test_ties_go_to_lower_index_and_nan_ranks_last(backend):
     assert reference.selected_mask(scores, 4, 1, 2.0)[5].tolist() == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS.values()), ids=list(BACKENDS))
+def test_many_experts_with_ties_at_the_kth_score(backend):
+    """Rows wider than a vector with runs of equal scores across the k-th place (the kernels' top-k searches for
+    the k-th score, then takes ties from the lowest index): every tie-break must match the reference's."""
+    rng = np.random.default_rng(11)
+    a = make_inputs(rng, lead=(40,), d=16, E=70, m=4, router="scores", unselected=True)
+    a["router_scores"][:] = rng.integers(-3, 4, size=(40, 70)).astype(np.float32)  # 7 values over 70 experts
+    a["router_scores"][0] = 1.0  # all equal: the k lowest indices
+    a["router_scores"][1, ::3] = np.nan
+    for attrs in (dict(top_k=1), dict(top_k=17), dict(top_k=70), dict(top_k=20, min_k=5, score_threshold=1.0)):
+        got, ref = backend(a, activation="gelu", **attrs), reference.sparse_expert_ffn(a, activation="gelu", **attrs)
+        assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max() + 1e-6, attrs
+
+
 NAN_PROBE = """
 import sys
 import numpy as np

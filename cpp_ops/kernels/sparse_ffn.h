@@ -119,8 +119,8 @@ using HugeVector = std::vector<T, HugePageAllocator<T>>;
 inline constexpr int64_t kTokenBlock = 64;
 
 // The packed layout as the hot loops see it (plain data). Expert blocks are repacked once per session (for
-// constant weights) into contiguous panels of `panel` columns (tail panels `lanes` wide), so both layers
-// stream memory sequentially: first layer (and gate) [d x mp] with panels over neurons (mp = m rounded up to
+// constant weights) into contiguous panels of `panel` columns (then one of the remaining columns), so both
+// layers stream memory sequentially: first layer (and gate) [d x mp] with panels over neurons (mp = m rounded up to
 // `lanes`, zero padded); second layer [m x dl] with panels over the first dl = lanes * floor(d / lanes) output
 // columns (the rest is read from W2 directly); expert e's blocks start at w1p / wgp / w2p + e * expert_stride
 // (one expert's three blocks are adjacent). Router [d x ep] over experts (ep = E rounded up to `lanes`).
