@@ -11,19 +11,27 @@ def centroid_router(w1: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndar
     return rows.reshape(n_experts, -1, w1.shape[1]).mean(1).astype(np.float32), np.zeros(n_experts, np.float32)
 
 
-def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int, *, chunk: int = 2048, centred: bool = True
+def expert_deviation(h: np.ndarray, w2: np.ndarray, n_experts: int, *, chunk: int = 8192, centred: bool = True
                      ) -> np.ndarray:
     """[N, E]: how far each expert's output on each token is from its mean output, ||(h_e - mean h_e) W2_e||
     (h [N, I] and w2 [I, d] permuted so experts are contiguous). What a router should rank by when a skipped
     expert is replaced by its mean (--correction mean). ``centred=False``: the output norm itself, ||h_e W2_e||
-    (WINA's criterion: what a skipped expert takes away when it contributes nothing). Computed ``chunk`` tokens
-    at a time: the outputs [N, E, d] of a whole calibration set would take gigabytes."""
+    (WINA's criterion: what a skipped expert takes away when it contributes nothing). Expanded through each
+    expert's Gram matrix, ||h_e W2_e||^2 = h_e (W2_e W2_e^T) h_e^T: m x m per expert instead of the [N, E, d]
+    outputs (d/m times fewer operations, 50x faster for MiniLM's 128 experts of 12), ``chunk`` tokens at a time."""
+    import torch
+
     n, width = h.shape
-    mean, w2e = h.mean(0) if centred else 0.0, w2.reshape(n_experts, width // n_experts, -1)
-    out = np.empty((n, n_experts), np.result_type(h, w2))
+    m = width // n_experts
+    dtype = np.result_type(h, w2)
+    mean = h.mean(0) if centred else 0.0
+    w2e = torch.as_tensor(np.asarray(w2, dtype)).reshape(n_experts, m, -1)
+    gram = w2e @ w2e.transpose(1, 2)  # [E, m, m]
+    out = np.empty((n, n_experts), dtype)
     for start in range(0, n, chunk):
-        hc = (h[start:start + chunk] - mean).reshape(-1, n_experts, width // n_experts)
-        out[start:start + chunk] = np.linalg.norm(np.einsum("nem,emd->ned", hc, w2e), axis=-1)
+        hc = torch.as_tensor(np.asarray(h[start:start + chunk] - mean, dtype)).reshape(-1, n_experts, m).transpose(0, 1)
+        sq = (torch.bmm(hc, gram) * hc).sum(-1)  # [E, chunk]
+        out[start:start + chunk] = sq.clamp_min(0).sqrt().T.numpy()
     return out
 
 
@@ -91,13 +99,16 @@ def top_k_recall(scores: np.ndarray, chosen: np.ndarray, k: int) -> float:
 
 
 def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top_k: int, *, groups=None,
-               hidden: int = 0, steps: int = 300, lr: float = 3e-3, holdout: float = 0.1, eval_every: int = 10,
-               seed: int = 0, progress: bool = False, centred: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+               hidden: int = 0, steps: int = 300, lr: float = 1e-2, batch: int = 4096, holdout: float = 0.1,
+               eval_every: int = 10, seed: int = 0, progress: bool = False, centred: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """A router trained as a multi-label classifier: logistic loss (BCE) of its scores against each
     calibration token's oracle set, the ``top_k`` experts whose output deviates most from its mean
     (:func:`expert_deviation`). Linear (x·W + b), starting from :func:`least_squares_router`; with
     ``hidden`` > 0 it adds an MLP, scores = x·W + b + relu(x·A + a)·B, with B starting at zero (so it
-    starts as the least-squares router). Full-batch Adam, fixed seed.
+    starts as the least-squares router). Adam on ``batch`` tokens drawn per step (fixed seed): on MiniLM's 128
+    experts and 55,000 calibration tokens, 10x faster than full-batch steps and a better held-out recall
+    (+0.003 to +0.006; docs/QUALITY.md, ninth pass).
 
     A share ``holdout`` of the calibration *texts* (``groups`` [N]: each token's text; tokens if None) is
     held out; the weights with the best held-out recall of the oracle set (checked every ``eval_every``
@@ -140,10 +151,12 @@ def bce_router(x: np.ndarray, h: np.ndarray, w2: np.ndarray, n_experts: int, top
             return top_k_recall(scores(x_held).numpy(), chosen[held], top_k)
 
     opt = torch.optim.Adam(params, lr=lr)
+    draw = torch.Generator().manual_seed(seed)
     best = start = held_recall()
     best_params = [p.detach().numpy().copy() for p in params]
     for step in tqdm(range(1, steps + 1), desc="  training router", leave=False, disable=not progress):
-        loss = F.binary_cross_entropy_with_logits(scores(x_fit), y_fit)
+        idx = torch.randint(len(x_fit), (batch,), generator=draw) if batch < len(x_fit) else slice(None)
+        loss = F.binary_cross_entropy_with_logits(scores(x_fit[idx]), y_fit[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -87,10 +87,26 @@ def test_bce_router_is_deterministic_and_beats_its_start():
     w1, w2 = rng.standard_normal((32, 12)), rng.standard_normal((32, 12))
     h = np.maximum(x @ w1.T, 0).astype(np.float32)
     groups = np.repeat(np.arange(40), 10)
-    a = bce_router(x, h, w2, 8, 2, groups=groups, steps=60)
-    b = bce_router(x, h, w2, 8, 2, groups=groups, steps=60)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert a[2]["recall"] >= a[2]["recall_start"] and a[2]["recall"] > 2 / 8  # better than chance
+    for batch in (4096, 64):  # all 360 training tokens per step; 64 drawn per step (the seeded minibatch path)
+        a = bce_router(x, h, w2, 8, 2, groups=groups, steps=60, batch=batch)
+        b = bce_router(x, h, w2, 8, 2, groups=groups, steps=60, batch=batch)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        assert a[2]["recall"] >= a[2]["recall_start"] and a[2]["recall"] > 2 / 8  # better than chance
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_expert_deviation_is_each_experts_output_norm(centred):
+    """The Gram-matrix form equals ||(h_e - mean h_e) W2_e|| (or ||h_e W2_e||) computed from the outputs, in chunks."""
+    from exporter.routers import expert_deviation
+    rng = np.random.default_rng(1)
+    h, w2 = rng.standard_normal((300, 24)), rng.standard_normal((24, 10))
+    hc = h - h.mean(0) if centred else h
+    direct = np.stack([np.linalg.norm(hc[:, e * 6:(e + 1) * 6] @ w2[e * 6:(e + 1) * 6], axis=1) for e in range(4)], 1)
+    got = expert_deviation(h, w2, 4, chunk=128, centred=centred)
+    assert got.dtype == np.float64 and got.shape == (300, 4)
+    np.testing.assert_allclose(got, direct, rtol=1e-10)
+    np.testing.assert_allclose(expert_deviation(h.astype(np.float32), w2.astype(np.float32), 4, centred=centred),
+                               direct, rtol=1e-4)
 
 
 def test_metis_split_is_an_equal_partition():
