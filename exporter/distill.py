@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from .progress import tqdm
 
 from .moe_ffn import MoEFFN, expert_hidden, selection_mask
+from .routers import gram_sq_norms
 
 HOLDOUT = 0.1  # share of calibration texts held out to pick the best weights
 HOLDOUT_MAX = 256  # texts: enough to rank checkpoints; more would make every evaluation slower
@@ -148,14 +149,14 @@ def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = Non
 
 def expert_deviations(moe: MoEFFN, h: torch.Tensor) -> torch.Tensor:
     """[n, E]: ||h_e W2_e - s_e|| per token and expert, s_e what the op adds when e is skipped (unselected_bias,
-    else the mean output over ``h``). Expanded through each expert's Gram matrix W2_e W2_e^T (m x m, not m x d):
-    the per-expert outputs would cost as much as the FFN's second layer again (MiniLM: a 45% longer step)."""
+    else the mean output over ``h``), expanded as ||h_e W2_e||^2 (:func:`~exporter.routers.gram_sq_norms`)
+    - 2 h_e W2_e s_e + ||s_e||^2: the per-expert outputs would cost as much as the FFN's second layer again
+    (MiniLM: a 45% longer step)."""
     E, m, d = moe.w1.shape
     h = h.unflatten(-1, (E, m))
     w2 = moe.w2
     s = moe.unselected_bias if moe.unselected_bias is not None else torch.einsum("em,emd->ed", h.mean(0), w2)
-    gram = w2 @ w2.transpose(1, 2)  # [E, m, m]
-    sq = (torch.einsum("nem,emk->nek", h, gram) * h).sum(-1)
+    sq = gram_sq_norms(h, w2 @ w2.transpose(1, 2))
     sq = sq - 2 * torch.einsum("nem,em->ne", h, torch.einsum("emd,ed->em", w2, s)) + (s * s).sum(-1)
     return sq.clamp_min(0).sqrt()
 
