@@ -28,6 +28,7 @@ bench_ops.md and bench_ops.png into --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -48,7 +49,7 @@ from exporter.quantize import quantize_experts
 
 SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072), "smollm2": (576, 1536), "4096x11008": (4096, 11008)}
 BACKENDS = ["cpp", "numba", "numba-split", "std", "ort-moe", "torch"]
-EXPERTS = 32
+EXPERTS = 32  # default --experts
 TORCH_GELU = torch.nn.functional.gelu
 
 
@@ -86,16 +87,16 @@ def add_ceilings(rows: list[dict], share: float, expert_bytes: int, from_dram: b
         r["ceiling"] = min(1 / share, dense / floor_us)
 
 
-def make_weights(d: int, width: int, seed: int = 0, gated: bool = False) -> dict:
+def make_weights(d: int, width: int, experts: int = EXPERTS, seed: int = 0, gated: bool = False) -> dict:
     """Seeded random FFN in operator layout, scaled so activations stay O(1); gated adds the gate rows Wg
     (SwiGLU: silu(Wg x) * (W1 x))."""
     rng = np.random.default_rng(seed)
-    m = width // EXPERTS
+    E, m = experts, width // experts
     f = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
-    w = {"W1": f(EXPERTS, m, d) / np.sqrt(d), "B1": f(EXPERTS, m) * 0.1, "W2": f(EXPERTS, m, d) / np.sqrt(width),
-         "B2": f(d) * 0.1, "router_w": f(EXPERTS, d) / np.sqrt(d), "router_b": np.zeros(EXPERTS)}
+    w = {"W1": f(E, m, d) / np.sqrt(d), "B1": f(E, m) * 0.1, "W2": f(E, m, d) / np.sqrt(width),
+         "B2": f(d) * 0.1, "router_w": f(E, d) / np.sqrt(d), "router_b": np.zeros(E)}
     if gated:
-        w["Wg"] = f(EXPERTS, m, d) / np.sqrt(d)
+        w["Wg"] = f(E, m, d) / np.sqrt(d)
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
@@ -242,12 +243,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = list(dict.fromkeys((r["shape"], r["form"]) for r in rows))
+    panels = list(dict.fromkeys((r["shape"], r["form"], r["experts"]) for r in rows))
     share = 0.25 if any(r["share"] == 0.25 for r in rows) else rows[0]["share"]
     threads = max(r["threads"] for r in rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (shape, form) in zip(axes[0], panels):
-        sub = [r for r in rows if (r["shape"], r["form"]) == (shape, form) and r["share"] == share
+    for ax, (shape, form, E) in zip(axes[0], panels):
+        sub = [r for r in rows if (r["shape"], r["form"], r["experts"]) == (shape, form, E) and r["share"] == share
                and r["threads"] == threads]
         for (b, load) in dict.fromkeys((r["backend"], r["background_load"]) for r in sub):
             pts = sorted((r["tokens"], r["speedup_vs_dense"]) for r in sub
@@ -255,7 +256,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), marker="o", ls="-" if load == 0 else "--",
                     label=b + (f", {load} busy process{'es' * (load > 1)}" if load else ""))
         ax.axhline(1 / share, ls=":", c="gray", label=f"ceiling 1/f = {1 / share:.0f}x")
-        ax.set(xscale="log", yscale="log", title=f"{shape} {form}, {share:.1%} active, {threads} threads",
+        ax.set(xscale="log", yscale="log", title=f"{shape} {form}, {E} experts, {share:.1%} active, {threads} threads",
                xlabel="tokens", ylabel="speed-up vs dense ORT FFN")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -267,7 +268,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--shares", type=float, nargs="+", default=[0.125, 0.25, 0.5],
-                    help=f"shares of FFN parameters active (top_k = share x {EXPERTS})")
+                    help="shares of FFN parameters active (top_k = share x experts)")
+    ap.add_argument("--experts", type=int, nargs="+", default=[EXPERTS],
+                    help="experts per FFN (each of FFN / experts neurons)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128])
     ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
     ap.add_argument("--warmup", type=int, default=10)
@@ -306,24 +309,25 @@ def main(argv=None) -> int:
     print(f"DRAM read bandwidth at the start: {bw}", file=sys.stderr)
     args.probe = BandwidthProbe()
     rows = []
-    for shape in args.shapes:
-      for form in args.forms:
+    for shape, form, E in itertools.product(args.shapes, args.forms, args.experts):
         d, width = SHAPES[shape]
-        w = make_weights(d, width, gated=form == "gated")
+        if width % E:
+            ap.error(f"--experts {E} does not divide {shape}'s FFN width {width}")
+        w = make_weights(d, width, E, gated=form == "gated")
         for share in args.shares:
-            k = max(1, round(share * EXPERTS))
+            k = max(1, round(share * E))
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-                print(f"{shape} {form} d={d} FFN={width}, {EXPERTS} experts top-{k}, {threads} threads",
+                print(f"{shape} {form} d={d} FFN={width}, {E} experts top-{k}, {threads} threads",
                       file=sys.stderr, flush=True)
                 for r in run_case(w, k, args.tokens, threads, args):
-                    rows.append({"shape": shape, "form": form, "d": d, "ffn": width, "experts": EXPERTS, "top_k": k,
-                                 "share": k / EXPERTS, **r})
-    header = ("| shape | form | active | threads | load | tokens | experts touched | DRAM GB/s | backend | p50 µs | "
+                    rows.append({"shape": shape, "form": form, "d": d, "ffn": width, "experts": E, "top_k": k,
+                                 "share": k / E, **r})
+    header = ("| shape | form | experts | active | threads | load | tokens | experts touched | DRAM GB/s | backend | p50 µs | "
               "p90 µs | vs dense | ceiling | of ceiling |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['shape']} | {r['form']} | {r['share']:.1%} | {r['threads']} | {r['background_load']} | "
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['shape']} | {r['form']} | {r['experts']} x {r['ffn'] // r['experts']} | {r['share']:.1%} | {r['threads']} | {r['background_load']} | "
              f"{r['tokens']} | {r['touched_share']:.0%} | {r['dram_bytes_per_s'] / 1e9:.1f} | "
              f"{r['backend']} | {r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['speedup_vs_dense']:.2f}x | "
              + ("— | — |" if r["ceiling"] is None else f"{r['ceiling']:.2f}x | {r['speedup_vs_dense'] / r['ceiling']:.0%} |")

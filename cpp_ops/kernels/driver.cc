@@ -34,19 +34,33 @@ void pack_panels(const Wt* src, int64_t rows, int64_t cols, int64_t valid_cols, 
 // expert's. So the weights a call reads for an expert are one contiguous stream that the hardware prefetcher
 // follows from one matrix into the next (three separate streams per expert restarted it each time: with int8
 // weights at one token, each stream is only tens of KB).
+// The dot-product layout of a first layer (PackedView::dot): W [m, d] as [ceil(d / L)][m][L], zero beyond d.
+template <typename Wt>
+void pack_dot_rows(const Wt* src, int64_t m, int64_t d, int64_t L, Wt* dst) {
+  for (int64_t c = 0; c < d; c += L)
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t i = 0; i < L; ++i) *dst++ = c + i < d ? src[j * d + c + i] : Wt{};
+}
+
 template <typename Wt>
 void pack_experts(const SparseFFNProblem& p, PackedView& v, HugeVector<Wt>& storage) {
   const int64_t E = p.experts, m = p.m, d = p.d;
-  const int64_t first = d * v.mp, second = m * v.dl;
+  const int64_t first = v.dot ? (d + v.lanes - 1) / v.lanes * v.lanes * m : d * v.mp, second = m * v.dl;
   v.expert_stride = first * (p.wg ? 2 : 1) + second;
   storage.resize(E * v.expert_stride);
   Wt* base = storage.data();
   for (int64_t e = 0; e < E; ++e) {
     Wt* dst = base + e * v.expert_stride;
-    // First layer (and gate): W[e] is [m, d]; panels run over neurons (columns), rows over d.
-    pack_panels(static_cast<const Wt*>(p.w1) + e * m * d, d, v.mp, m, 1, d, v.panel, dst);
-    if (p.wg)
-      pack_panels(static_cast<const Wt*>(p.wg) + e * m * d, d, v.mp, m, 1, d, v.panel, dst + first);
+    // First layer (and gate): W[e] is [m, d]; panels run over neurons (columns), rows over d; or dot rows.
+    const Wt* w1 = static_cast<const Wt*>(p.w1) + e * m * d;
+    const Wt* wg = p.wg ? static_cast<const Wt*>(p.wg) + e * m * d : nullptr;
+    if (v.dot) {
+      pack_dot_rows(w1, m, d, v.lanes, dst);
+      if (wg) pack_dot_rows(wg, m, d, v.lanes, dst + first);
+    } else {
+      pack_panels(w1, d, v.mp, m, 1, d, v.panel, dst);
+      if (wg) pack_panels(wg, d, v.mp, m, 1, d, v.panel, dst + first);
+    }
     // Second layer: W2[e] is [m, d]; panels run over output columns, rows over m.
     pack_panels(static_cast<const Wt*>(p.w2) + e * m * d, m, v.dl, v.dl, d, 1, v.panel,
                 dst + first * (p.wg ? 2 : 1));
@@ -208,6 +222,7 @@ PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa) {
   v.panel = isa.panel, v.lanes = L;
   v.mp = (p.m + L - 1) / L * L;
   v.dl = d / L * L;
+  v.dot = p.m <= isa.dot_max_m;
   pk.weight_type = p.weight_type;
   if (p.weight_type == WeightType::kInt8)
     pack_experts<int8_t>(p, v, pk.experts_q);
@@ -322,7 +337,8 @@ void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const Parall
         cs.used[w] = 1;
       }
       const Block& blk = cs.blocks[b];
-      isa.expert_block(p, view, blk.expert, cs.tokens.data() + blk.begin, blk.count, out, s);
+      const int64_t next_e = b + 1 < nblocks && cs.blocks[b + 1].expert != blk.expert ? cs.blocks[b + 1].expert : -1;
+      isa.expert_block(p, view, blk.expert, cs.tokens.data() + blk.begin, blk.count, out, s, next_e);
     }
   };
   if (workers == 1)

@@ -5,4 +5,7 @@
 #define MOEFY_TILE_TOKENS 4
 #define MOEFY_TILE_VECS 3
 #define MOEFY_TILE_NAME "4x24"
+#define MOEFY_DOT_TOKENS 3
+#define MOEFY_DOT_NEURONS 4
+#define MOEFY_DOT_MAX_M 16
 #include "simd_impl.h"

@@ -6,5 +6,9 @@
 #define MOEFY_TILE_TOKENS 8
 #define MOEFY_TILE_VECS 2
 #define MOEFY_TILE_NAME "8x32"
+#define MOEFY_VREGS 32
+#define MOEFY_DOT_TOKENS 3
+#define MOEFY_DOT_NEURONS 8
+#define MOEFY_DOT_MAX_M 24
 #define MOEFY_PREFETCH_FEW_BYTES 0  // the hardware prefetcher does better for small blocks (simd_impl.h)
 #include "simd_impl.h"

@@ -352,9 +352,172 @@ void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* pack
   }
 }
 
+// ---- First layer of narrow experts as dot products (PackedView::dot) ----
+// A panel of one or two vectors per row gives a token group only TB x V accumulators, too few chains to hide
+// the FMA latency when an expert has few tokens (with 128 experts of 12 neurons at 16 tokens, 3.5 tokens per
+// expert), and pads 12 neurons to 16 lanes. As dot products each token's vector of x serves J neurons and each
+// weight vector TB tokens: TB x J accumulators whatever the expert's width, no padded neurons, then one lane
+// reduction per token and J neurons.
+#ifndef MOEFY_DOT_TOKENS
+#define MOEFY_DOT_TOKENS 2
+#endif
+#ifndef MOEFY_DOT_NEURONS
+#define MOEFY_DOT_NEURONS 4
+#endif
+#ifndef MOEFY_DOT_MAX_M
+#define MOEFY_DOT_MAX_M 0
+#endif
+constexpr int kDotTB = MOEFY_DOT_TOKENS, kDotJ = MOEFY_DOT_NEURONS;
+static_assert(kDotJ >= 1 && kDotJ <= L && (kDotJ & (kDotJ - 1)) == 0, "J: a power of two, at most one vector");
+
+// Two vectors' lanes as C-lane chunks side by side: the even chunks of (u, v) plus the odd ones.
+template <int C>
+inline vf fold(vf u, vf v) {
+  vi even, odd;
+  for (int i = 0; i < L; ++i) even[i] = i / C * 2 * C + i % C, odd[i] = even[i] + C;
+  return __builtin_shuffle(u, v, even) + __builtin_shuffle(u, v, odd);
+}
+
+// Lane j of the result = the sum of v[j]'s lanes, j < N (N a power of two <= L; lanes from N on are 0): a tree
+// of folds, one level per halving of the chunk, so N vectors cost N - 1 + log2(L / N) folds, not N horizontal
+// sums. Overwrites v.
+template <int N, int C = L / 2>
+inline vf lane_sums(vf* v) {
+  if constexpr (C == 0) {
+    return v[0];
+  } else {
+    constexpr int half = N > 1 ? N / 2 : 1;
+    for (int i = 0; i < half; ++i) v[i] = fold<C>(v[2 * i], N > 1 ? v[2 * i + 1] : vf{});
+    return lane_sums<half, C / 2>(v);
+  }
+}
+
+// Prefetches (into L2) the `bytes` at p, one instruction per cache line.
+template <int64_t bytes>
+inline void prefetch_lines(const void* p) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 2);
+}
+
+// h[t][j] = a[t] . W[j] for TB tokens and J neurons; `w` = the dot rows at the tile's first neuron (chunks of
+// d are m * L apart). `pf` (or null): where the same rows of the next block's expert lie, prefetched as this
+// tile reads its own: small experts are short streams that the hardware prefetcher barely starts on.
+template <int TB, int J, typename Wt>
+inline void dot_tile(const float* const* a, int64_t d, int64_t m, const Wt* w, float* const* h, const Wt* pf) {
+  vf acc[TB][J];
+  for (int t = 0; t < TB; ++t)
+    for (int j = 0; j < J; ++j) acc[t][j] = vf{};
+  auto step = [&](const float* const* x_rows, int64_t i, const Wt* wc) {
+    vf x[TB];
+    for (int t = 0; t < TB; ++t) x[t] = load(x_rows[t] + i);
+    for (int j = 0; j < J; ++j) {
+      const vf wv = load(wc + j * L);
+      for (int t = 0; t < TB; ++t) acc[t][j] += x[t] * wv;
+    }
+  };
+  const int64_t full = d / L;
+  if (pf)
+    for (int64_t c = 0; c < full; ++c) step(a, c * L, w + c * m * L), prefetch_lines<J * L * sizeof(Wt)>(pf + c * m * L);
+  else
+    for (int64_t c = 0; c < full; ++c) step(a, c * L, w + c * m * L);
+  if (const int64_t rest = d - full * L) {  // the last piece of x through a zero-padded copy (W is 0 there)
+    float tail[TB][L] = {};
+    const float* rows[TB];
+    for (int t = 0; t < TB; ++t) __builtin_memcpy(tail[t], a[t] + full * L, rest * sizeof(float)), rows[t] = tail[t];
+    step(rows, 0, w + full * m * L);
+  }
+  for (int t = 0; t < TB; ++t) {
+    float sums[L];
+    store(sums, lane_sums<J>(acc[t]));
+    for (int j = 0; j < J; ++j) h[t][j] = sums[j];
+  }
+}
+
+// Neuron tiles of J while they last, then at most one each of J / 2, J / 4, ..., 1.
+template <int TB, int J, typename Wt>
+inline void dot_neurons(const float* const* a, int64_t d, int64_t m, const Wt* w, float* const* h, int64_t j,
+                        const Wt* pf) {
+  float* hj[TB];
+  for (; j + J <= m; j += J) {
+    for (int t = 0; t < TB; ++t) hj[t] = h[t] + j;
+    dot_tile<TB, J>(a, d, m, w + j * L, hj, pf ? pf + j * L : nullptr);
+  }
+  if constexpr (J > 1) dot_neurons<TB, J / 2>(a, d, m, w, h, j, pf);
+}
+
+// Token groups of TB while they last, then the rest (fewer than TB) as one smaller group; the first group
+// prefetches the next expert's rows (pf, or null).
+template <int TB, typename Wt>
+inline void dot_layer(const float* const* a, int64_t n, int64_t d, int64_t m, const Wt* w, float* const* h,
+                      const Wt* pf) {
+  int64_t t = 0;
+  for (; t + TB <= n; t += TB, pf = nullptr) dot_neurons<TB, kDotJ>(a + t, d, m, w, h + t, 0, pf);
+  if constexpr (TB > 1)
+    if (t < n) dot_layer<TB - 1>(a + t, n - t, d, m, w, h + t, pf);
+}
+
+// Second layer of a narrow expert: out[t][0:cols) (+)= h[t] . W2 - sub over the full kPanel-wide panels, all
+// of them in one loop per token group. With m <= dot_max_m rows a panel is too little work to carry the
+// per-panel calls, prefetch arithmetic and row steps of apply_panels; NP panels per step give a small group
+// more accumulator chains (a single token also splits even and odd rows). Returns the columns done.
+#ifndef MOEFY_VREGS
+#define MOEFY_VREGS 16
+#endif
+template <int TB, int NP, typename Wt>
+inline void narrow_panels(const float* const* h, int64_t m, const Wt* packed, int64_t panels, float* const* out,
+                          const float* sub, const Wt* pf) {
+  constexpr int S = TB == 1 ? 2 : 1;  // accumulator sets: a single token's even and odd rows
+  constexpr int W = NP * kV;           // vectors per row of the step
+  for (int64_t p = 0; p + NP <= panels; p += NP) {
+    const Wt* w = packed + p * m * kPanel;
+    const int64_t c = p * kPanel;
+    vf acc[S][TB][W];
+    for (int t = 0; t < TB; ++t)
+      for (int v = 0; v < W; ++v) {
+        const int64_t col = c + v * L;
+        acc[0][t][v] = sub ? load(out[t] + col) - load(sub + col) : load(out[t] + col);
+        if constexpr (S == 2) acc[1][t][v] = vf{};
+      }
+    for (int64_t j = 0; j < m; ++j) {
+      if (pf)  // the next expert's rows at this place, one row of the step (NP panels) at a time
+        for (int q = 0; q < NP; ++q) prefetch_lines<kPanel * sizeof(Wt)>(pf + (p + q) * m * kPanel + j * kPanel);
+      for (int t = 0; t < TB; ++t) {
+        const vf hv = splat(h[t][j]);
+        for (int v = 0; v < W; ++v)
+          acc[j % S][t][v] += hv * load(w + (v / kV) * m * kPanel + j * kPanel + (v % kV) * L);
+      }
+    }
+    for (int t = 0; t < TB; ++t)
+      for (int v = 0; v < W; ++v) store(out[t] + c + v * L, S == 2 ? acc[0][t][v] + acc[S - 1][t][v] : acc[0][t][v]);
+  }
+}
+
+template <typename Wt>
+int64_t narrow_second(const float* const* h, int64_t n, int64_t m, const Wt* packed, int64_t cols,
+                      float* const* out, const float* sub, const Wt* pf) {
+  // Two panels per step while TB x 2 x kV accumulators (x 2 sets for one token) leave room for a row's weights.
+  constexpr int NP1 = 2 * 2 * kV + 2 * kV + 1 <= MOEFY_VREGS ? 2 : 1;
+  constexpr int NP2 = kTB2 * 2 * kV + 2 * kV + 1 <= MOEFY_VREGS ? 2 : 1;
+  const int64_t panels = cols / kPanel / 2 * 2;  // an even count, for NP = 2
+  for (int64_t t = 0; t < n;) {
+    const int64_t tb = next_group(n - t);
+    if (tb == kTB)
+      narrow_panels<kTB, 1>(h + t, m, packed, panels, out + t, sub, pf);
+    else if (tb == kTB2 && kTB2 > 1)
+      narrow_panels<kTB2, NP2>(h + t, m, packed, panels, out + t, sub, pf);
+    else if (tb == kTB4 && kTB4 > 1)
+      narrow_panels<kTB4, 2 * kTB4 <= kTB2 ? NP2 : 1>(h + t, m, packed, panels, out + t, sub, pf);
+    else
+      narrow_panels<1, NP1>(h + t, m, packed, panels, out + t, sub, pf);
+    t += tb, pf = nullptr;  // the first group prefetches
+  }
+  return panels * kPanel;
+}
+
 template <typename Wt>
 void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, const int32_t* tokens, int64_t n,
-                    float* out, const BlockScratch& s) {
+                    float* out, const BlockScratch& s, int64_t next_e) {
+  // Narrow experts prefetch the next block's expert, each place of it as they read the same place of their own.
+  const int64_t ahead = pk.dot && next_e >= 0 ? (next_e - e) * pk.expert_stride : 0;
   const int64_t d = p.d, m = p.m, mp = pk.mp;
   for (int64_t r = 0; r < n; ++r) {
     s.a[r] = p.x + tokens[r] * d;
@@ -363,7 +526,14 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
   // h = scale * (W x) + bias (scale: int8 row scales, else none); rows of h are mp apart.
   auto first_layer = [&](const void* packed, const float* scale, const float* bias, float* h) {
     for (int64_t r = 0; r < n; ++r) s.h[r] = h + r * mp;
-    apply_panels(s.a, n, d, static_cast<const Wt*>(packed) + e * pk.expert_stride, mp, s.h, false, s.shifted);
+    const Wt* w = static_cast<const Wt*>(packed) + e * pk.expert_stride;
+    if (pk.dot) {
+      dot_layer<kDotTB>(s.a, n, d, m, w, s.h, ahead ? w + ahead : nullptr);
+      for (int64_t r = 0; r < n; ++r)  // the padding neurons the panel form leaves at 0
+        for (int64_t j = m; j < mp; ++j) h[r * mp + j] = 0.f;
+    } else {
+      apply_panels(s.a, n, d, w, mp, s.h, false, s.shifted);
+    }
     if (scale)
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < m; ++j) h[r * mp + j] *= scale[e * m + j];
@@ -386,7 +556,12 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
   for (int64_t r = 0; r < n; ++r) s.a[r] = s.up + r * mp;
   // The expert's unselected bias U[e] (already in the output's base) comes off as the tiles are loaded.
   const float* u = p.unselected_bias ? p.unselected_bias + e * d : nullptr;
-  apply_panels(s.a, n, m, static_cast<const Wt*>(pk.w2p) + e * pk.expert_stride, pk.dl, s.out, true, s.shifted, u);
+  const Wt* w2 = static_cast<const Wt*>(pk.w2p) + e * pk.expert_stride;
+  const int64_t done = pk.dot ? narrow_second(s.a, n, m, w2, pk.dl, s.out, u, ahead ? w2 + ahead : nullptr) : 0;
+  if (done < pk.dl) {
+    for (int64_t r = 0; r < n; ++r) s.h[r] = s.out[r] + done;
+    apply_panels(s.a, n, m, w2 + m * done, pk.dl - done, s.h, true, s.shifted, u ? u + done : nullptr);
+  }
   if (pk.dl < d) {
     const Wt* w2 = static_cast<const Wt*>(p.w2) + e * m * d;
     for (int64_t r = 0; r < n; ++r)
@@ -399,11 +574,11 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
 }
 
 void expert_block(const SparseFFNProblem& p, const PackedView& pk, int64_t e, const int32_t* tokens, int64_t n,
-                  float* out, const BlockScratch& s) {
+                  float* out, const BlockScratch& s, int64_t next_e) {
   if (p.weight_type == WeightType::kInt8)
-    expert_block_t<int8_t>(p, pk, e, tokens, n, out, s);
+    expert_block_t<int8_t>(p, pk, e, tokens, n, out, s, next_e);
   else
-    expert_block_t<float>(p, pk, e, tokens, n, out, s);
+    expert_block_t<float>(p, pk, e, tokens, n, out, s, next_e);
 }
 
 void router_scores(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, int64_t n, float* scores,
@@ -425,7 +600,7 @@ void router_scores(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, 
 #define MOEFY_STR(x) MOEFY_STR2(x)
 // The table this TU exports (its only symbol with external linkage).
 extern const IsaKernels kKernels;
-const IsaKernels kKernels = {MOEFY_STR(MOEFY_ISA_NS), MOEFY_TILE_NAME, L, kPanel, &expert_block, &router_scores,
+const IsaKernels kKernels = {MOEFY_STR(MOEFY_ISA_NS), MOEFY_TILE_NAME, L, kPanel, MOEFY_DOT_MAX_M, &expert_block, &router_scores,
                              &activate, &add};
 
 }  // namespace MOEFY_ISA_NS

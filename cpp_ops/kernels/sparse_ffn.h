@@ -125,8 +125,12 @@ inline constexpr int64_t kTokenBlock = 64;
 // columns (the rest is read from W2 directly); expert e's blocks start at w1p / wgp / w2p + e * expert_stride
 // (one expert's three blocks are adjacent). Router [d x ep] over experts (ep = E rounded up to `lanes`).
 // Panels keep the weights' element type (int8 panels are a quarter of the bytes); scales apply outside.
+// Narrow experts (m <= IsaKernels::dot_max_m) store the first layer (and gate) instead as dot-product rows,
+// [ceil(d / lanes)][m][lanes]: lanes-wide pieces of each neuron's weight row, the m neurons' pieces of one
+// stretch of d side by side (zero beyond d), so the layer is one forward stream without padded neurons.
 struct PackedView {
   int64_t panel = 0, lanes = 0, mp = 0, dl = 0, ep = 0, expert_stride = 0;
+  bool dot = false;  // first layer (and gate) as dot-product rows (narrow experts), else panels
   const float* routerp = nullptr;
   const void* w1p = nullptr;  // of the problem's weight type
   const void* wgp = nullptr;
@@ -148,9 +152,13 @@ struct IsaKernels {
   const char* name;      // as MOEFY_ISA spells it: "avx512", "avx2", "sse2", "neon", "generic"
   const char* tile;      // the register tile, for reports: e.g. "8x48"
   int64_t lanes, panel;  // floats per vector; widest panel (columns)
+  // Experts of at most this many neurons compute their first layer (and gate) as dot products (PackedView::dot):
+  // a panel of one or two vectors per row gives a few tokens too few accumulators to hide the FMA latency.
+  int64_t dot_max_m;
   // out[tokens[r]] += expert e's output for token tokens[r] (minus its unselected_bias), r < n <= kTokenBlock.
+  // next_e: the expert of the block scheduled next (or -1), whose weights the narrow path prefetches.
   void (*expert_block)(const SparseFFNProblem& p, const PackedView& pk, int64_t e, const int32_t* tokens,
-                       int64_t n, float* out, const BlockScratch& s);
+                       int64_t n, float* out, const BlockScratch& s, int64_t next_e);
   // scores[r * ld + e] = router_w[e] . x[t0 + r] + router_b[e], r < n <= kTokenBlock, on the packed router.
   void (*router_scores)(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, int64_t n, float* scores,
                         const BlockScratch& s);

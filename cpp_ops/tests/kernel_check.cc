@@ -182,6 +182,14 @@ int main(int argc, char** argv) {
   cases.push_back({1, 576, 32, 48, 8, 1, -INFINITY, Activation::kSilu, true, true});                  // decode int8
   cases.push_back({40, 48, 16, 8, 6, 2, 0.3f, Activation::kGelu, false, false, true, true});         // dynamic k
   cases.push_back({40, 48, 16, 8, 6, 1, 0.0f, Activation::kSilu, true, true, false, true});          // dynamic, int8
+  // Narrow experts (dot-product first layer, one-loop second layer, prefetch of the next expert): MiniLM's 128 x 12
+  // over many blocks; tails of d (33, 44: not a multiple of 8 or 16); odd m; m = 24 (AVX-512 only); one token.
+  cases.push_back({70, 384, 128, 12, 28, 1, -INFINITY, Activation::kGelu, false, false, false, true});
+  cases.push_back({70, 384, 128, 12, 28, 1, -INFINITY, Activation::kGelu, false, true, false, true});  // int8
+  cases.push_back({9, 576, 64, 24, 16, 1, -INFINITY, Activation::kSilu, true, false});
+  cases.push_back({1, 576, 64, 24, 16, 1, -INFINITY, Activation::kSilu, true, true});
+  for (int64_t d : {33, 44})
+    for (bool gated : {false, true}) cases.push_back({13, d, 12, 11, 5, 1, -INFINITY, Activation::kGelu, gated, d == 44});
   std::vector<const moefy::IsaKernels*> paths;
   if (const char* forced = std::getenv("MOEFY_ISA"); forced && *forced) {
     const moefy::IsaChoice& c = moefy::default_isa();
