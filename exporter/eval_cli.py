@@ -76,7 +76,8 @@ def _recipe(args, rest: list[str]) -> Recipe:
     recipe = Recipe.from_namespace(parser.parse_args(rest))
     if recipe.calib:
         load_texts(recipe.calib)  # a bad file fails now, not after the dense side is computed
-    dataclasses.replace(recipe, top_k=max(recipe.experts, 1)).check()  # the curve chooses top-k itself
+    # the curve chooses top-k itself
+    dataclasses.replace(recipe, top_k=None if recipe.experts is None else max(recipe.experts, 1)).check()
     return recipe
 
 
@@ -107,8 +108,8 @@ def _run(args, rest, tasks, log) -> int:
             raise ValueError(f"--tasks: unknown task(s) {sorted(set(tasks) - set(TASKS))}; "
                              f"choose from {', '.join(TASKS)}, or 'none'")
         recipe = _recipe(args, rest) if args.curve else None
-        if args.curve and args.shares is not None:
-            _top_ks(args.shares, recipe.experts)  # bad shares fail before the slow dense side
+        if args.curve and args.shares is not None:  # bad shares fail before the slow dense side
+            _top_ks(args.shares, recipe.experts or 1 << 20)  # (whole numbers of the preset's experts: below)
         if not Path(args.dense_dir).exists():
             raise FileNotFoundError(f"dense model {args.dense_dir} does not exist")
         for flag, out in (("--json", args.json), ("--plot", args.plot)):
@@ -125,6 +126,8 @@ def _run(args, rest, tasks, log) -> int:
                              + "; ".join(f"{100 * s:.1f}%: {', '.join(n)}" for s, n in sorted(shares.items())))
         evaluator = Evaluator(args.dense_dir, tasks=tasks, progress=not args.quiet, log=log)
         if args.curve:
+            first = evaluator.adapter.read(evaluator.adapter.layers(evaluator.model)[0])
+            recipe = dataclasses.replace(recipe, experts=recipe.experts_for(first.gated, first.width()))
             top_ks = _top_ks(args.shares or DEFAULT_SHARES["decoder" if evaluator.decoder else "encoder"],
                              recipe.experts)
             reports = quality_curve(evaluator, args.dense_dir, args.curve, top_ks, recipe, backend=args.backend,

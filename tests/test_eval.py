@@ -160,6 +160,17 @@ def test_curve_exports_evaluates_and_plots(tiny_bert_dir, tmp_path, capsys, with
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_curve_without_experts_takes_the_presets_count_for_the_model(tiny_bert_dir, tmp_path, capsys, with_data):
+    """No --experts: the curve exports what moe-export would for this FFN (64 neurons: too narrow for 128
+    experts of 12 or more, so 32), with the weight-only fast preset to stay quick."""
+    out = tmp_path / "curve"
+    assert main([str(tiny_bert_dir), "--curve", str(out), "--shares", "0.25", "--tasks", "none", "--quiet",
+                 "--recipe", "fast", "--router", "centroid", "--split", "param", "--correction", "none"]) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["recipe"]["experts"] == 32 and [r["config"]["top_k"] for r in curve["reports"]] == [8]
+    assert (out / "top8-of-32.onnx").exists()
+
+
 def test_plot_of_given_models(tiny_bert_dir, models, tmp_path, capsys, with_data):
     """Models exported one by one (their own distillation budgets) still make a curve, sorted by share."""
     out = tmp_path / "given.png"

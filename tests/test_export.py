@@ -141,23 +141,39 @@ def test_least_squares_router_scores_stay_on_the_targets_scale(rng):
 def test_recipe_presets_map_to_the_measured_flags():
     from exporter.cli import build_parser
     from exporter.recipe import PRESETS, Recipe
-    # no flags: the best training-free recipe measured; for plain FFNs one of the default experts' worth goes to the
-    # low-rank stand-in (MiniLM: 1536 neurons, 32 experts of 48 -> top-k 7 + rank 48, 25% in all)
+    # no flags: the best training-free recipe measured; for plain FFNs 128 experts (where each keeps 12 neurons or
+    # more) and sequential calibration; an eighth of the default top-k goes to the low-rank stand-in (MiniLM: 1536
+    # neurons, 128 experts of 12 -> top-k 28 + rank 48, 25% in all)
     balanced = Recipe().resolved(gated=False, width=1536)
     assert (balanced.preset, balanced.split, balanced.router, balanced.correction, balanced.distill) == \
         ("balanced", "coact", "bce", "mean", None)
-    assert (balanced.top_k, balanced.lowrank) == (7, 48)
+    assert (balanced.experts, balanced.top_k, balanced.lowrank, balanced.sequential) == (128, 28, 48, True)
+    assert balanced.describe() == ("--recipe balanced (plain FFN): --experts 128 --top-k 28 --split coact --router bce "
+                                   "--correction mean --lowrank 48 --sequential")
+    # narrower FFNs (or widths 128 does not divide) keep 32 experts; gated FFNs (decoders) too, without --sequential
+    for width in (1024, 1000):
+        assert Recipe().resolved(gated=False, width=width).experts == 32
+    # 32 experts of 48 -> top-k 7 + rank 48
+    assert (lambda r: (r.experts, r.top_k, r.lowrank))(Recipe(experts=32).resolved(False, 1536)) == (32, 7, 48)
+    # a weight-only recipe stays weight-only: the preset's --sequential only refines calibrated fits
+    weight_only = Recipe(split="param", router="centroid", correction="none", lowrank=0).resolved(False, 1536)
+    assert (weight_only.experts, weight_only.sequential) == (128, False)
+    assert Recipe(sequential=False).resolved(False, 1536).sequential is False
     # --experts alone keeps the share: a quarter of the experts, an eighth of them spent on the stand-in
     # (128 experts of 12 -> top-k 28 + rank 48; 64 gated experts of 24 -> top-k 14 + rank 72)
     fine, fine_gated = Recipe(experts=128).resolved(False, 1536), Recipe(experts=64).resolved(True, 1536)
     assert (fine.top_k, fine.lowrank, fine_gated.top_k, fine_gated.lowrank) == (28, 48, 14, 72)
     gated = Recipe().resolved(gated=True, width=1536)
     assert (gated.split, gated.router, gated.correction, gated.top_k, gated.lowrank) == ("coact", "bce", "mean", 7, 72)
+    assert (gated.experts, gated.sequential) == (32, False)
     fast = Recipe(preset="fast").resolved(gated=True, width=1536)
     assert (fast.split, fast.router, fast.correction, fast.distill) == ("coact", "ls", "mean", None)
+    fast_plain = Recipe(preset="fast").resolved(gated=False, width=1536)
+    assert (fast_plain.experts, fast_plain.sequential) == (32, False)
     best_plain = Recipe(preset="best").resolved(gated=False, width=1536)
     best_gated = Recipe(preset="best").resolved(gated=True, width=1536)
     assert (best_plain.distill, best_gated.distill) == (30.0, 60.0) and best_plain.distill_steps == 100000
+    assert (best_plain.experts, best_gated.experts) == (128, 32)
     assert Recipe(preset="best").trains and not Recipe().trains
     # an explicit --top-k means that many experts and no stand-in; other explicit flags win over the preset's values
     mixed = Recipe.from_namespace(build_parser().parse_args(["m", "o.onnx", "--recipe", "fast", "--router", "bce",
@@ -165,7 +181,8 @@ def test_recipe_presets_map_to_the_measured_flags():
     mixed = mixed.resolved(gated=False, width=1536)
     assert (mixed.preset, mixed.split, mixed.router, mixed.distill_steps, mixed.top_k, mixed.lowrank) == \
         ("fast", "coact", "bce", 7, 8, 0)
-    assert mixed.describe() == "--recipe fast (plain FFN): --top-k 8 --split coact --router bce --correction mean"
+    assert mixed.describe() == ("--recipe fast (plain FFN): --experts 32 --top-k 8 --split coact --router bce "
+                                "--correction mean")
     assert Recipe(lowrank=16).resolved(gated=False, width=1536).lowrank == 16
     assert set(PRESETS) == {"fast", "balanced", "best"} and all(set(p) == {"plain", "gated"} for p in PRESETS.values())
     with pytest.raises(ValueError, match="--recipe must be one of fast, balanced, best, got 'quick'"):
@@ -175,14 +192,16 @@ def test_recipe_presets_map_to_the_measured_flags():
 
 
 def test_default_export_is_the_balanced_recipe(tiny_bert_dir, tmp_path):
-    """No recipe flags: the balanced preset, its low-rank stand-in in place of one default expert (25% in all)."""
+    """No recipe flags: the balanced preset, its low-rank stand-in in place of one default expert (25% in all), and
+    for a plain FFN sequential calibration."""
     report = export(tiny_bert_dir, tmp_path / "d.onnx", experts=32, backend="numba-split", progress=False,
                     log=lambda *a: None)
     c = report.config
     assert (c.split, c.router, c.correction, c.top_k, c.lowrank) == ("coact", "bce", "mean", 7, 2)
     assert c.active_share == pytest.approx(0.25)
-    assert "recipe --recipe balanced (plain FFN): --top-k 7 --split coact --router bce --correction mean --lowrank 2" \
-        in report.summary()
+    assert c.sequential
+    assert ("recipe --recipe balanced (plain FFN): --experts 32 --top-k 7 --split coact --router bce --correction mean "
+            "--lowrank 2 --sequential") in report.summary()
 
 
 def test_summary_names_the_recipe_and_matches_moe_eval(tiny_custom, tiny_bert_dir):
@@ -191,7 +210,8 @@ def test_summary_names_the_recipe_and_matches_moe_eval(tiny_custom, tiny_bert_di
     from exporter.evaluate import Evaluator
     out, _, report = tiny_custom
     summary = report.summary()
-    assert "recipe --recipe balanced (plain FFN): --top-k 2 --split coact --router bce --correction mean" in summary
+    assert ("recipe --recipe balanced (plain FFN): --experts 8 --top-k 2 --split coact --router bce --correction mean "
+            "--sequential") in summary
     assert f"held-out texts ({len(datasets.heldout_texts())}, as moe-eval)" in summary
     assert report.metrics["heldout_texts"] == len(datasets.heldout_texts())
     r = Evaluator(tiny_bert_dir, tasks=(), progress=False, log=lambda *a: None)(out, backend="numba-split")
