@@ -147,6 +147,19 @@ std::string runnable_list() {
 
 }  // namespace
 
+bool cpu_is_amd() {
+#if MOEFY_X86
+  static const bool amd = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "Auth" "enti" "cAMD"
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
 IsaChoice choose_isa(const char* request) {
   IsaChoice c;
   const std::string want = request ? request : "";

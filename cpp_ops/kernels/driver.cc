@@ -223,6 +223,7 @@ PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa) {
   v.mp = (p.m + L - 1) / L * L;
   v.dl = d / L * L;
   v.dot = p.m <= isa.dot_max_m;
+  v.prefetch_few = cpu_is_amd() ? isa.prefetch_few_amd : isa.prefetch_few;
   pk.weight_type = p.weight_type;
   if (p.weight_type == WeightType::kInt8)
     pack_experts<int8_t>(p, v, pk.experts_q);

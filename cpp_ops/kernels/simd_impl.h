@@ -256,16 +256,21 @@ inline int64_t next_group(int64_t left) {
 // path and 128 tokens 10% slower; benchmarks/README.md, item 14).
 constexpr int64_t kRowStep = 64, kShortRowStep = 32, kLongStepTokens = 16;
 // How far ahead the token groups of a block prefetch the packed stream, into L2 (prefetcht1); 0: not at all;
-// kPrefetchBytes for blocks of kLongStepTokens or more, kPrefetchFewBytes for fewer. Measured on AMD Zen 4,
+// kPrefetchBytes for blocks of kLongStepTokens or more, PackedView::prefetch_few for fewer (MOEFY_PREFETCH_FEW_BYTES,
+// or on AMD CPUs MOEFY_PREFETCH_FEW_BYTES_AMD: the two vendors' prefetchers differ). Measured on AMD Zen 4,
 // 4096x11008, one thread (benchmarks/README.md, items 11 and 14): prefetching one step ahead into L1 left the
 // loads waiting at 16 tokens (17-18 GB/s: L1's few miss buffers cap the lines in flight); 32 KiB ahead into L2
 // streams at 23-26 GB/s, except that the AVX-512 path does better at 16 tokens leaving it to the hardware
 // prefetcher (13.5 vs 14.9 ms; at 128 tokens it needs it: 78 vs 63 ms). A single token does almost no math per
-// byte and streams fastest with no software prefetch on every path (3.0 vs 3.5 ms).
+// byte and streams fastest with no software prefetch on every path (3.0 vs 3.5 ms). On Intel Sapphire Rapids
+// the AVX-512 path needs it at 16 tokens too (4096x11008: 37-48 -> 26-30 ms; benchmarks/README.md, item 22).
 #ifndef MOEFY_PREFETCH_FEW_BYTES
 #define MOEFY_PREFETCH_FEW_BYTES (32 << 10)
 #endif
-constexpr int64_t kPrefetchBytes = 32 << 10, kPrefetchFewBytes = MOEFY_PREFETCH_FEW_BYTES;
+#ifndef MOEFY_PREFETCH_FEW_BYTES_AMD
+#define MOEFY_PREFETCH_FEW_BYTES_AMD MOEFY_PREFETCH_FEW_BYTES
+#endif
+constexpr int64_t kPrefetchBytes = 32 << 10;
 // int8 blocks of at least this many tokens widen each step once into an L1 float buffer (apply_panels). On
 // the AVX paths a block of one or two groups is faster widening in registers (the buffer costs a store and a
 // load per weight); on the 4-lane paths widening takes three to five instructions per vector, so any block
@@ -299,11 +304,11 @@ void panel_tokens(const float* const* a, int64_t n, int64_t r0, int64_t rows, co
 // One panel of V vectors (w = V * L columns) at output column c, in steps of rows that stay in L1.
 template <int V, typename Wt>
 void apply_panel(const float* const* a, int64_t n, int64_t rows, const Wt* panel, float* const* shifted,
-                 bool accumulate, const float* sub) {
+                 bool accumulate, int64_t few_bytes, const float* sub) {
   constexpr int64_t w = int64_t{V} * L;
   const int64_t row_step = n >= kLongStepTokens ? kRowStep : kShortRowStep;
   const int64_t step_bytes = row_step * w * static_cast<int64_t>(sizeof(Wt));
-  const int64_t distance = n >= kLongStepTokens ? kPrefetchBytes : kPrefetchFewBytes;
+  const int64_t distance = n >= kLongStepTokens ? kPrefetchBytes : few_bytes;
   const int64_t ahead = (distance + step_bytes - 1) / step_bytes * step_bytes;
   const int64_t lines = distance > 0 ? step_bytes / 64 : 0;  // to prefetch per step
   for (int64_t r0 = 0; r0 < rows; r0 += row_step) {
@@ -331,22 +336,24 @@ void apply_panel(const float* const* a, int64_t n, int64_t rows, const Wt* panel
 // out[t][c] (+)= sum_r a[t][r] * packed[r][c] for c < cols (a multiple of L); `packed` holds the panels back
 // to back ([rows, w] each: kPanel wide while they fit, then one panel of the rest, so that an expert of 16
 // neurons on a 24-column AVX2 tile takes one pass of two vectors per token, not two of one).
-// `shifted`: scratch of n row pointers. `sub` (or null; accumulating only): out[t][c] -= sub[c] as well,
+// `shifted`: scratch of n row pointers. `few_bytes`: the prefetch distance of blocks of few tokens
+// (PackedView::prefetch_few). `sub` (or null; accumulating only): out[t][c] -= sub[c] as well,
 // folded into the first row step's tile loads instead of another pass over every token's output per expert
 // (passes that add up with many small experts).
 template <typename Wt>
 void apply_panels(const float* const* a, int64_t n, int64_t rows, const Wt* packed, int64_t cols,
-                  float* const* out, bool accumulate, float** shifted, const float* sub = nullptr) {
+                  float* const* out, bool accumulate, float** shifted, int64_t few_bytes,
+                  const float* sub = nullptr) {
   for (int64_t c = 0; c < cols;) {
     const int64_t w = c + kPanel <= cols ? kPanel : cols - c;
     const Wt* panel = packed + rows * c;
     for (int64_t t = 0; t < n; ++t) shifted[t] = out[t] + c;
     const float* s = sub ? sub + c : nullptr;
     switch (w / L) {  // kV is at most 4 (tiles of 2 to 4 vectors per row)
-      case 1: apply_panel<1>(a, n, rows, panel, shifted, accumulate, s); break;
-      case 2: apply_panel<(kV >= 2 ? 2 : 1)>(a, n, rows, panel, shifted, accumulate, s); break;
-      case 3: apply_panel<(kV >= 3 ? 3 : 1)>(a, n, rows, panel, shifted, accumulate, s); break;
-      default: apply_panel<kV>(a, n, rows, panel, shifted, accumulate, s); break;
+      case 1: apply_panel<1>(a, n, rows, panel, shifted, accumulate, few_bytes, s); break;
+      case 2: apply_panel<(kV >= 2 ? 2 : 1)>(a, n, rows, panel, shifted, accumulate, few_bytes, s); break;
+      case 3: apply_panel<(kV >= 3 ? 3 : 1)>(a, n, rows, panel, shifted, accumulate, few_bytes, s); break;
+      default: apply_panel<kV>(a, n, rows, panel, shifted, accumulate, few_bytes, s); break;
     }
     c += w;
   }
@@ -532,7 +539,7 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
       for (int64_t r = 0; r < n; ++r)  // the padding neurons the panel form leaves at 0
         for (int64_t j = m; j < mp; ++j) h[r * mp + j] = 0.f;
     } else {
-      apply_panels(s.a, n, d, w, mp, s.h, false, s.shifted);
+      apply_panels(s.a, n, d, w, mp, s.h, false, s.shifted, pk.prefetch_few);
     }
     if (scale)
       for (int64_t r = 0; r < n; ++r)
@@ -560,7 +567,8 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
   const int64_t done = pk.dot ? narrow_second(s.a, n, m, w2, pk.dl, s.out, u, ahead ? w2 + ahead : nullptr) : 0;
   if (done < pk.dl) {
     for (int64_t r = 0; r < n; ++r) s.h[r] = s.out[r] + done;
-    apply_panels(s.a, n, m, w2 + m * done, pk.dl - done, s.h, true, s.shifted, u ? u + done : nullptr);
+    apply_panels(s.a, n, m, w2 + m * done, pk.dl - done, s.h, true, s.shifted, pk.prefetch_few,
+                 u ? u + done : nullptr);
   }
   if (pk.dl < d) {
     const Wt* w2 = static_cast<const Wt*>(p.w2) + e * m * d;
@@ -588,7 +596,7 @@ void router_scores(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, 
     s.a[r] = p.x + (t0 + r) * p.d;
     s.out[r] = scores + r * ld;
   }
-  apply_panels(s.a, n, p.d, pk.routerp, ld, s.out, false, s.shifted);
+  apply_panels(s.a, n, p.d, pk.routerp, ld, s.out, false, s.shifted, pk.prefetch_few);
   if (p.router_b)
     for (int64_t r = 0; r < n; ++r)
       for (int64_t e = 0; e < p.experts; ++e) scores[r * ld + e] += p.router_b[e];
@@ -600,7 +608,8 @@ void router_scores(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, 
 #define MOEFY_STR(x) MOEFY_STR2(x)
 // The table this TU exports (its only symbol with external linkage).
 extern const IsaKernels kKernels;
-const IsaKernels kKernels = {MOEFY_STR(MOEFY_ISA_NS), MOEFY_TILE_NAME, L, kPanel, MOEFY_DOT_MAX_M, &expert_block, &router_scores,
+const IsaKernels kKernels = {MOEFY_STR(MOEFY_ISA_NS), MOEFY_TILE_NAME, L, kPanel, MOEFY_DOT_MAX_M,
+                             MOEFY_PREFETCH_FEW_BYTES, MOEFY_PREFETCH_FEW_BYTES_AMD, &expert_block, &router_scores,
                              &activate, &add};
 
 }  // namespace MOEFY_ISA_NS

@@ -131,6 +131,7 @@ inline constexpr int64_t kTokenBlock = 64;
 struct PackedView {
   int64_t panel = 0, lanes = 0, mp = 0, dl = 0, ep = 0, expert_stride = 0;
   bool dot = false;  // first layer (and gate) as dot-product rows (narrow experts), else panels
+  int64_t prefetch_few = 0;  // bytes ahead that panel blocks of few tokens prefetch (IsaKernels::prefetch_few)
   const float* routerp = nullptr;
   const void* w1p = nullptr;  // of the problem's weight type
   const void* wgp = nullptr;
@@ -155,6 +156,9 @@ struct IsaKernels {
   // Experts of at most this many neurons compute their first layer (and gate) as dot products (PackedView::dot):
   // a panel of one or two vectors per row gives a few tokens too few accumulators to hide the FMA latency.
   int64_t dot_max_m;
+  // How far ahead (bytes) blocks of fewer than 16 tokens prefetch the packed stream on the panel path (0: left to
+  // the hardware prefetcher), on Intel and other CPUs, and on AMD ones (cpu_is_amd): the CPUs differ.
+  int64_t prefetch_few, prefetch_few_amd;
   // out[tokens[r]] += expert e's output for token tokens[r] (minus its unselected_bias), r < n <= kTokenBlock.
   // next_e: the expert of the block scheduled next (or -1), whose weights the narrow path prefetches.
   void (*expert_block)(const SparseFFNProblem& p, const PackedView& pk, int64_t e, const int32_t* tokens,
@@ -165,6 +169,9 @@ struct IsaKernels {
   void (*activate)(Activation a, float* v, int64_t n);  // in place
   void (*add)(float* y, const float* x, int64_t n);    // y += x
 };
+
+// Whether the CPU is AMD's (cpuid vendor string): a few tunings differ between AMD's and Intel's prefetchers.
+bool cpu_is_amd();
 
 // Instruction-set paths: which were compiled in, which this CPU runs, which one runs by default.
 struct IsaChoice {
