@@ -13,21 +13,8 @@
 #include <vector>
 
 #include "kernels/sparse_ffn.h"
+#include "tests/rng.h"
 
-namespace {
-struct Rng {
-  uint64_t s = 42;
-  float uniform() {  // [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<float>(static_cast<int64_t>(s >> 40) - (int64_t{1} << 23)) / static_cast<float>(1 << 23);
-  }
-  std::vector<float> vec(size_t n, float scale) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = uniform() * scale;
-    return v;
-  }
-};
-}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -48,7 +35,7 @@ int main(int argc, char** argv) {
   }
   bool gated = false, int8 = false;
   for (int i = 8; i < argc; ++i) gated |= !std::strcmp(argv[i], "gated"), int8 |= !std::strcmp(argv[i], "int8");
-  Rng rng;
+  moefy_test::Rng rng{42};
   const float s1 = 1.f / std::sqrt(static_cast<float>(d)), s2 = 1.f / std::sqrt(static_cast<float>(E * m));
   std::vector<float> w1 = rng.vec(E * m * d, s1), w2 = rng.vec(E * m * d, s2), wg = rng.vec(E * m * d, s1),
                      b1 = rng.vec(E * m, 0.1f), b2 = rng.vec(d, 0.1f), rw = rng.vec(E * d, s1), y(T * d);

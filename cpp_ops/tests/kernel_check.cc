@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/sparse_ffn.h"
+#include "tests/rng.h"
 
 // Every operator new of the process, to check that a call of the kernel allocates nothing once its scratch
 // has grown (the kernel's std::vectors; packed weights use malloc directly, once per session).
@@ -35,18 +36,7 @@ using moefy::WeightType;
 
 namespace {
 
-struct Rng {  // deterministic, platform-independent
-  uint64_t s;
-  float uniform() {  // [-1, 1)
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<float>(static_cast<int64_t>(s >> 40) - (int64_t{1} << 23)) / static_cast<float>(1 << 23);
-  }
-  std::vector<float> vec(size_t n, float scale) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = uniform() * scale;
-    return v;
-  }
-};
+using moefy_test::Rng;
 
 double act(Activation a, double z) {
   switch (a) {
