@@ -498,23 +498,29 @@ inline void narrow_panels(const float* const* h, int64_t m, const Wt* packed, in
   }
 }
 
+// Panels per step for a group of TB tokens: two while their accumulators (two sets for one token), a row's
+// weights and a broadcast fit the register file.
+template <int TB>
+constexpr int narrow_step_panels() {
+  return (TB == 1 ? 2 : TB) * 2 * kV + 2 * kV + 1 <= MOEFY_VREGS ? 2 : 1;
+}
+
 template <typename Wt>
 int64_t narrow_second(const float* const* h, int64_t n, int64_t m, const Wt* packed, int64_t cols,
                       float* const* out, const float* sub, const Wt* pf) {
-  // Two panels per step while TB x 2 x kV accumulators (x 2 sets for one token) leave room for a row's weights.
-  constexpr int NP1 = 2 * 2 * kV + 2 * kV + 1 <= MOEFY_VREGS ? 2 : 1;
-  constexpr int NP2 = kTB2 * 2 * kV + 2 * kV + 1 <= MOEFY_VREGS ? 2 : 1;
-  const int64_t panels = cols / kPanel / 2 * 2;  // an even count, for NP = 2
+  constexpr bool pairs = narrow_step_panels<1>() == 2 || narrow_step_panels<kTB2>() == 2 ||
+                         narrow_step_panels<kTB4>() == 2;
+  const int64_t panels = pairs ? cols / kPanel / 2 * 2 : cols / kPanel;  // the rest: apply_panels
   for (int64_t t = 0; t < n;) {
     const int64_t tb = next_group(n - t);
     if (tb == kTB)
-      narrow_panels<kTB, 1>(h + t, m, packed, panels, out + t, sub, pf);
+      narrow_panels<kTB, narrow_step_panels<kTB>()>(h + t, m, packed, panels, out + t, sub, pf);
     else if (tb == kTB2 && kTB2 > 1)
-      narrow_panels<kTB2, NP2>(h + t, m, packed, panels, out + t, sub, pf);
+      narrow_panels<kTB2, narrow_step_panels<kTB2>()>(h + t, m, packed, panels, out + t, sub, pf);
     else if (tb == kTB4 && kTB4 > 1)
-      narrow_panels<kTB4, 2 * kTB4 <= kTB2 ? NP2 : 1>(h + t, m, packed, panels, out + t, sub, pf);
+      narrow_panels<kTB4, narrow_step_panels<kTB4>()>(h + t, m, packed, panels, out + t, sub, pf);
     else
-      narrow_panels<1, NP1>(h + t, m, packed, panels, out + t, sub, pf);
+      narrow_panels<1, narrow_step_panels<1>()>(h + t, m, packed, panels, out + t, sub, pf);
     t += tb, pf = nullptr;  // the first group prefetches
   }
   return panels * kPanel;
