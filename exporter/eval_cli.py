@@ -51,16 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _top_ks(shares: str, experts: int) -> list[int]:
-    ks = []
+def _shares(shares: str) -> list[float]:
+    values = []
     for s in shares.split(","):
         try:
-            share = float(s)
+            value = float(s)
         except ValueError:
-            raise ValueError(f"--shares takes comma-separated numbers in (0, 1], got {s!r}") from None
+            value = None
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"--shares takes comma-separated numbers in (0, 1], got {s!r}")
+        values.append(value)
+    return values
+
+
+def _top_ks(shares: str, experts: int) -> list[int]:
+    ks = []
+    for share in _shares(shares):
         k = round(share * experts)
-        if not 0 < share <= 1 or abs(k - share * experts) > 1e-9:
-            raise ValueError(f"--shares: {s} of {experts} experts is not a whole number of experts in [1, {experts}]")
+        if abs(k - share * experts) > 1e-9 or k < 1:
+            raise ValueError(f"--shares: {share:g} of {experts} experts is not a whole number of experts in "
+                             f"[1, {experts}]")
         ks.append(k)
     return ks
 
@@ -108,8 +118,9 @@ def _run(args, rest, tasks, log) -> int:
             raise ValueError(f"--tasks: unknown task(s) {sorted(set(tasks) - set(TASKS))}; "
                              f"choose from {', '.join(TASKS)}, or 'none'")
         recipe = _recipe(args, rest) if args.curve else None
-        if args.curve and args.shares is not None:  # bad shares fail before the slow dense side
-            _top_ks(args.shares, recipe.experts or 1 << 20)  # (whole numbers of the preset's experts: below)
+        if args.curve and args.shares is not None:  # bad shares fail before the slow dense side (without
+            # --experts, the count comes with the model: only their form now)
+            _shares(args.shares) if recipe.experts is None else _top_ks(args.shares, recipe.experts)
         if not Path(args.dense_dir).exists():
             raise FileNotFoundError(f"dense model {args.dense_dir} does not exist")
         for flag, out in (("--json", args.json), ("--plot", args.plot)):

@@ -108,9 +108,10 @@ class Recipe(_Settings):
     preset: str = setting(
         DEFAULT_PRESET, "fast: calibrated closed-form fits only (--split coact --router ls --correction mean); "
                         "balanced: the best training-free recipe measured (--split coact --router bce --correction "
-                        "mean; plain FFNs such as BERT's also --experts 128 --sequential); both, without --top-k, spend an eighth of the default top-k on a low-rank "
-                        "stand-in (--lowrank; 32 experts: 7 plus a stand-in of one expert's worth); best: balanced "
-                        "plus the recovery fine-tune within a CPU-minute budget (--distill 30 for plain FFNs, "
+                        "mean; plain FFNs such as BERT's also --experts 128 --sequential); both, without --top-k, "
+                        "spend an eighth of the default top-k on a low-rank stand-in (--lowrank; 32 experts: 7 plus a "
+                        "stand-in of one expert's worth; 128: 28 plus one of four experts' worth); best: balanced plus "
+                        "the recovery fine-tune within a CPU-minute budget (--distill 30 for plain FFNs, "
                         "--distill 60 for gated ones, --distill-steps 100000). Flags given explicitly override the "
                         "preset's values", flag="--recipe", choices=tuple(PRESETS))
     experts: int | None = setting(

@@ -247,6 +247,7 @@ def test_flag_errors(capsys, tiny_bert_dir, tmp_path):
     _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--top-k", "2"], "--curve sets --top-k itself")
     _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--experts", "4", "--shares", "0.3"],
            "not a whole number of experts")
+    _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--shares", "0.5,1.5"], "numbers in (0, 1], got '1.5'")
     _fails(capsys, [tiny_bert_dir, "--curve", tmp_path, "--calib", tmp_path / "none.txt"], "calibration file")
     _fails(capsys, [tiny_bert_dir, tmp_path / "x.onnx", "--tasks", "glue"], "unknown task(s) ['glue']")
     with pytest.raises(SystemExit) as e:
