@@ -263,7 +263,7 @@ constexpr int64_t kRowStep = 64, kShortRowStep = 32, kLongStepTokens = 16;
 // streams at 23-26 GB/s, except that the AVX-512 path does better at 16 tokens leaving it to the hardware
 // prefetcher (13.5 vs 14.9 ms; at 128 tokens it needs it: 78 vs 63 ms). A single token does almost no math per
 // byte and streams fastest with no software prefetch on every path (3.0 vs 3.5 ms). On Intel Sapphire Rapids
-// the AVX-512 path needs it at 16 tokens too (4096x11008: 37-48 -> 26-30 ms; benchmarks/README.md, item 22).
+// the AVX-512 path needs it at 16 tokens too (4096x11008: 37-48 -> 26-30 ms; benchmarks/README.md, item 23).
 #ifndef MOEFY_PREFETCH_FEW_BYTES
 #define MOEFY_PREFETCH_FEW_BYTES (32 << 10)
 #endif
