@@ -30,10 +30,6 @@ void pack_panels(const Wt* src, int64_t rows, int64_t cols, int64_t valid_cols, 
   }
 }
 
-// One expert's packed blocks lie back to back: its first layer, its gate, its second layer, then the next
-// expert's. So the weights a call reads for an expert are one contiguous stream that the hardware prefetcher
-// follows from one matrix into the next (three separate streams per expert restarted it each time: with int8
-// weights at one token, each stream is only tens of KB).
 // The dot-product layout of a first layer (PackedView::dot): W [m, d] as [ceil(d / L)][m][L], zero beyond d.
 template <typename Wt>
 void pack_dot_rows(const Wt* src, int64_t m, int64_t d, int64_t L, Wt* dst) {
@@ -42,6 +38,10 @@ void pack_dot_rows(const Wt* src, int64_t m, int64_t d, int64_t L, Wt* dst) {
       for (int64_t i = 0; i < L; ++i) *dst++ = c + i < d ? src[j * d + c + i] : Wt{};
 }
 
+// One expert's packed blocks lie back to back: its first layer, its gate, its second layer, then the next
+// expert's. So the weights a call reads for an expert are one contiguous stream that the hardware prefetcher
+// follows from one matrix into the next (three separate streams per expert restarted it each time: with int8
+// weights at one token, each stream is only tens of KB).
 template <typename Wt>
 void pack_experts(const SparseFFNProblem& p, PackedView& v, HugeVector<Wt>& storage) {
   const int64_t E = p.experts, m = p.m, d = p.d;
