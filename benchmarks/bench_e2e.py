@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     if min(args.seq) < 2:  # the tokenizer would ignore max_length below its two special tokens
         ap.error(f"--seq {min(args.seq)}: sequences hold at least 2 tokens ([CLS] and [SEP])")
 
+    from exporter.evaluate import read_moe_onnx
     from exporter.models import bundled_minilm_dir
     model_dir = Path(args.model_dir) if args.model_dir else bundled_minilm_dir()
     out = Path(args.out)
@@ -159,13 +160,14 @@ def main(argv=None) -> int:
     if "cpp" in args.backends:  # one session per path, forced through the moefy.isa session option
         runs = [r for r in runs if r[0] != "cpp"] + [("cpp", isa) for isa in args.isa]
     configs, auto_choice = [], None
+    expert_counts = {read_moe_onnx(path)[0].experts for path in args.moe}
     for path in args.moe:
         for b, isa in runs:
             sess = runtime.InferenceSession(path, backend=b, threads=args.threads, isa=isa)
             cfg = sess.moe_config or {}
             # models of different expert counts (same active share) side by side: the count names the row
             tag = (" int8" if cfg.get("weights") == "int8" else "") + (
-                f" {cfg.get('experts')} experts" if len(args.moe) > 1 else "")
+                f" {cfg.get('experts')} experts" if len(expert_counts) > 1 else "")
             name = f"moefy {b}" + (f" {isa}" if isa else "") + tag
             if b == "auto":
                 auto_choice = f"{sess.backend} {sess.isa or ''}".strip()
