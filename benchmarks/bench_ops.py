@@ -296,6 +296,9 @@ def main(argv=None) -> int:
                     help="also time every case with N CPU-bound background processes running (default 0: quiet only)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
+    for shape, E in itertools.product(args.shapes, args.experts):
+        if E < 1 or SHAPES[shape][1] % E:
+            ap.error(f"--experts {E}: must be >= 1 and divide {shape}'s FFN width {SHAPES[shape][1]}")
     runnable = [p["name"] for p in runtime.isa_paths()["paths"] if p["runs"]] if runtime.cpp_available() else []
     for isa in args.isa:
         if isa not in runnable:
@@ -311,8 +314,6 @@ def main(argv=None) -> int:
     rows = []
     for shape, form, E in itertools.product(args.shapes, args.forms, args.experts):
         d, width = SHAPES[shape]
-        if width % E:
-            ap.error(f"--experts {E} does not divide {shape}'s FFN width {width}")
         w = make_weights(d, width, E, gated=form == "gated")
         for share in args.shares:
             k = max(1, round(share * E))
