@@ -145,7 +145,6 @@ def main(argv=None) -> int:
     if min(args.seq) < 2:  # the tokenizer would ignore max_length below its two special tokens
         ap.error(f"--seq {min(args.seq)}: sequences hold at least 2 tokens ([CLS] and [SEP])")
 
-    from exporter.evaluate import read_moe_onnx
     from exporter.models import bundled_minilm_dir
     model_dir = Path(args.model_dir) if args.model_dir else bundled_minilm_dir()
     out = Path(args.out)
@@ -159,21 +158,20 @@ def main(argv=None) -> int:
     runs = [(b, None) for b in args.backends if b not in ("cpp", "numba") or runtime.cpp_available()]
     if "cpp" in args.backends:  # one session per path, forced through the moefy.isa session option
         runs = [r for r in runs if r[0] != "cpp"] + [("cpp", isa) for isa in args.isa]
-    configs, auto_choice = [], None
-    expert_counts = {read_moe_onnx(path)[0].experts for path in args.moe}
-    for path in args.moe:
-        for b, isa in runs:
-            sess = runtime.InferenceSession(path, backend=b, threads=args.threads, isa=isa)
-            cfg = sess.moe_config or {}
-            # models of different expert counts (same active share) side by side: the count names the row
-            tag = (" int8" if cfg.get("weights") == "int8" else "") + (
-                f" {cfg.get('experts')} experts" if len(expert_counts) > 1 else "")
+    # Every model's sessions first: their configs say whether rows need the expert count in their names.
+    loaded = [(path, [(b, isa, runtime.InferenceSession(path, backend=b, threads=args.threads, isa=isa))
+                      for b, isa in runs]) for path in args.moe]
+    configs = [(made[0][2].moe_config or {}) if made else {} for _, made in loaded]
+    counted = len({c.get("experts") for c in configs}) > 1  # different expert counts (same share) side by side
+    auto_choice = None
+    for (path, made), cfg in zip(loaded, configs):
+        tag = (" int8" if cfg.get("weights") == "int8" else "") + (f" {cfg.get('experts')} experts" if counted else "")
+        for b, isa, sess in made:
             name = f"moefy {b}" + (f" {isa}" if isa else "") + tag
             if b == "auto":
                 auto_choice = f"{sess.backend} {sess.isa or ''}".strip()
                 name = f"moefy auto (= {auto_choice})" + tag
             sessions[name] = sess
-        configs.append(cfg)
         if args.ort_moe:
             sessions.update(ort_moe_session(Path(path), out, args.threads))
     moe_cfg = configs[0]
@@ -185,7 +183,7 @@ def main(argv=None) -> int:
     for length in args.seq:
         feed = text_feed(model_dir, length)
         phi = ffn_share(dense_path, feed, args.threads)
-        ceiling = amdahl_ceiling(phi, moe_cfg.get("top_k", 1) / moe_cfg.get("experts", 1))
+        ceiling = amdahl_ceiling(phi, share(moe_cfg))
         for load in [0] + ([args.background_load] if args.background_load else []):
             print(f"benchmarking {length} tokens, {load} background processes ({', '.join(sessions)})",
                   file=sys.stderr, flush=True)

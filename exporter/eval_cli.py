@@ -68,7 +68,7 @@ def _top_ks(shares: str, experts: int) -> list[int]:
     ks = []
     for share in _shares(shares):
         k = round(share * experts)
-        if abs(k - share * experts) > 1e-9 or k < 1:
+        if abs(k - share * experts) > 1e-9:
             raise ValueError(f"--shares: {share:g} of {experts} experts is not a whole number of experts in "
                              f"[1, {experts}]")
         ks.append(k)

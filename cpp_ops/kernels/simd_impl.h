@@ -422,10 +422,10 @@ inline void dot_tile(const float* const* a, int64_t d, int64_t m, const Wt* w, f
     }
   };
   const int64_t full = d / L;
-  if (pf)
-    for (int64_t c = 0; c < full; ++c) step(a, c * L, w + c * m * L), prefetch_lines<J * L * sizeof(Wt)>(pf + c * m * L);
-  else
-    for (int64_t c = 0; c < full; ++c) step(a, c * L, w + c * m * L);
+  for (int64_t c = 0; c < full; ++c) {
+    step(a, c * L, w + c * m * L);
+    if (pf) prefetch_lines<J * L * sizeof(Wt)>(pf + c * m * L);  // loop-invariant branch: unswitched
+  }
   if (const int64_t rest = d - full * L) {  // the last piece of x through a zero-padded copy (W is 0 there)
     float tail[TB][L] = {};
     const float* rows[TB];
