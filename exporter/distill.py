@@ -7,7 +7,8 @@ Two phases share one time budget; a step cap on the second makes a run reproduci
    learns to reproduce the teacher FFN's output: expert weights and biases, the ``unselected_bias``
    terms, and the router through a straight-through surrogate of the top-k (``masked_dense``). The
    selection is the one the router makes; gradients reach only the selected experts. Cheap (no
-   attention) and it does most of the work (MiniLM at 25% active: held-out cosine 0.81 -> 0.92).
+   attention), it gives the second phase a good start (MiniLM at 25% active: held-out cosine 0.88 -> 0.92) and
+   converges within a few epochs, so it gets a small share of an encoder's budget (LAYERWISE_SHARE).
 2. **End to end.** The whole student on calibration texts: each layer's hidden states against the
    teacher's (relative squared error) plus the mean-pooled embedding cosine, with routing recomputed
    from the student's own, drifting, inputs at every step. The encoder weights train (attention and
@@ -44,7 +45,10 @@ HOLDOUT_MAX = 256  # texts: enough to rank checkpoints; more would make every ev
 LAYERWISE_EPOCHS = 5  # measured on MiniLM: 5 -> 0.897 held-out cosine, 20 -> 0.902
 LAYERWISE_BATCH = 1024  # tokens
 LAYERWISE_LR = 1e-3
-LAYERWISE_SHARE = 0.5  # at most this share of the time budget goes to the layer-wise phase
+LAYERWISE_SHARE = {False: 0.15, True: 0.5}  # embedding models, language models: at most this share of the
+# budget goes to the layer-wise phase. MiniLM, 25% active, --recipe best's 30 min (docs/QUALITY.md, eleventh pass):
+# 0.5 -> cosine 0.9518, 0.3 -> 0.9527, 0.15 -> 0.9539: its FFN errors stop falling after about 3 epochs and the
+# end-to-end steps the time buys are worth more. SmolLM2: measured at 0.5 only
 E2E_BATCH = 32  # texts, of similar length (less padding)
 E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
 # activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB,
@@ -460,7 +464,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     start = heldout_eval(student, held, held_targets)
 
     errors = layerwise(moes, teacher, adapter, teacher_calib, held_texts[teacher_calib.groups],
-                       deadline=t0 + LAYERWISE_SHARE * (deadline - t0), seed=seed, progress=progress,
+                       deadline=t0 + LAYERWISE_SHARE[_is_lm(student)] * (deadline - t0), seed=seed, progress=progress,
                        per_token=_is_lm(student), release=release_calib)
     if log:
         log("  layer-wise: held-out FFN relative error per layer "
