@@ -86,6 +86,23 @@ def test_the_export_releases_the_layerwise_activations_as_it_goes(tiny_bert_dir,
     assert len(seen) == 1 and seen[0].xs == [None, None]
 
 
+def test_an_encoders_layerwise_phase_gets_its_share_of_the_budget(tiny_bert_dir, tmp_path, calib, monkeypatch):
+    """An encoder's layer-wise phase may take LAYERWISE_SHARE[False] of the budget (0.15: it converges in a few
+    epochs, and the end-to-end phase makes more of the time), a language model's LAYERWISE_SHARE[True]."""
+    import time
+    from exporter import distill
+    assert distill.LAYERWISE_SHARE[False] < distill.LAYERWISE_SHARE[True] <= 0.5
+    left, layerwise = [], distill.layerwise
+
+    def spy(*args, deadline, **kwargs):
+        left.append(deadline - time.monotonic())
+        return layerwise(*args, deadline=deadline, **kwargs)
+    monkeypatch.setattr(distill, "layerwise", spy)
+    run_export(tiny_bert_dir, tmp_path / "a.onnx", calib=calib, distill=1.0, distill_steps=2, **RECIPE)
+    budget = 60 * distill.LAYERWISE_SHARE[False]
+    assert len(left) == 1 and budget - 5 < left[0] <= budget  # less what the set-up before it took
+
+
 def test_the_end_to_end_rate_warms_up_then_decays_to_a_tenth_by_the_cap_or_the_deadline():
     from exporter.distill import E2E_WARMUP, lr_factor
     assert lr_factor(0, 1000) == pytest.approx(1 / E2E_WARMUP)  # warm-up
