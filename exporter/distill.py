@@ -458,21 +458,22 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     fit_ids, held_ids = np.nonzero(~held_texts)[0], np.nonzero(held_texts)[0]
     if not len(held_ids):
         held_ids = fit_ids
-    cap = E2E_LM_TOKENS if _is_lm(student) else None
+    lm = _is_lm(student)
+    cap = E2E_LM_TOKENS if lm else None
     fit, held = (_length_batches(batch, ids, E2E_BATCH, cap) for ids in (fit_ids, held_ids))
     held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)
 
     errors = layerwise(moes, teacher, adapter, teacher_calib, held_texts[teacher_calib.groups],
-                       deadline=t0 + LAYERWISE_SHARE[_is_lm(student)] * (deadline - t0), seed=seed, progress=progress,
-                       per_token=_is_lm(student), release=release_calib)
+                       deadline=t0 + LAYERWISE_SHARE[lm] * (deadline - t0), seed=seed, progress=progress,
+                       per_token=lm, release=release_calib)
     if log:
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))
     mid, end, steps = end_to_end(student, teacher, adapter, moes, fit, held, held_targets, deadline=deadline,
                             max_steps=max_steps, seed=seed, progress=progress)
     result = DistillResult(errors, [start[0], mid[0], end[0]], [start[1], mid[1], end[1]], steps,
-                           time.monotonic() - t0, len(held_ids), _is_lm(student))
+                           time.monotonic() - t0, len(held_ids), lm)
     if log:
         log(f"  {result.summary()}")
 
