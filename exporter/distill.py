@@ -25,6 +25,7 @@ best on it (layer-wise: the FFN's error; end to end: the loss).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -69,6 +70,12 @@ FIGURES = {False: "cosine", True: "kl"}  # what DistillResult.figure holds: embe
 ACTIVATIONS_MAX_GB = 4.0  # teacher FFN inputs the layer-wise phase fits on (distill_texts's first texts that fit)
 ROUTER_TEMPERATURE = 0.5  # of the straight-through surrogate, in units of each token's score spread
 MAX_STEPS = 1000  # default cap on end-to-end steps
+E2E_BF16 = {False: torch.cpu._is_amx_tile_supported(), True: False}  # embedding models, language models: the
+# training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations stay
+# float32; attention too, _Float32Attention), on CPUs with AMX only (Intel Sapphire Rapids and later): MiniLM's
+# student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min
+# (docs/QUALITY.md, twelfth pass). AVX2-only CPUs emulate bfloat16 (slower than float32); AVX-512 BF16 without
+# AMX (AMD Zen 4) and SmolLM2 not measured
 E2E_ROUTER_LR = 3e-4  # routers refit end to end (router_refit_loss); 0 freezes them. MiniLM, 25% active, same
 # budget: cosine 0.944 (frozen: 0.946), NN agreement 0.644 (0.625), WordNet 95.6% of dense (94.2%)
 
@@ -93,6 +100,7 @@ class DistillResult:
     seconds: float
     heldout_texts: int
     lm: bool = False  # a language model: figure is the next-token KL
+    bf16: bool = False  # the end-to-end steps ran in bfloat16 autocast (E2E_BF16)
 
     @property
     def figure_name(self) -> str:
@@ -101,7 +109,7 @@ class DistillResult:
     def summary(self) -> str:
         errs = ", ".join(f"{a:.3f}->{b:.3f}" for a, b in self.layer_error)
         return (f"held-out FFN rel. error per layer {errs}; held-out loss {self.loss[0]:.4f} -> {self.loss[1]:.4f} "
-                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps), "
+                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps{' in bfloat16' if self.bf16 else ''}), "
                 f"{'next-token KL' if self.lm else 'embedding cosine'} {self.figure[0]:.4f} -> {self.figure[1]:.4f} "
                 f"-> {self.figure[2]:.4f}; {self.seconds:.0f} s")
 
@@ -175,6 +183,7 @@ def _relative_sq_error(y, target, per_token: bool):
     A language model's first token (the same BOS in every text: an attention sink) carries activations hundreds
     to a thousand times larger than the others' in some layers (SmolLM2: FFN output norm 25,000 against 34); over
     all tokens at once its error alone would be the loss."""
+    y = y.float()  # a bfloat16 forward's (E2E_BF16)
     if per_token:
         return (((y - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-30)).mean()
     return ((y - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30)
@@ -299,7 +308,7 @@ def _loss(out, mask, target):
     hidden = sum(_relative_sq_error(h[m], t, per_token=logprobs is not None)
                  for h, t in zip(out.hidden_states[1:], layer_targets)) / len(layer_targets)
     if logprobs is None:
-        cos = F.cosine_similarity(_pool(out.hidden_states[-1], mask), emb)
+        cos = F.cosine_similarity(_pool(out.hidden_states[-1].float(), mask), emb)
         return hidden + COSINE_WEIGHT * (1 - cos.mean()), cos
     kl = next_token_kl(out.logits, m, logprobs)
     per_text = torch.zeros(len(mask)).index_add_(0, m.nonzero()[:, 0], kl.detach()) / m.sum(1).clamp_min(1)
@@ -307,7 +316,7 @@ def _loss(out, mask, target):
 
 
 def _kl_rows(logits, real, logprobs):
-    return F.kl_div(F.log_softmax(logits[real], -1), logprobs, log_target=True, reduction="none").sum(-1)
+    return F.kl_div(F.log_softmax(logits[real].float(), -1), logprobs, log_target=True, reduction="none").sum(-1)
 
 
 def next_token_kl(logits, mask, logprobs) -> torch.Tensor:
@@ -325,6 +334,20 @@ def next_token_kl(logits, mask, logprobs) -> torch.Tensor:
                                   use_reentrant=False))
         start = end
     return torch.cat(out) if out else logits.new_zeros(0)
+
+
+class _Float32Attention(torch.overrides.TorchFunctionMode):
+    """Attention in float32 inside a bfloat16 autocast: PyTorch's CPU flash attention is slow to differentiate in
+    bfloat16 (MiniLM's student step, 32 texts of 64 tokens: its backward 312 ms against 46 ms in float32, a third
+    of the step), and the matrix products around it keep bfloat16's speed."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            as32 = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            with torch.autocast("cpu", enabled=False):
+                return func(*map(as32, args), **{k: as32(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
 
 
 def _forward(student, b):
@@ -360,7 +383,7 @@ def lr_factor(step: int, max_steps: int, time_share: float | None = None) -> flo
 
 
 def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, deadline, max_steps, seed=0,
-               progress=True) -> tuple[tuple[float, float], tuple[float, float], int]:
+               bf16=False, progress=True) -> tuple[tuple[float, float], tuple[float, float], int]:
     """Phase 2 (module docstring) on batches ``fit``; keeps the state with the lowest loss on the held-out
     batches ``held``. Returns the held-out (loss, task figure) before it and of the state kept, and the steps run."""
     t_eval = time.monotonic()
@@ -397,9 +420,12 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         for moe in refit:  # the training forward's FFN inputs and activations, for the routers' own loss
             moe.hidden_log = []
         target = fit_targets[j]  # before the student's forward: heldout_eval says why
-        loss, _ = _loss(_forward(student, b), b["attention_mask"], target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                (_Float32Attention() if bf16 else contextlib.nullcontext()):
+            out = _forward(student, b)
+        loss, _ = _loss(out, b["attention_mask"], target)
         for moe in refit:
-            loss = loss + sum(router_refit_loss(moe, x, h) for x, h in moe.hidden_log)
+            loss = loss + sum(router_refit_loss(moe, x.float(), h.float()) for x, h in moe.hidden_log)
             moe.hidden_log = None
         now = time.monotonic()
         if step == E2E_WARMUP:
@@ -471,9 +497,9 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))
     mid, end, steps = end_to_end(student, teacher, adapter, moes, fit, held, held_targets, deadline=deadline,
-                            max_steps=max_steps, seed=seed, progress=progress)
+                            max_steps=max_steps, seed=seed, bf16=E2E_BF16[lm], progress=progress)
     result = DistillResult(errors, [start[0], mid[0], end[0]], [start[1], mid[1], end[1]], steps,
-                           time.monotonic() - t0, len(held_ids), lm)
+                           time.monotonic() - t0, len(held_ids), lm, E2E_BF16[lm])
     if log:
         log(f"  {result.summary()}")
 

@@ -123,7 +123,8 @@ class Converted:
 
 def _record(result: DistillResult) -> dict:
     """What the config keeps of a distillation (rounded: it is a record, not an input)."""
-    return {"steps": result.steps, "seconds": round(result.seconds, 1), "heldout_texts": result.heldout_texts,
+    return {"steps": result.steps, "arithmetic": "bfloat16" if result.bf16 else "float32",
+            "seconds": round(result.seconds, 1), "heldout_texts": result.heldout_texts,
             "heldout_loss": [round(c, 6) for c in result.loss], f"heldout_{result.figure_name}": [round(c, 6) for c in result.figure],
             "layer_error": [[round(a, 6), round(b, 6)] for a, b in result.layer_error]}
 

@@ -191,6 +191,44 @@ def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, r
     assert any("intermediate" in k for k in changed) and any("attention" in k for k in changed)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_end_to_end_phase_trains_in_float32_or_bfloat16_autocast(tiny_bert_dir, tmp_path, calib, monkeypatch,
+                                                                      bf16):
+    """E2E_BF16 (on by default for encoders where the CPU has native bfloat16) changes the training steps'
+    arithmetic only: the held-out loss still falls, the weights written back stay float32, and the export matches
+    its PyTorch model."""
+    import exporter.distill as D
+    monkeypatch.setattr(D, "E2E_BF16", {False: bf16, True: bf16})
+    monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
+    autocast, forward = [], D._forward
+    monkeypatch.setattr(D, "_forward", lambda m, b: autocast.append(torch.is_autocast_enabled("cpu")) or forward(m, b))
+    out, saved = tmp_path / "d.onnx", tmp_path / "saved"
+    report, _ = run_export(tiny_bert_dir, out, calib=calib, distill=1.0, distill_steps=30, save_moefied_dir=saved,
+                           **RECIPE)
+    assert any(autocast) == bf16 and not all(autocast)  # training steps in autocast; evaluations never
+    assert report.config.distill["arithmetic"] == ("bfloat16" if bf16 else "float32")
+    _, after_layerwise, after = report.config.distill["heldout_loss"]
+    assert after < after_layerwise
+    assert report.max_rel_diff <= 1e-4
+    onnx_matches_torch(out, saved)
+    assert {t.data_type for t in onnx.load(out).graph.initializer if t.data_type in (1, 16)} == {1}  # float32
+
+
+def test_attention_stays_float32_inside_the_bfloat16_autocast():
+    """PyTorch's CPU flash attention is slow to differentiate in bfloat16 (distill._Float32Attention): inside the
+    autocast it runs in float32, equal to attention outside it; the products around it are bfloat16."""
+    import torch.nn.functional as F
+    from exporter.distill import _Float32Attention
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
+    mask = torch.randn(2, 1, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Float32Attention():
+        inside = F.scaled_dot_product_attention(q.bfloat16(), k, v, attn_mask=mask)
+        assert (q @ k.transpose(-1, -2)).dtype == torch.bfloat16
+    assert inside.dtype == torch.float32
+    outside = F.scaled_dot_product_attention(q.bfloat16().float(), k, v, attn_mask=mask)
+    torch.testing.assert_close(inside, outside)
+
+
 def test_straight_through_router_keeps_the_forward_value():
     """The surrogate changes gradients only: same output, and the router gets a gradient."""
     g = torch.Generator().manual_seed(0)
