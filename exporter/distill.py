@@ -485,7 +485,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     if not len(held_ids):
         held_ids = fit_ids
     lm = _is_lm(student)
-    cap = E2E_LM_TOKENS if lm else None
+    bf16, cap = E2E_BF16[lm], E2E_LM_TOKENS if lm else None
     fit, held = (_length_batches(batch, ids, E2E_BATCH, cap) for ids in (fit_ids, held_ids))
     held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)
@@ -497,9 +497,9 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))
     mid, end, steps = end_to_end(student, teacher, adapter, moes, fit, held, held_targets, deadline=deadline,
-                            max_steps=max_steps, seed=seed, bf16=E2E_BF16[lm], progress=progress)
+                            max_steps=max_steps, seed=seed, bf16=bf16, progress=progress)
     result = DistillResult(errors, [start[0], mid[0], end[0]], [start[1], mid[1], end[1]], steps,
-                           time.monotonic() - t0, len(held_ids), lm, E2E_BF16[lm])
+                           time.monotonic() - t0, len(held_ids), lm, bf16)
     if log:
         log(f"  {result.summary()}")
 

@@ -194,7 +194,7 @@ def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, r
 @pytest.mark.parametrize("bf16", [False, True])
 def test_the_end_to_end_phase_trains_in_float32_or_bfloat16_autocast(tiny_bert_dir, tmp_path, calib, monkeypatch,
                                                                       bf16):
-    """E2E_BF16 (on by default for encoders where the CPU has native bfloat16) changes the training steps'
+    """E2E_BF16 (on by default for encoders on CPUs with AMX) changes the training steps'
     arithmetic only: the held-out loss still falls, the weights written back stay float32, and the export matches
     its PyTorch model."""
     import exporter.distill as D
