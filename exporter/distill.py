@@ -70,7 +70,8 @@ FIGURES = {False: "cosine", True: "kl"}  # what DistillResult.figure holds: embe
 ACTIVATIONS_MAX_GB = 4.0  # teacher FFN inputs the layer-wise phase fits on (distill_texts's first texts that fit)
 ROUTER_TEMPERATURE = 0.5  # of the straight-through surrogate, in units of each token's score spread
 MAX_STEPS = 1000  # default cap on end-to-end steps
-E2E_BF16 = {False: torch.cpu._is_amx_tile_supported(), True: False}  # embedding models, language models: the
+_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a private torch API: absent means no
+E2E_BF16 = {False: _AMX, True: False}  # embedding models, language models: the
 # training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations stay
 # float32; attention too, _Float32Attention), on CPUs with AMX only (Intel Sapphire Rapids and later): MiniLM's
 # student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min
@@ -108,8 +109,9 @@ class DistillResult:
 
     def summary(self) -> str:
         errs = ", ".join(f"{a:.3f}->{b:.3f}" for a, b in self.layer_error)
+        steps = f"{self.steps} end-to-end steps" + (" in bfloat16" if self.bf16 else "")
         return (f"held-out FFN rel. error per layer {errs}; held-out loss {self.loss[0]:.4f} -> {self.loss[1]:.4f} "
-                f"(layer-wise) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps{' in bfloat16' if self.bf16 else ''}), "
+                f"(layer-wise) -> {self.loss[2]:.4f} ({steps}), "
                 f"{'next-token KL' if self.lm else 'embedding cosine'} {self.figure[0]:.4f} -> {self.figure[1]:.4f} "
                 f"-> {self.figure[2]:.4f}; {self.seconds:.0f} s")
 

@@ -42,8 +42,8 @@ GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 # 1/LOWRANK_SHARE of the default top-k's experts, taken from them so that the total stays the default's worth.
 # Plain FFNs (encoders) also get 128 experts and sequential calibration: MiniLM 25% cosine 0.8455 -> 0.8839,
 # WordNet 87.9% -> 92.7% of dense, 1.2-1.6x dense speed since the kernels' narrow-expert path, 8-25% below 32
-# experts (docs/QUALITY.md, tenth pass; at 16 tokens not reproduced in the eleventh: 0.73-1.17x, open). Gated FFNs
-# (decoders) keep 32: little gained (x1.96 -> x1.74 at 50%).
+# experts (docs/QUALITY.md, tenth pass; at 16 tokens 0.73-1.17x in the eleventh, 1.08-1.64x in the twelfth: noisy,
+# open). Gated FFNs (decoders) keep 32: little gained (x1.96 -> x1.74 at 50%).
 _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
 _FINE = {"plain": {"experts": 128, "sequential": True}, "gated": {}}
 _BALANCED = {family: {**_TRAINING_FREE, "stand_in": True, **_FINE[family]} for family in ("plain", "gated")}
@@ -193,8 +193,8 @@ class Recipe(_Settings):
         show_default=False)
     distill_steps: int | None = setting(
         None, "cap on the end-to-end steps (32 texts each) of every distillation (--distill, --relufy); a run "
-                   f"that stops on this cap rather than on time is reproducible on the same kind of CPU (encoders train in "
-                   f"bfloat16 on CPUs with AMX; default {MAX_STEPS}; --recipe best: 100000, "
+                   "that stops on this cap rather than on time is reproducible on the same kind of CPU (encoders "
+                   f"train in bfloat16 on CPUs with AMX; default {MAX_STEPS}; --recipe best: 100000, "
                    "so its budget is time)", type=int, metavar="N", show_default=False)
     distill_texts: int = setting(
         DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
