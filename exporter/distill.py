@@ -71,9 +71,9 @@ ACTIVATIONS_MAX_GB = 4.0  # teacher FFN inputs the layer-wise phase fits on (dis
 ROUTER_TEMPERATURE = 0.5  # of the straight-through surrogate, in units of each token's score spread
 MAX_STEPS = 1000  # default cap on end-to-end steps
 _AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a private torch API: absent means no
-E2E_BF16 = {False: _AMX, True: False}  # embedding models, language models: the
-# training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations stay
-# float32; attention too, _Float32Attention), on CPUs with AMX only (Intel Sapphire Rapids and later): MiniLM's
+TRAIN_BF16 = {False: _AMX, True: False}  # embedding models, language models: both
+# phases' training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations
+# stay float32; attention too, _Float32Attention), on CPUs with AMX only (Intel Sapphire Rapids and later): MiniLM's
 # student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min
 # (docs/QUALITY.md, twelfth pass). AVX2-only CPUs emulate bfloat16 (slower than float32); AVX-512 BF16 without
 # AMX (AMD Zen 4) and SmolLM2 not measured
@@ -101,7 +101,7 @@ class DistillResult:
     seconds: float
     heldout_texts: int
     lm: bool = False  # a language model: figure is the next-token KL
-    bf16: bool = False  # the end-to-end steps ran in bfloat16 autocast (E2E_BF16)
+    bf16: bool = False  # both phases' training steps ran in bfloat16 autocast (TRAIN_BF16)
 
     @property
     def figure_name(self) -> str:
@@ -109,9 +109,9 @@ class DistillResult:
 
     def summary(self) -> str:
         errs = ", ".join(f"{a:.3f}->{b:.3f}" for a, b in self.layer_error)
-        steps = f"{self.steps} end-to-end steps" + (" in bfloat16" if self.bf16 else "")
+        arithmetic = " in bfloat16" if self.bf16 else ""
         return (f"held-out FFN rel. error per layer {errs}; held-out loss {self.loss[0]:.4f} -> {self.loss[1]:.4f} "
-                f"(layer-wise) -> {self.loss[2]:.4f} ({steps}), "
+                f"(layer-wise{arithmetic}) -> {self.loss[2]:.4f} ({self.steps} end-to-end steps{arithmetic}), "
                 f"{'next-token KL' if self.lm else 'embedding cosine'} {self.figure[0]:.4f} -> {self.figure[1]:.4f} "
                 f"-> {self.figure[2]:.4f}; {self.seconds:.0f} s")
 
@@ -185,17 +185,17 @@ def _relative_sq_error(y, target, per_token: bool):
     A language model's first token (the same BOS in every text: an attention sink) carries activations hundreds
     to a thousand times larger than the others' in some layers (SmolLM2: FFN output norm 25,000 against 34); over
     all tokens at once its error alone would be the loss."""
-    y = y.float()  # a bfloat16 forward's (E2E_BF16)
+    y = y.float()  # a bfloat16 forward's (TRAIN_BF16)
     if per_token:
         return (((y - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-30)).mean()
     return ((y - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30)
 
 
 def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LAYERWISE_EPOCHS, seed=0,
-              progress=True, per_token: bool = False, release: bool = False) -> list[list[float]]:
+              progress=True, per_token: bool = False, release: bool = False, bf16=False) -> list[list[float]]:
     """Phase 1 (module docstring); returns each layer's held-out FFN relative error [before, after]
     (``per_token``: :func:`_relative_sq_error`'s, trained on that too). ``release``: drop each layer's
-    activations from ``calib`` once that layer is fitted."""
+    activations from ``calib`` once that layer is fitted. ``bf16``: training forwards in bfloat16 autocast."""
     errors = []
     fit_tokens = ~held_tokens if (~held_tokens).any() else held_tokens
     layers = adapter.layers(teacher)
@@ -213,7 +213,7 @@ def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LA
         best_values = [p.detach().clone() for p in params]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=LAYERWISE_LR)
+        opt = torch.optim.Adam(params, lr=LAYERWISE_LR, fused=True)
         gen = torch.Generator().manual_seed(seed + i)
         layer_deadline = t0 + (deadline - t0) * (i + 1) / len(moes)  # an even share of the time per layer
         moe.router_temperature = ROUTER_TEMPERATURE
@@ -221,8 +221,9 @@ def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LA
             order = torch.randperm(len(x_fit), generator=gen)
             for j in range(0, len(order), LAYERWISE_BATCH):
                 b = order[j:j + LAYERWISE_BATCH]
-                target = y_fit[b]
-                loss = _relative_sq_error(moe(x_fit[b]), target, per_token)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = moe(x_fit[b])
+                loss = _relative_sq_error(out, y_fit[b], per_token)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -410,7 +411,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, fused=True)  # MiniLM's 18M trained parameters, one thread: 27 ms a step, 74 unfused
     t0, rng, step, order, by_time = time.monotonic(), np.random.default_rng(seed), 0, [], False
     eval_every, last_eval, t_evals = E2E_EVAL_EVERY, 0, 0.0
     bar = tqdm(total=max_steps, desc="distilling end to end", disable=not progress)
@@ -487,14 +488,14 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     if not len(held_ids):
         held_ids = fit_ids
     lm = _is_lm(student)
-    bf16, cap = E2E_BF16[lm], E2E_LM_TOKENS if lm else None
+    bf16, cap = TRAIN_BF16[lm], E2E_LM_TOKENS if lm else None
     fit, held = (_length_batches(batch, ids, E2E_BATCH, cap) for ids in (fit_ids, held_ids))
     held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)
 
     errors = layerwise(moes, teacher, adapter, teacher_calib, held_texts[teacher_calib.groups],
                        deadline=t0 + LAYERWISE_SHARE[lm] * (deadline - t0), seed=seed, progress=progress,
-                       per_token=lm, release=release_calib)
+                       per_token=lm, release=release_calib, bf16=bf16)
     if log:
         log("  layer-wise: held-out FFN relative error per layer "
             + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in errors))

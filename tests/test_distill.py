@@ -14,7 +14,7 @@ from test_cli_errors import assert_fails_cleanly
 from test_methods import onnx_matches_torch
 
 from exporter import export
-from exporter.moe_ffn import masked_dense
+from exporter.moe_ffn import expert_hidden, masked_dense
 from runtime.session import METADATA_KEY
 from runtime import spec
 
@@ -192,26 +192,48 @@ def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, r
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_the_end_to_end_phase_trains_in_float32_or_bfloat16_autocast(tiny_bert_dir, tmp_path, calib, monkeypatch,
-                                                                      bf16):
-    """E2E_BF16 (on by default for encoders on CPUs with AMX) changes the training steps'
-    arithmetic only: the held-out loss still falls, the weights written back stay float32, and the export matches
-    its PyTorch model."""
+def test_distillation_trains_in_float32_or_bfloat16_autocast(tiny_bert_dir, tmp_path, calib, monkeypatch, bf16):
+    """TRAIN_BF16 (on by default for encoders on CPUs with AMX) changes the training steps' arithmetic only, in both
+    phases: each phase still lowers its held-out loss, the weights written back stay float32, and the export
+    matches its PyTorch model."""
     import exporter.distill as D
-    monkeypatch.setattr(D, "E2E_BF16", {False: bf16, True: bf16})
-    monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
-    autocast, forward = [], D._forward
-    monkeypatch.setattr(D, "_forward", lambda m, b: autocast.append(torch.is_autocast_enabled("cpu")) or forward(m, b))
+    from exporter.moe_ffn import MoEFFN
+    monkeypatch.setattr(D, "TRAIN_BF16", {False: bf16, True: bf16})
+    calls, forward = [], MoEFFN.forward  # (training?, in autocast?) of every MoE FFN call
+
+    def spy(self, x):
+        calls.append((torch.is_grad_enabled() and self.w1.requires_grad, torch.is_autocast_enabled("cpu")))
+        return forward(self, x)
+    monkeypatch.setattr(MoEFFN, "forward", spy)
     out, saved = tmp_path / "d.onnx", tmp_path / "saved"
     report, _ = run_export(tiny_bert_dir, out, calib=calib, distill=1.0, distill_steps=30, save_moefied_dir=saved,
                            **RECIPE)
-    assert any(autocast) == bf16 and not all(autocast)  # training steps in autocast; evaluations never
+    assert {autocast for training, autocast in calls if training} == {bf16}
+    assert {autocast for training, autocast in calls if not training} == {False}  # evaluations in float32
     assert report.config.distill["arithmetic"] == ("bfloat16" if bf16 else "float32")
-    _, after_layerwise, after = report.config.distill["heldout_loss"]
-    assert after < after_layerwise
+    before, after_layerwise, after = report.config.distill["heldout_loss"]
+    assert after_layerwise < before and after < after_layerwise
+    assert all(end < start for start, end in report.config.distill["layer_error"])
     assert report.max_rel_diff <= 1e-4
     onnx_matches_torch(out, saved)
     assert {t.data_type for t in onnx.load(out).graph.initializer if t.data_type in (1, 16)} == {1}  # float32
+
+
+def test_the_expert_layer_stays_bfloat16_inside_the_autocast():
+    """The FFN's biases join the autocast's bfloat16 products in their dtype: a float32 bias would promote the whole
+    hidden layer (and its activation, mask and gradients) to float32. Outside an autocast nothing changes."""
+    g = torch.Generator().manual_seed(0)
+    E, m, d = 6, 4, 8
+    w1, b1, w2 = torch.randn(E, m, d, generator=g), torch.randn(E, m, generator=g), torch.randn(E, m, d, generator=g)
+    x, rw, rb = torch.randn(5, d, generator=g), torch.randn(E, d, generator=g), torch.randn(E, generator=g)
+    args = (x, w1, b1, w2, None, rw, rb, None, None, 2, "gelu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = expert_hidden(x, w1, b1, "gelu")
+        inside = masked_dense(*args, hidden=h)
+    assert h.dtype == torch.bfloat16
+    outside = masked_dense(*args)
+    assert expert_hidden(x, w1, b1, "gelu").dtype == outside.dtype == torch.float32
+    torch.testing.assert_close(inside.float(), outside, rtol=0.05, atol=0.05 * float(outside.abs().max()))
 
 
 def test_attention_stays_float32_inside_the_bfloat16_autocast():

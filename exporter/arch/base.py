@@ -50,9 +50,9 @@ def _activation_fns(x):
     import torch
     if isinstance(x, torch.Tensor):
         from ..moe_ffn import TORCH_ACTIVATIONS
-        return TORCH_ACTIVATIONS, lambda a: None if a is None else torch.as_tensor(a, dtype=x.dtype)
+        return TORCH_ACTIVATIONS, lambda a, like=x: None if a is None else torch.as_tensor(a, dtype=like.dtype)
     from runtime.reference import ACTIVATION_FUNCTIONS
-    return ACTIVATION_FUNCTIONS, lambda a: a
+    return ACTIVATION_FUNCTIONS, lambda a, like=None: a
 
 
 def ffn_hidden(x, w1, b1, activation: str, wg=None, bg=None):
@@ -60,13 +60,13 @@ def ffn_hidden(x, w1, b1, activation: str, wg=None, bg=None):
     act(x Wg^T + bg) * (x W1^T + b1) in the gated form (SwiGLU), act(x W1^T + b1) in the plain one."""
     acts, cast = _activation_fns(x)
     up = x @ cast(w1).T
-    if b1 is not None:
-        up = up + cast(b1)
+    if b1 is not None:  # in the product's dtype: bfloat16 in an autocast, where a float32 bias would promote the
+        up = up + cast(b1, up)  # hidden layer to float32 (distill.TRAIN_BF16: a MiniLM student step 20% longer)
     if wg is None:
         return acts[activation](up)
     gate = x @ cast(wg).T
     if bg is not None:
-        gate = gate + cast(bg)
+        gate = gate + cast(bg, gate)
     return acts[activation](gate) * up
 
 
