@@ -74,9 +74,9 @@ _AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a privat
 TRAIN_BF16 = {False: _AMX, True: False}  # embedding models, language models: both
 # phases' training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations
 # stay float32; attention too, _Float32Attention), on CPUs with AMX only (Intel Sapphire Rapids and later): MiniLM's
-# student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min
-# (docs/QUALITY.md, twelfth pass). AVX2-only CPUs emulate bfloat16 (slower than float32); AVX-512 BF16 without
-# AMX (AMD Zen 4) and SmolLM2 not measured
+# student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min;
+# a layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes). AVX2-only CPUs emulate
+# bfloat16 (slower than float32); AVX-512 BF16 without AMX (AMD Zen 4) and SmolLM2 not measured
 E2E_ROUTER_LR = 3e-4  # routers refit end to end (router_refit_loss); 0 freezes them. MiniLM, 25% active, same
 # budget: cosine 0.944 (frozen: 0.946), NN agreement 0.644 (0.625), WordNet 95.6% of dense (94.2%)
 
@@ -221,7 +221,7 @@ def layerwise(moes, teacher, adapter, calib, held_tokens, *, deadline, epochs=LA
             order = torch.randperm(len(x_fit), generator=gen)
             for j in range(0, len(order), LAYERWISE_BATCH):
                 b = order[j:j + LAYERWISE_BATCH]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with _training_arithmetic(bf16):
                     out = moe(x_fit[b])
                 loss = _relative_sq_error(out, y_fit[b], per_token)
                 opt.zero_grad()
@@ -353,6 +353,15 @@ class _Float32Attention(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _training_arithmetic(bf16: bool) -> contextlib.AbstractContextManager:
+    """Where a training forward runs (TRAIN_BF16): bfloat16 autocast with attention in float32, or plain float32."""
+    stack = contextlib.ExitStack()
+    if bf16:
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        stack.enter_context(_Float32Attention())
+    return stack
+
+
 def _forward(student, b):
     return student(**b, output_hidden_states=True, **({"use_cache": False} if _is_lm(student) else {}))
 
@@ -423,8 +432,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
         for moe in refit:  # the training forward's FFN inputs and activations, for the routers' own loss
             moe.hidden_log = []
         target = fit_targets[j]  # before the student's forward: heldout_eval says why
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-                (_Float32Attention() if bf16 else contextlib.nullcontext()):
+        with _training_arithmetic(bf16):
             out = _forward(student, b)
         loss, _ = _loss(out, b["attention_mask"], target)
         for moe in refit:
