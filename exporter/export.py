@@ -210,9 +210,10 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
             log(f"calibrating on {len(sample)} texts ({where})")
             calib_batch = tokenize(sample)
             if recipe.trains:
-                calibration["distillation_texts"] = len(pool)
-                log(f"distillation text: {len(pool)} texts ({where})")
-                train_batch = tokenize(pool) if len(pool) > len(sample) else calib_batch
+                train_texts, added = task.distillation_texts(pool, recipe.seed)
+                calibration["distillation_texts"] = len(train_texts)
+                log(f"distillation text: {len(train_texts)} texts ({where}{', ' + added if added else ''})")
+                train_batch = tokenize(train_texts) if len(train_texts) > len(sample) else calib_batch
         calibrated = lambda m, b: calibrate(m, adapter, b, use_cache=recipe.calib_cache,  # noqa: E731
                                             max_gb=recipe.calib_cache_max_gb, log=log)
         teacher = copy.deepcopy(model) if recipe.trains else None
@@ -220,9 +221,9 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
         if teacher is not None:  # the layer-wise phase's FFN inputs: the first texts that fit in memory
             n_fit = max(len(sample), layerwise_texts(train_batch, teacher.config))
             teacher_train = calibrated(teacher, {k: v[:n_fit] for k, v in train_batch.items()})
-            if n_fit < len(pool):
+            if n_fit < len(train_texts):
                 log(f"  layer-wise distillation on the first {n_fit} texts (their activations within "
-                    f"{ACTIVATIONS_MAX_GB:g} GB); end to end on all {len(pool)}")
+                    f"{ACTIVATIONS_MAX_GB:g} GB); end to end on all {len(train_texts)}")
         if recipe.relufy is not None:
             log(f"ReLU-fying (threshold shift {recipe.relufy:g}) and recovering the dense model by distillation")
             result = relufy_model(model, teacher, adapter, teacher_train, train_batch, shift=recipe.relufy,

@@ -198,7 +198,8 @@ class Recipe(_Settings):
                    "so its budget is time)", type=int, metavar="N", show_default=False)
     distill_texts: int = setting(
         DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
-                       "or of --calib; the MoE's calibration uses the first --calib-texts of them; memory grows with "
+                       "or of --calib (embedding models: plus short spans of a quarter of them, words and phrases); "
+                       "the MoE's calibration uses the first --calib-texts of them; memory grows with "
                        "N (about 0.6 GB per 1,000 texts for MiniLM)", type=int, metavar="N")
     relufy: float | None = setting(
         None, "before MoEfication, replace the GELU activation by ReLU(z - SHIFT) (SHIFT >= 0, default 0; folded into "

@@ -1,6 +1,8 @@
 """Text for calibration and validation: a user's file, or a few built-in sentences."""
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 # Written for this project: a small, varied default so validation runs with no data installed.
@@ -68,6 +70,21 @@ CALIB_LINES = 1000  # --calib-texts' default: texts that calibrate the MoE; boun
 # 1,000 texts it overfits (held-out loss stops falling after ~2 epochs). About 300 MB of activations and
 # 300 MB of teacher targets per 1,000 fortunes for MiniLM.
 DISTILL_TEXTS = 10000
+
+
+def short_spans(texts: list[str], share: float, seed: int = 0) -> list[str]:
+    """A run of 1-4 consecutive words (more often 1 or 2) from a random ``share`` of ``texts``, half of them
+    lower-cased: the words, names and queries an embedding model is also asked about."""
+    rng = random.Random(seed)
+    out = []
+    for text in rng.sample(texts, round(share * len(texts))):
+        words = re.findall(r"[^\W\d_]+(?:['-][^\W\d_]+)*", text)
+        if words:
+            n = min(len(words), rng.choices((1, 2, 3, 4), weights=(4, 3, 2, 1))[0])
+            i = rng.randrange(len(words) - n + 1)
+            span = " ".join(words[i:i + n])
+            out.append(span.lower() if rng.random() < 0.5 else span)
+    return out
 
 
 def load_texts(path: str | Path | None, *, limit: int | None = None) -> list[str]:

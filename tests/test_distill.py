@@ -51,7 +51,7 @@ def test_distill_exports_validates_and_improves(tiny_bert_dir, tmp_path, calib):
     assert report.max_rel_diff <= 1e-4  # the distilled ONNX still matches the distilled PyTorch model
     onnx_matches_torch(out, saved)
     record = report.config.distill
-    assert record["steps"] == 30 and record["heldout_texts"] == 20
+    assert record["steps"] == 30 and record["heldout_texts"] == 25  # a tenth of 200 lines and 50 spans of them
     before, after_layerwise, after = record["heldout_loss"]
     assert after_layerwise < before and after < after_layerwise  # each phase lowered the held-out loss
     for start, end in record["layer_error"]:
@@ -287,8 +287,33 @@ def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_pa
                               calib_texts=50, distill_texts=120, **RECIPE)
     assert "--calib: using the first 120 of its 200 lines" in logs
     assert any(line.startswith("calibrating on 50 texts") for line in logs)
-    assert "distillation text: 120 texts (--calib %s)" % calib in logs
-    assert report.config.distill["heldout_texts"] == 12  # a tenth of the distillation texts
+    # the 120 lines, then 30 short spans of them (an encoder: FeatureExtraction.distillation_texts)
+    assert "distillation text: 150 texts (--calib %s, plus 30 spans of 1-4 words from them)" % calib in logs
+    assert report.config.calibration["distillation_texts"] == 150
+    assert report.config.distill["heldout_texts"] == 15  # a tenth of the distillation texts
+
+
+def test_short_spans_are_runs_of_words_of_the_texts():
+    from exporter.text import short_spans
+    texts = ["Hello, world! It's a fine day in New-York, 1999.", "The quick brown fox jumps over the lazy dog",
+             "42 17 -- 3.5", "Ümlaut café naïve"] * 25
+    spans = short_spans(texts, 0.5, seed=3)
+    assert spans == short_spans(texts, 0.5, seed=3) != short_spans(texts, 0.5, seed=4)
+    assert 35 <= len(spans) <= 50  # one per sampled text, none from the text without words
+    runs = {" ".join(w[i:i + n]).lower() for t in texts[:4] for w in [[x.strip(",.!") for x in t.split()]]
+            for n in (1, 2, 3, 4) for i in range(len(w) - n + 1)}
+    assert all(span.lower() in runs for span in spans), set(spans) - runs
+    assert {len(s.split()) for s in spans} == {1, 2, 3, 4}
+    assert any(s != s.lower() for s in spans) and any(s.lower() == s and s.upper() != s for s in spans)
+    assert short_spans([], 0.25) == [] and short_spans(["only 42"], 1.0) == ["only"]
+
+
+def test_only_encoders_distill_on_spans_after_the_texts():
+    from exporter.tasks import TASKS
+    texts = [f"text number {i} of the corpus" for i in range(40)]
+    out, added = TASKS["feature-extraction"]().distillation_texts(texts, 0)
+    assert out[:40] == texts and len(out) == 50 and added == "plus 10 spans of 1-4 words from them"
+    assert TASKS["text-generation"]().distillation_texts(texts, 0) == (texts, "")
 
 
 def test_calibration_prefix_matches_its_own_capture(tiny_bert_dir, calib):

@@ -104,6 +104,11 @@ class Task(abc.ABC):
         """The default corpus's ``texts`` as this task calibrates on them, and what changed (\"\": nothing)."""
         return texts, ""
 
+    def distillation_texts(self, texts: list[str], seed: int) -> tuple[list[str], str]:
+        """What the recovery distillation trains on, given its ``texts`` (after them: calibration keeps
+        their first ones), and what was added ("": nothing)."""
+        return texts, ""
+
     def batch(self, tokenizer, texts, model, max_length: int) -> dict[str, torch.Tensor]:
         b = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: b[k] for k in self.model_inputs(model) if k in b}
