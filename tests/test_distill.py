@@ -289,7 +289,7 @@ def test_distillation_trains_on_more_text_than_calibration(tiny_bert_dir, tmp_pa
     assert any(line.startswith("calibrating on 50 texts") for line in logs)
     # the 120 lines, then 30 short spans of them (an encoder: FeatureExtraction.distillation_texts)
     assert "distillation text: 150 texts (--calib %s, plus 30 spans of 1-4 words from them)" % calib in logs
-    assert report.config.calibration["distillation_texts"] == 150
+    assert report.calibration["distillation_texts"] == 150
     assert report.config.distill["heldout_texts"] == 15  # a tenth of the distillation texts
 
 
