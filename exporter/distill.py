@@ -77,6 +77,8 @@ TRAIN_BF16 = {False: _AMX, True: False}  # embedding models, language models: bo
 # student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min;
 # a layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes). AVX2-only CPUs emulate
 # bfloat16 (slower than float32); AVX-512 BF16 without AMX (AMD Zen 4) and SmolLM2 not measured
+E2E_ROUTER_TOKENS = 384  # tokens a layer's refit sees per step, a random sample: MiniLM's 32 texts are ~1,500
+# tokens, whose expert deviations took 19% of a 256 x 6 step (bfloat16, one thread)
 E2E_ROUTER_LR = 3e-4  # routers refit end to end (router_refit_loss); 0 freezes them. MiniLM, 25% active, same
 # budget: cosine 0.944 (frozen: 0.946), NN agreement 0.644 (0.625), WordNet 95.6% of dense (94.2%)
 
@@ -148,15 +150,23 @@ def _moe_tensors(moe: MoEFFN) -> list[torch.Tensor]:
     return _expert_tensors(moe) + _router_tensors(moe)
 
 
-def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = None, tokens: int | None = None
+                      ) -> torch.Tensor:
     """Logistic loss of the router's scores on the FFN's own inputs ``x`` against its current oracle set:
     the top_k experts whose output deviates most from what the op adds when they are skipped (their
     unselected_bias, else their mean output). Gradients reach the router only (inputs and targets detached):
     it follows the drifting inputs and experts without the straight-through path through the task loss.
-    ``h``: the experts' activations on ``x`` (:func:`expert_hidden`), when the forward pass computed them."""
+    ``h``: the experts' activations on ``x`` (:func:`expert_hidden`), when the forward pass computed them;
+    ``tokens``: fitted on a random sample of at most that many of them."""
     with torch.no_grad():
         x = x.detach().reshape(-1, moe.w1.shape[2])
-        h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg) if h is None else h
+        if h is not None:
+            h = h.reshape(len(x), -1)
+        if tokens is not None and len(x) > tokens:  # a random sample: an unbiased estimate of the mean loss
+            rows = torch.randperm(len(x))[:tokens]
+            x, h = x[rows], None if h is None else h[rows]
+        x = x.float()  # a bfloat16 forward's (TRAIN_BF16)
+        h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg) if h is None else h.float()
         target = selection_mask(expert_deviations(moe, h.reshape(len(x), -1)), moe.top_k)
     return F.binary_cross_entropy_with_logits(moe.scores(x), target)
 
@@ -436,7 +446,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
             out = _forward(student, b)
         loss, _ = _loss(out, b["attention_mask"], target)
         for moe in refit:
-            loss = loss + sum(router_refit_loss(moe, x.float(), h.float()) for x, h in moe.hidden_log)
+            loss = loss + sum(router_refit_loss(moe, x, h, E2E_ROUTER_TOKENS) for x, h in moe.hidden_log)
             moe.hidden_log = None
         now = time.monotonic()
         if step == E2E_WARMUP:

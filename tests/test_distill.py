@@ -372,9 +372,10 @@ def test_curve_passes_the_training_flags(tiny_bert_dir):
         _recipe(args, ["--distill", "0"])
 
 
-def test_router_refit_learns_its_own_oracle():
+@pytest.mark.parametrize("tokens", [None, 64])
+def test_router_refit_learns_its_own_oracle(tokens):
     """The end-to-end router refit (E2E_ROUTER_LR > 0) trains the router alone towards the experts whose
-    skipping costs most on the FFN's current inputs."""
+    skipping costs most on the FFN's current inputs, also from a random sample of the tokens at each step."""
     from exporter.distill import router_refit_loss
     from exporter.moe_ffn import MoEFFN
     g = torch.Generator().manual_seed(0)
@@ -387,7 +388,7 @@ def test_router_refit_learns_its_own_oracle():
     opt = torch.optim.Adam([moe.router_w, moe.router_b], lr=3e-2)
     first = None
     for _ in range(200):
-        loss = router_refit_loss(moe, x)
+        loss = router_refit_loss(moe, x, tokens=tokens)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
@@ -420,6 +421,11 @@ def test_expert_deviations_through_the_gram_matrices_match_the_outputs(gated, bi
     s = moe.unselected_bias if bias else out.mean(0)
     torch.testing.assert_close(expert_deviations(moe, h), (out - s).norm(dim=-1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(router_refit_loss(moe, x, h), router_refit_loss(moe, x))
+    torch.testing.assert_close(router_refit_loss(moe, x, h, tokens=40), router_refit_loss(moe, x))
+    torch.manual_seed(3)
+    rows = torch.randperm(len(x))[:9]
+    torch.manual_seed(3)  # a sample of the tokens: the loss on those rows
+    torch.testing.assert_close(router_refit_loss(moe, x, h, tokens=9), router_refit_loss(moe, x[rows], h[rows]))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
