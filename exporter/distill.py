@@ -78,7 +78,8 @@ TRAIN_BF16 = {False: _AMX, True: False}  # embedding models, language models: bo
 # a layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes). AVX2-only CPUs emulate
 # bfloat16 (slower than float32); AVX-512 BF16 without AMX (AMD Zen 4) and SmolLM2 not measured
 E2E_ROUTER_TOKENS = 384  # tokens a layer's refit sees per step, a random sample: MiniLM's 32 texts are ~1,500
-# tokens, whose expert deviations took 19% of a 256 x 6 step (bfloat16, one thread)
+# tokens, whose expert deviations took 19% of a 256 x 6 step; sampled, the step is 24% shorter (bfloat16, one
+# thread) and the routers recall the oracle as well (docs/QUALITY.md, fifteenth pass). SmolLM2: not measured
 E2E_ROUTER_LR = 3e-4  # routers refit end to end (router_refit_loss); 0 freezes them. MiniLM, 25% active, same
 # budget: cosine 0.944 (frozen: 0.946), NN agreement 0.644 (0.625), WordNet 95.6% of dense (94.2%)
 
