@@ -168,7 +168,7 @@ def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = Non
             x, h = x[rows], None if h is None else h[rows]
         x = x.float()  # a bfloat16 forward's (TRAIN_BF16)
         h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg) if h is None else h.float()
-        target = selection_mask(expert_deviations(moe, h.reshape(len(x), -1)), moe.top_k)
+        target = selection_mask(expert_deviations(moe, h), moe.top_k)
     return F.binary_cross_entropy_with_logits(moe.scores(x), target)
 
 
