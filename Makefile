@@ -104,7 +104,7 @@ wheel-check:
 	cd $(WHEEL_DIR)/tests && ../venv/bin/python -m pytest -q test_isa_paths.py -p no:cacheprovider -k "not kernel_core"
 	cd $(WHEEL_DIR)/tests && for isa in $$(../venv/bin/python -c "import runtime; \
 	  print(' '.join(p['name'] for p in runtime.isa_paths()['paths'] if p['runs']))"); do \
-	  echo "MOEFY_ISA=$$isa"; MOEFY_ISA=$$isa ../venv/bin/python -m pytest -q test_kernels.py test_int8.py \
+	  echo "MOEFY_ISA=$$isa"; MOEFY_ISA=$$isa ../venv/bin/python -m pytest -q test_kernels.py test_int8.py test_float16.py \
 	  -p no:cacheprovider || exit 1; done
 
 # The sanitizer job alone (also part of `make test`): the C++ library built with -fsanitize=address,undefined

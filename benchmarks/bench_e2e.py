@@ -97,7 +97,7 @@ def numba_overhead_us(threads: int) -> dict:
 def numba_vs_cpp(rows: list[dict], isa: str | None) -> list[str]:
     """Each Numba row's p50 over the C++ row (on path ``isa``) of the same weights, length and load."""
     def key(r):
-        return r["tokens"], r["background_load"], r["backend"].endswith(" int8")
+        return r["tokens"], r["background_load"], next((w for w in ("int8", "float16") if f" {w}" in r["backend"]), "")
     cpp = {key(r): r["p50_ms"] for r in rows if r["backend"].startswith(f"moefy cpp {isa}")}
     return [f"{r['tokens']} tokens{', loaded' if r['background_load'] else ''} "
             f"{r['backend']}: {r['p50_ms'] / cpp[key(r)]:.2f}x" for r in rows
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     counted = len({c.get("experts") for c in configs}) > 1  # different expert counts (same share) side by side
     auto_choice = None
     for (path, made), cfg in zip(loaded, configs):
-        tag = (" int8" if cfg.get("weights") == "int8" else "") + (f" {cfg.get('experts')} experts" if counted else "")
+        weights = cfg.get("weights", "float32")
+        tag = ("" if weights == "float32" else f" {weights}") + (f" {cfg.get('experts')} experts" if counted else "")
         for b, isa, sess in made:
             name = f"moefy {b}" + (f" {isa}" if isa else "") + tag
             if b == "auto":

@@ -6,6 +6,7 @@ Backends (same experts, same router, one process, timed in rotating blocks: benc
                 sse2, neon; each forced in turn, so every path this CPU runs can be compared in one run)
   moefy numba   the Numba kernels inside ONNX Runtime (runtime.InferenceSession(backend="numba"))
   moefy numba-split  the Numba kernels called from Python on Numba's own threads (backend="numba-split")
+  ... float16   the same with float16 expert weights (moe-export --weights float16)
   ... int8      the same with int8 expert weights and row scales (moe-export --weights int8)
   moefy std     the standard-ONNX export (TopK + masked dense; portable, computes every expert)
   ORT MoE       ONNX Runtime's own com.microsoft::MoE (int8: QMoE) computing the same function: the op's model
@@ -41,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import runtime
 from runtime.session import default_options
+from runtime import spec
 from runtime.single_op import single_op_model
 from timing import (BandwidthProbe, CacheEvictor, background_load, last_level_cache_bytes, machine, p50_p90,
                     stream_bandwidth, time_blocks)
@@ -70,8 +72,8 @@ def touched_share(w: dict, xs: list[np.ndarray], k: int) -> float:
 
 def add_ceilings(rows: list[dict], share: float, expert_bytes: int, from_dram: bool) -> None:
     """Each row's ceiling: the compute bound 1/share, or, when lower, the memory bound: a call that touches
-    the share u of the experts (``expert_bytes`` in float32, a quarter with int8) reads at least that many
-    bytes, at no more than the DRAM bandwidth measured beside it (the row's ``dram_bytes_per_s``). Without
+    the share u of the experts (``expert_bytes`` in float32, half with float16, a quarter with int8) reads at least
+    that many bytes, at no more than the DRAM bandwidth measured beside it (the row's ``dram_bytes_per_s``). Without
     ``from_dram`` the weights come from the cache (no DRAM bound)."""
     for r in rows:
         if r["backend"] == "dense ORT":
@@ -83,7 +85,8 @@ def add_ceilings(rows: list[dict], share: float, expert_bytes: int, from_dram: b
             r["ceiling"] = 1 / share
             continue
         bandwidth = r["dram_bytes_per_s"]
-        floor_us = 1e6 * r["touched_share"] * expert_bytes * (0.25 if "int8" in r["backend"] else 1.0) / bandwidth
+        scale = next((f for w, f in (("int8", 0.25), ("float16", 0.5)) if w in r["backend"]), 1.0)  # of float32's
+        floor_us = 1e6 * r["touched_share"] * expert_bytes * scale / bandwidth
         r["ceiling"] = min(1 / share, dense / floor_us)
 
 
@@ -179,6 +182,9 @@ def run_case(w: dict, k: int, tokens_list, threads: int, args) -> list[dict]:
     x_shape = np.zeros((1, w["W1"].shape[2]), np.float32)  # X is a graph input; only its width matters
     act = activation(w)
     models = {"": single_op_model({"X": x_shape, **w}, top_k=k, activation=act).SerializeToString()}
+    if "float16" in args.weights:
+        half = {n: a.astype(np.float16) if n in spec.SCALES else a for n, a in w.items()}
+        models[" float16"] = single_op_model({"X": x_shape, **half}, top_k=k, activation=act).SerializeToString()
     if "int8" in args.weights:
         models[" int8"] = single_op_model({"X": x_shape, **quantize_experts(w)}, top_k=k,
                                           activation=act).SerializeToString()
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--min-seconds", type=float, default=0.5)
-    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
+    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "float16", "int8"],
                     help="expert weight types to time for the moefy backends (float32 always runs)")
     ap.add_argument("--inputs", type=int, default=8, help="different inputs, taken in turn call by call")
     ap.add_argument("--cold", action="store_true",
@@ -336,7 +342,8 @@ def main(argv=None) -> int:
     cache = ("caches evicted before every call" if args.cold else
              f"warm caches: weights that fit the {last_level_cache_bytes() >> 20} MiB last-level cache stay there")
     md = (f"Op alone vs the dense FFN; {machine()}; {args.inputs} inputs in turn; {cache}. Ceiling: 1/active share, "
-          f"or lower when memory-bound: the expert bytes a call touches (a quarter for int8) read at the DRAM "
+          f"or lower when memory-bound: the expert bytes a call touches (half for float16, a quarter for int8) read at "
+          f"the DRAM "
           f"bandwidth measured beside the kernels in the same timing rotation (DRAM GB/s: a parallel sum over 16x the "
           f"last-level cache; {bw} at the start), for experts that do not fit the last-level cache or with --cold. "
           f"Load: CPU-bound background processes during the timing.\n\n"

@@ -250,9 +250,11 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
             save_moefied(save_moefied_dir, model, tokenizer, moe_cfg, routers)
             log(f"saved the MoEfied model to {save_moefied_dir} (re-export it without re-splitting)")
     moes = build_moes(model, adapter, moe_cfg, routers, target="standard" if target == "standard" else "custom")
-    if recipe.weights == "int8":
-        for m in moes:
+    for m in moes:
+        if recipe.weights == "int8":
             m.quantize_int8()
+        elif recipe.weights == "float16":
+            m.round_float16()
     return Converted(model, tokenizer, adapter, task, moe_cfg, routers, moes, calibration,
                      teacher if teacher is not None else model, recipe)
 

@@ -85,9 +85,10 @@ def normalize_layer(entry, index: int) -> tuple[dict[str, np.ndarray], dict, tup
     attrs = {k: v for k, v in items.items() if k in ATTRIBUTE_NAMES and v is not None}
     if "W1" not in inputs or np.ndim(inputs["W1"]) != 3:
         raise GenaiLayoutError(f"layer {index}: W1 [E, m, d] is required")
-    # Float inputs other than the int8 weights go in as float32, the operator's only float type.
+    # Float inputs go in as float32, the operator's float type, except expert weights of a type it takes (float16).
     for name, a in inputs.items():
-        if a.dtype != np.int8 and a.dtype != np.float32 and np.issubdtype(a.dtype, np.floating):
+        if a.dtype != np.float32 and np.issubdtype(a.dtype, np.floating) and not (
+                name in spec.SCALES and str(a.dtype) in spec.WEIGHT_TYPES):
             inputs[name] = a.astype(np.float32)
     try:
         attrs, _ = spec.check_arrays({**inputs, "X": np.zeros((1, inputs["W1"].shape[-1]), np.float32)}, attrs)

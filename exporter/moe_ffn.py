@@ -123,6 +123,8 @@ class _SparseExpertFFNFunction(torch.autograd.Function):
         if w1_scale is not None:  # int8 experts
             w1, w2 = dequantize_rows(w1, w1_scale), dequantize_rows(w2, w2_scale)
             wg = None if wg is None else dequantize_rows(wg, wg_scale)
+        elif w1.dtype == torch.float16:  # float16 experts: the same values in float32
+            w1, w2, wg = (None if t is None else t.float() for t in (w1, w2, wg))
         return masked_dense(x, w1, b1, w2, b2, router_w, router_b, router_scores, unselected_bias, top_k, activation,
                             min_k, score_threshold, wg, bg)
 
@@ -200,6 +202,7 @@ class MoEFFN(nn.Module):
         self.hidden_log = None  # distillation: a list that collects each call's (input, expert_hidden), detached
         for name in ("w1_q", "w1_scale", "w2_q", "w2_scale", "wg_q", "wg_scale"):  # set by quantize_int8
             self.register_buffer(name, None)
+        self.float16 = False  # set by round_float16: the experts are exported as float16
 
     @classmethod
     def from_dense(cls, ffn: DenseFFN, experts: int, router_w, router_b, unselected_bias=None, **kwargs) -> "MoEFFN":
@@ -235,6 +238,14 @@ class MoEFFN(nn.Module):
                 setattr(self, f"{name}_scale", scale)
                 setattr(self, name, dequantize_rows(q, scale))
 
+    def round_float16(self) -> None:
+        """Experts become float16 (exported as such: half the bytes); eager forward and the standard target use
+        their values in float32, so they still compute exactly what the exported graph does."""
+        for name in ("w1", "w2", "wg"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).half().float())
+        self.float16 = True
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         s = x @ self.router_w.T + self.router_b
         if self.router_mlp is not None:
@@ -243,13 +254,14 @@ class MoEFFN(nn.Module):
         return s
 
     def operator_inputs(self) -> tuple[dict, dict]:
-        """The exported node's constant inputs (spec names -> float32 / int8 NumPy arrays, None if absent;
+        """The exported node's constant inputs (spec names -> float32 / float16 / int8 NumPy arrays, None if absent;
         router_scores is computed from X by the router MLP when there is one, so it is absent here) and its
         attributes: what the SparseExpertFFN node of this FFN holds."""
         f = lambda t: None if t is None else t.detach().numpy().copy()  # noqa: E731
         int8 = self.w1_q is not None
-        inputs = {"W1": f(self.w1_q if int8 else self.w1), "B1": f(self.b1), "W2": f(self.w2_q if int8 else self.w2),
-                  "B2": f(self.b2), "Wg": f(self.wg_q if int8 else self.wg), "Bg": f(self.bg),
+        w = lambda t: None if t is None else f(t.half() if self.float16 else t)  # noqa: E731
+        inputs = {"W1": w(self.w1_q if int8 else self.w1), "B1": f(self.b1), "W2": w(self.w2_q if int8 else self.w2),
+                  "B2": f(self.b2), "Wg": w(self.wg_q if int8 else self.wg), "Bg": f(self.bg),
                   "router_w": f(self.router_w), "router_b": f(self.router_b),
                   "unselected_bias": f(self.unselected_bias), "W1_scale": f(self.w1_scale),
                   "W2_scale": f(self.w2_scale), "Wg_scale": f(self.wg_scale)}
@@ -271,6 +283,8 @@ class MoEFFN(nn.Module):
         exporting = self.target == "custom" and torch.onnx.is_in_onnx_export()
         if exporting and self.w1_q is not None:
             w1, w2, wg = self.w1_q, self.w2_q, self.wg_q
+        elif exporting and self.float16:
+            w1, w2, wg = (None if t is None else t.half() for t in (w1, w2, wg))
         args = (x, w1, self.b1, w2, self.b2, *router, self.unselected_bias, self.top_k, self.activation,
                 self.min_k, self.score_threshold, wg, self.bg)
         if exporting:

@@ -251,6 +251,8 @@ def _rewrite(node: onnx.NodeProto, index: int, inits: dict, names: _Names, *, ex
         y = op("QMoE", inputs, "y_rows", domain=MS_DOMAIN, expert_weight_bits=8, weights_prepacked=0, **moe_attrs)
         used = "QMoE"
     else:
+        if w1.dtype == np.float16:  # MoE's inputs share one float type: the same values in float32
+            notes.add("float16 experts widened to float32 MoE experts (the same values, twice the bytes)")
         w1, w2 = np.asarray(w1, np.float32), np.asarray(w2, np.float32)
         fc1 = _interleave(np.asarray(wg, np.float32), w1) if gated else w1
         fc1_b = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-WEIGHT_TYPES = ("float32", "int8")
+from runtime.spec import WEIGHT_TYPES  # noqa: F401  what --weights accepts: the operator's types
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

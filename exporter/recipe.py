@@ -179,9 +179,10 @@ class Recipe(_Settings):
                 "with a calibrated router (ls, bce): with centroid it hurts (default: from --recipe)", choices=CORRECTIONS,
         show_default=False)
     weights: str = setting(
-        "float32", "element type of the exported expert weights: int8 stores each weight row as int8 with a float "
-                   "scale (a quarter of the bytes; few-token latency is bound by reading them); needs --target "
-                   "custom, or ort-moe with ReLU or SwiGLU experts",
+        "float32", "element type of the exported expert weights (few-token latency is bound by reading them): "
+                   "float16 halves the bytes (each weight rounded to float16, computed in float32); int8 stores each "
+                   "weight row as int8 with a float scale (a quarter of the bytes); both need --target custom, or "
+                   "ort-moe (float16 experts widened to float32 there; int8 with ReLU or SwiGLU experts)",
         choices=WEIGHT_TYPES)
     distill: float | None = setting(
         None, "after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text for at "
@@ -368,9 +369,9 @@ class ExportOptions(_Settings):
     def check(self, recipe: Recipe) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if recipe.weights == "int8" and self.target == "standard":
-            raise ValueError("--weights int8 needs --target custom or ort-moe (standard ONNX ops would compute with "
-                             "float weights)")
+        if recipe.weights != "float32" and self.target == "standard":
+            raise ValueError(f"--weights {recipe.weights} needs --target custom or ort-moe (standard ONNX ops would "
+                             "compute with float32 weights)")
         if self.target == "ort-moe":  # the model's activation is checked once it is loaded
             from .ort_moe import check_config
             check_config(None, dynamic_k=recipe.dynamic_k is not None)

@@ -52,7 +52,8 @@ class _MoESegment:
             if not tensor:
                 continue
             if tensor in constants:
-                self.weights[port.name] = np.ascontiguousarray(constants[tensor])  # int8 weights stay int8
+                a = constants[tensor]  # int8 weights stay int8; float16 ones are widened once, here, not per call
+                self.weights[port.name] = np.ascontiguousarray(a, np.float32 if a.dtype == np.float16 else a.dtype)
             else:
                 self.dynamic[port.name] = tensor
 

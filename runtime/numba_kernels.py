@@ -570,7 +570,10 @@ def _f32(a):
 
 
 def _weights(a):
-    """Expert weights as given (float32 or int8, already checked), C-contiguous."""
+    """Expert weights as given (float32 or int8, already checked), C-contiguous; float16 widened to float32 (the
+    same values: the kernels compute in float32 either way)."""
+    if a.dtype == np.float16:
+        return np.ascontiguousarray(a, np.float32)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 

@@ -23,9 +23,10 @@ lets a model replace a skipped expert by a constant, e.g. its mean output. With 
 score_threshold (-inf) every token gets exactly top_k experts: version 1's operator. Version 2 added
 min_k and score_threshold; runtimes implement versions SINCE_VERSION..VERSION.
 
-Expert weights may be int8 with one float scale per row (weight-only quantization, since reading
-the weights bounds few-token latency): W1, W2 and Wg then all are int8 and each comes with its
-``*_scale`` [E, m], meaning ``W[e, j, :] = W_scale[e, j] * W_int8[e, j, :]``.
+Expert weights may be float16 (their values exactly, widened to float32 to compute: half the bytes),
+or int8 with one float scale per row (weight-only quantization, since reading the weights bounds
+few-token latency): W1, W2 and Wg then all are int8 and each comes with its ``*_scale`` [E, m],
+meaning ``W[e, j, :] = W_scale[e, j] * W_int8[e, j, :]``.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ SINCE_VERSION = 1  # version-1 models (fixed top-k) mean the same under version 
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 EXPERT_WEIGHTINGS = ("ones",)
-WEIGHT_TYPES = ("float32", "int8")  # of the expert weights W1, W2, Wg (one type for all three)
+WEIGHT_TYPES = ("float32", "float16", "int8")  # of the expert weights W1, W2, Wg (one type for all three)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +234,17 @@ def check_version(version: int) -> None:
                         f"{SINCE_VERSION} to {VERSION}" + (": upgrade moefy" if version > VERSION else ""))
 
 
+def one_of(names: Sequence[str]) -> str:
+    """'a', 'a or b', 'a, b or c': how messages list what is accepted."""
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+
+
 def check_types(dtypes: Mapping[str, str | None]) -> None:
     """Element types of the present inputs (name -> NumPy dtype name, None if absent)."""
     for p in INPUTS:
         t = dtypes.get(p.name)
         if t is not None and t not in p.types:
-            raise SpecError(f"{OP_TYPE}: {p.name} must be {' or '.join(p.types)}, got {t}")
+            raise SpecError(f"{OP_TYPE}: {p.name} must be {one_of(p.types)}, got {t}")
     w = dtypes.get("W1")
     for name, scale in SCALES.items():
         t = dtypes.get(name)
@@ -298,7 +304,9 @@ def cpp_header() -> str:
         "enum Input : int { " + ", ".join(f"k{p.name} = {i}" for i, p in enumerate(INPUTS)) + " };",
         "inline constexpr const char* kInputNames[] = {" + ", ".join(q(p.name) for p in INPUTS) + "};",
         "inline constexpr bool kInputOptional[] = {" + ", ".join(str(p.optional).lower() for p in INPUTS) + "};",
-        "inline constexpr bool kInputAcceptsInt8[] = {" + ", ".join(str("int8" in p.types).lower() for p in INPUTS) + "};",
+        "inline constexpr bool kInputIsExpertWeight[] = {" + ", ".join(str(p.types == WEIGHT_TYPES).lower() for p in INPUTS)
+        + "};",
+        f"inline constexpr const char* kWeightTypes = {q(one_of(WEIGHT_TYPES))};",
         "inline constexpr const char* kOutputNames[] = {" + ", ".join(q(p.name) for p in OUTPUTS) + "};",
         "inline constexpr const char* kAttributeNames[] = {" + ", ".join(q(a.name) for a in ATTRIBUTES) + "};",
         "inline constexpr const char* kActivations[] = {" + ", ".join(q(a) for a in ACTIVATIONS) + "};",
@@ -318,7 +326,7 @@ def cpp_header() -> str:
 def markdown_table() -> str:
     """The operator's inputs and attributes as Markdown (README / docs/OPS.md)."""
     rows = ["| # | input | shape | type | optional | meaning |", "|---|---|---|---|---|---|"]
-    rows += [f"| {i} | `{p.name}` | `{p.shape}` | {' or '.join(p.types)} | {'yes' if p.optional else 'no'} | {p.doc} |"
+    rows += [f"| {i} | `{p.name}` | `{p.shape}` | {one_of(p.types)} | {'yes' if p.optional else 'no'} | {p.doc} |"
              for i, p in enumerate(INPUTS)]
     rows += ["", "| attribute | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     rows += [f"| `{a.name}` | {a.type} | {'required' if a.default is None else repr(a.default)} | "

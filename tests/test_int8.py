@@ -48,7 +48,7 @@ def test_int8_weights_fed_at_run_time(backend, rng):
 
 
 BAD_TYPES = [  # (mutation, expected message fragment); ONNX Runtime itself enforces float-only inputs' types
-    (lambda a: a.update(W1=a["W1"].astype(np.float64)), "W1 must be float32 or int8, got float64"),
+    (lambda a: a.update(W1=a["W1"].astype(np.float64)), "W1 must be float32, float16 or int8, got float64"),
     (lambda a: a.pop("W1_scale"), "int8 W1 needs W1_scale (one float scale per row)"),
     (lambda a: a.update(W2=a["W2"].astype(np.float32) * a["W2_scale"][..., None]),
      "W1, W2 and Wg must have one element type, got W1 int8 and W2 float32"),

@@ -89,12 +89,11 @@ inline int32_t key_index(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu
 // for real-valued scores is after a dozen steps or so, not 32. 2-4x faster than nth_element on (score,
 // index) keys plus a sort of the k, whose compares mispredict half the time (96 experts, top-24: 1.5 ->
 // 0.43 us per token on Zen 4; that was 14% of the operator's time at 128 tokens).
-inline uint32_t kth_largest(const uint32_t* u, int64_t n, int64_t k) {
+inline uint32_t kth_largest(const IsaKernels& isa, const uint32_t* u, int64_t n, int64_t k) {
   uint32_t t = 0;
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t candidate = t | (uint32_t{1} << bit);
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; ++i) count += u[i] >= candidate;
+    const int64_t count = isa.count_at_least(u, n, candidate);
     if (count >= k) t = candidate;
     if (count == k) break;
   }
@@ -186,10 +185,9 @@ void select_range(const SparseFFNProblem& p, const PackedWeights& pk, const Pack
     uint32_t* u = ts.order.data();
     for (int64_t r = 0; r < n; ++r) {
       const float* row = s + r * ld;
-      for (int64_t e = 0; e < E; ++e) u[e] = order_key(row[e]);
-      const uint32_t kth = kth_largest(u, E, k);
-      int64_t ties = k;
-      for (int64_t e = 0; e < E; ++e) ties -= u[e] > kth;
+      pk.isa->order_keys(row, E, u);
+      const uint32_t kth = kth_largest(*pk.isa, u, E, k);
+      int64_t ties = k - (kth == 0xFFFFFFFFu ? 0 : pk.isa->count_at_least(u, E, kth + 1));  // k minus those above
       int32_t* out = selected + (t0 + r) * k;
       int32_t* picked = ts.picked.data();  // E + 1 slots: every index is written, the chosen ones kept
       int64_t j = 0;
@@ -225,10 +223,27 @@ PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa) {
   v.dot = p.m <= isa.dot_max_m;
   v.prefetch_few = cpu_is_amd() ? isa.prefetch_few_amd : isa.prefetch_few;
   pk.weight_type = p.weight_type;
-  if (p.weight_type == WeightType::kInt8)
+  if (p.weight_type == WeightType::kInt8) {
     pack_experts<int8_t>(p, v, pk.experts_q);
-  else
+  } else if (p.weight_type == WeightType::kFloat16 && isa.half_loads) {
+    pack_experts<Half>(p, v, pk.experts_h);
+  } else if (p.weight_type == WeightType::kFloat16) {
+    // A path that cannot widen float16 as it loads (SSE, generic) packs float32 panels of the same values.
+    const std::size_t n = static_cast<std::size_t>(E * p.m * d);
+    auto widen = [n](const void* w) {
+      std::vector<float> f(n);
+      for (std::size_t i = 0; i < n; ++i) f[i] = half_to_float(static_cast<const Half*>(w)[i]);
+      return f;
+    };
+    std::vector<float> w1 = widen(p.w1), wg = p.wg ? widen(p.wg) : std::vector<float>{};
+    pk.widened_w2 = widen(p.w2);
+    SparseFFNProblem wide = p;
+    wide.weight_type = pk.weight_type = WeightType::kFloat32;
+    wide.w1 = w1.data(), wide.w2 = pk.widened_w2.data(), wide.wg = p.wg ? wg.data() : nullptr;
+    pack_experts<float>(wide, v, pk.experts_f);
+  } else {
     pack_experts<float>(p, v, pk.experts_f);
+  }
   // Router: router_w [E, d] as panels over experts (columns), rows over d.
   if (p.router_w) {
     v.ep = (E + L - 1) / L * L;
@@ -256,7 +271,12 @@ void sparse_ffn(const SparseFFNProblem& p, const IsaKernels& isa, const Parallel
 // Expert blocks of at least this many tokens are scheduled first, heaviest first (sparse_ffn).
 constexpr int64_t kLargeBlock = kTokenBlock / 2;
 
-void sparse_ffn(const SparseFFNProblem& p, const PackedWeights& pk, const ParallelFor& pfor, std::size_t workers) {
+void sparse_ffn(const SparseFFNProblem& given, const PackedWeights& pk, const ParallelFor& pfor,
+                std::size_t workers) {
+  // The hot loops read the packed weights' type (and W2's left-out columns from its widened copy, if any).
+  SparseFFNProblem p = given;
+  p.weight_type = pk.weight_type;
+  if (!pk.widened_w2.empty()) p.w2 = pk.widened_w2.data();
   const int64_t T = p.tokens, d = p.d, E = p.experts, k = p.top_k;
   if (T == 0 || d == 0) return;  // Y is empty (and memcpy below must not be handed null pointers)
   const IsaKernels& isa = *pk.isa;

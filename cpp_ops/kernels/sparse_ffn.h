@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <string>
@@ -26,7 +27,28 @@ namespace moefy {
 enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
 // Element type of the expert weights W1, W2, Wg (one for all three). int8 rows carry a float scale each.
-enum class WeightType : int { kFloat32 = 0, kInt8 = 1 };
+enum class WeightType : int { kFloat32 = 0, kInt8 = 1, kFloat16 = 2 };
+
+// An IEEE binary16 number as stored (its bits): float16 experts are half the bytes of float32 ones, and the
+// float32 they widen to is exact, so they compute the same sums as the float32 weights of those values.
+enum class Half : uint16_t {};
+
+inline float half_to_float(Half h) {
+  const uint32_t x = static_cast<uint16_t>(h), sign = (x & 0x8000u) << 16, exp = (x >> 10) & 0x1fu, man = x & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | man << 13;  // inf, NaN
+  } else if (exp) {
+    bits = sign | (exp + 112) << 23 | man << 13;  // rebias 15 -> 127
+  } else {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal (or zero): man * 2^-24, exact
+    std::memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 struct SparseFFNProblem {
   int64_t tokens = 0, d = 0, experts = 0, m = 0, top_k = 0;
@@ -35,7 +57,7 @@ struct SparseFFNProblem {
   float score_threshold = -std::numeric_limits<float>::infinity();
   WeightType weight_type = WeightType::kFloat32;
   const float* x = nullptr;               // [T, d]
-  const void* w1 = nullptr;               // [E, m, d] of weight_type
+  const void* w1 = nullptr;               // [E, m, d] of weight_type (float, int8_t or Half)
   const float* b1 = nullptr;              // [E, m] or null
   const void* w2 = nullptr;               // [E, m, d] of weight_type
   const float* b2 = nullptr;              // [d] or null
@@ -159,6 +181,9 @@ struct IsaKernels {
   // How far ahead (bytes) blocks of fewer than 16 tokens prefetch the packed stream on the panel path (0: left to
   // the hardware prefetcher), on Intel and other CPUs, and on AMD ones (cpu_is_amd): the CPUs differ.
   int64_t prefetch_few, prefetch_few_amd;
+  // Whether float16 panels are widened as they are loaded (F16C, AVX-512, NEON); without it, packing widens
+  // float16 experts to float32 once (the same numbers at twice the bytes).
+  bool half_loads;
   // out[tokens[r]] += expert e's output for token tokens[r] (minus its unselected_bias), r < n <= kTokenBlock.
   // next_e: the expert of the block scheduled next (or -1), whose weights the narrow path prefetches.
   void (*expert_block)(const SparseFFNProblem& p, const PackedView& pk, int64_t e, const int32_t* tokens,
@@ -166,6 +191,10 @@ struct IsaKernels {
   // scores[r * ld + e] = router_w[e] . x[t0 + r] + router_b[e], r < n <= kTokenBlock, on the packed router.
   void (*router_scores)(const SparseFFNProblem& p, const PackedView& pk, int64_t t0, int64_t n, float* scores,
                         const BlockScratch& s);
+  // Top-k's two loops over a token's scores, vectorised: u[e] = the order key of row[e] (driver.cc: order_key),
+  // and how many of u[0, n) are >= t.
+  void (*order_keys)(const float* row, int64_t n, uint32_t* u);
+  int64_t (*count_at_least)(const uint32_t* u, int64_t n, uint32_t t);
   void (*activate)(Activation a, float* v, int64_t n);  // in place
   void (*add)(float* y, const float* x, int64_t n);    // y += x
 };
@@ -191,7 +220,8 @@ std::string describe_isas();
 struct PackedWeights {
   const IsaKernels* isa = nullptr;
   PackedView view;
-  WeightType weight_type = WeightType::kFloat32;
+  WeightType weight_type = WeightType::kFloat32;  // of the panels: float16 experts widened at packing are kFloat32
+  std::vector<float> widened_w2;  // float16 W2 widened (then only), for the columns the panels leave out
   // B2 + sum_e U[e]: the output every token starts from, precomputed when B2 / U were given at packing
   // (initializers); used when the call passes the same pointers.
   std::vector<float> base;
@@ -199,6 +229,7 @@ struct PackedWeights {
   bool has_base = false;
   HugeVector<float> routerp_storage, experts_f;
   HugeVector<int8_t> experts_q;
+  HugeVector<Half> experts_h;
 };
 // Reads p.w1, p.wg, p.w2, p.router_w, p.b2, p.unselected_bias, E, m, d.
 PackedWeights pack_weights(const SparseFFNProblem& p, const IsaKernels& isa);

@@ -45,6 +45,16 @@ std::string type_name(ONNXTensorElementDataType t) {
   }
 }
 
+// The kernels' name for an expert weights' element type; false for a type the operator does not take.
+bool weight_type(ONNXTensorElementDataType t, WeightType* out) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: *out = WeightType::kFloat32; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: *out = WeightType::kFloat16; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: *out = WeightType::kInt8; return true;
+    default: return false;
+  }
+}
+
 // ONNX Runtime's intra-op thread pool, as the kernels' ParallelFor.
 class OrtPool final : public ParallelFor {
  public:
@@ -84,11 +94,11 @@ Kernel::Kernel(const OrtKernelInfo* info, const IsaKernels* isa)
       auto info = v.GetTensorTypeAndShapeInfo();
       return info.GetShape() == s && info.GetElementType() == type;
     };
-    const bool known = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-    if (s.size() == 3 && known && same(w2) && (!gated || same(wg))) {
+    WeightType wt;
+    if (s.size() == 3 && weight_type(type, &wt) && same(w2) && (!gated || same(wg))) {
       SparseFFNProblem p;
       p.experts = s[0], p.m = s[1], p.d = s[2];
-      p.weight_type = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? WeightType::kInt8 : WeightType::kFloat32;
+      p.weight_type = wt;
       p.w1 = w1.GetTensorRawData(), p.w2 = w2.GetTensorRawData();
       p.wg = gated ? wg.GetTensorRawData() : nullptr;
       Ort::ConstValue rw = constant(spec::krouter_w);
@@ -141,9 +151,10 @@ void Kernel::Compute(OrtKernelContext* context) {
   }
   // Element types, with runtime/spec.py:check_types's rules and words (before any data is read).
   constexpr auto kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kInt8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  WeightType wt = WeightType::kFloat32;
   for (size_t i = 0; i < spec::kNumInputs; ++i)
-    if (present[i] && types[i] != kFloat && !(spec::kInputAcceptsInt8[i] && types[i] == kInt8))
-      fail(std::string(spec::kInputNames[i]) + " must be float32" + (spec::kInputAcceptsInt8[i] ? " or int8" : "") +
+    if (present[i] && types[i] != kFloat && !(spec::kInputIsExpertWeight[i] && weight_type(types[i], &wt)))
+      fail(std::string(spec::kInputNames[i]) + " must be " + (spec::kInputIsExpertWeight[i] ? spec::kWeightTypes : "float32") +
            ", got " + type_name(types[i]));
   const std::pair<int, int> scaled[] = {{spec::kW1, spec::kW1_scale}, {spec::kW2, spec::kW2_scale},
                                         {spec::kWg, spec::kWg_scale}};
@@ -194,7 +205,7 @@ void Kernel::Compute(OrtKernelContext* context) {
   SparseFFNProblem p;
   p.tokens = tokens, p.d = d, p.experts = E, p.m = m, p.top_k = attrs_.top_k;
   p.min_k = attrs_.min_k, p.score_threshold = attrs_.score_threshold;
-  p.weight_type = types[spec::kW1] == kInt8 ? WeightType::kInt8 : WeightType::kFloat32;
+  weight_type(types[spec::kW1], &p.weight_type);
   p.x = data(spec::kX), p.w1 = raw[spec::kW1], p.b1 = data(spec::kB1), p.w2 = raw[spec::kW2];
   p.b2 = data(spec::kB2), p.router_w = data(spec::krouter_w), p.router_b = data(spec::krouter_b);
   p.router_scores = data(spec::krouter_scores), p.wg = raw[spec::kWg], p.bg = data(spec::kBg);
@@ -204,7 +215,24 @@ void Kernel::Compute(OrtKernelContext* context) {
   p.y = out.GetTensorMutableData<float>();
 
   const OrtPool ort_pool(ctx);
-  if (!isa_)
+  if (!isa_ && p.weight_type == WeightType::kFloat16) {
+    // The Numba kernels take float32 or int8: float16 experts are widened per call (exact; half the bytes saved
+    // only on the C++ kernels).
+    thread_local std::vector<float> wide[3];
+    const void* given[spec::kNumInputs];
+    std::copy(raw, raw + spec::kNumInputs, given);
+    const size_t n = static_cast<size_t>(E * m * d);
+    int slot = 0;
+    for (int i : {spec::kW1, spec::kW2, spec::kWg}) {
+      if (!present[i]) continue;
+      std::vector<float>& f = wide[slot++];
+      f.resize(n);
+      for (size_t j = 0; j < n; ++j) f[j] = half_to_float(static_cast<const Half*>(raw[i])[j]);
+      given[i] = f.data();
+    }
+    p.weight_type = WeightType::kFloat32;
+    numba_host::run(p, given, ort_pool, workers_);
+  } else if (!isa_)
     numba_host::run(p, raw, ort_pool, workers_);
   else if (packed_ && packed_shape_ == w1 && packed_type_ == p.weight_type)
     sparse_ffn(p, *packed_, ort_pool, workers_);

@@ -49,9 +49,9 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   const char* GetName() const { return spec::kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return spec::kNumInputs; }
-  // Expert weights may be float or int8 (UNDEFINED: ORT accepts any type; Compute checks it).
+  // Expert weights may be float32, float16 or int8 (UNDEFINED: ORT accepts any type; Compute checks it).
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return spec::kInputAcceptsInt8[i] ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return spec::kInputIsExpertWeight[i] ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const;
   size_t GetOutputTypeCount() const { return spec::kNumOutputs; }

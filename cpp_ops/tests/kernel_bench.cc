@@ -1,6 +1,6 @@
 // Times the kernel core alone, one thread, no ONNX Runtime or Python in the process: the harness to profile
 // the hot loops under `perf record` (built with MOEFY_KERNEL_CHECK=ON, beside kernel_check).
-//   kernel_bench ISA EXPERTS M D TOKENS TOP_K [SECONDS] [gated] [int8]
+//   kernel_bench ISA EXPERTS M D TOKENS TOP_K [SECONDS] [gated] [int8|f16]
 // Random weights and inputs (8 inputs taken in turn, so the chosen experts change call to call); prints the
 // median and minimum microseconds per call.
 #include <algorithm>
@@ -18,7 +18,7 @@
 
 int main(int argc, char** argv) {
   if (argc < 7) {
-    std::fprintf(stderr, "usage: %s ISA EXPERTS M D TOKENS TOP_K [SECONDS] [gated] [int8]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s ISA EXPERTS M D TOKENS TOP_K [SECONDS] [gated] [int8|f16]\n", argv[0]);
     return 2;
   }
   const moefy::IsaChoice isa = moefy::choose_isa(argv[1]);
@@ -33,13 +33,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "need EXPERTS, M, D, TOKENS >= 1, 1 <= TOP_K <= EXPERTS and SECONDS > 0\n");
     return 2;
   }
-  bool gated = false, int8 = false;
-  for (int i = 8; i < argc; ++i) gated |= !std::strcmp(argv[i], "gated"), int8 |= !std::strcmp(argv[i], "int8");
+  bool gated = false, int8 = false, half = false;
+  for (int i = 8; i < argc; ++i)
+    gated |= !std::strcmp(argv[i], "gated"), int8 |= !std::strcmp(argv[i], "int8"), half |= !std::strcmp(argv[i], "f16");
   moefy_test::Rng rng{42};
   const float s1 = 1.f / std::sqrt(static_cast<float>(d)), s2 = 1.f / std::sqrt(static_cast<float>(E * m));
   std::vector<float> w1 = rng.vec(E * m * d, s1), w2 = rng.vec(E * m * d, s2), wg = rng.vec(E * m * d, s1),
                      b1 = rng.vec(E * m, 0.1f), b2 = rng.vec(d, 0.1f), rw = rng.vec(E * d, s1), y(T * d);
   std::vector<int8_t> q1(E * m * d), q2(E * m * d), qg(E * m * d);
+  std::vector<moefy::Half> h1(E * m * d), h2(E * m * d), hg(E * m * d);
   std::vector<float> sc1(E * m), sc2(E * m), scg(E * m);
   auto quantize = [&](const std::vector<float>& w, std::vector<int8_t>& q, std::vector<float>& sc) {
     for (int64_t r = 0; r < E * m; ++r) {
@@ -60,6 +62,13 @@ int main(int argc, char** argv) {
     p.weight_type = moefy::WeightType::kInt8;
     p.w1 = q1.data(), p.w2 = q2.data(), p.w1_scale = sc1.data(), p.w2_scale = sc2.data();
     if (gated) p.wg = qg.data(), p.wg_scale = scg.data();
+  } else if (half) {
+    for (int64_t i = 0; i < E * m * d; ++i)
+      h1[i] = moefy::Half(moefy_test::float_to_half(w1[i])), h2[i] = moefy::Half(moefy_test::float_to_half(w2[i])),
+      hg[i] = moefy::Half(moefy_test::float_to_half(wg[i]));
+    p.weight_type = moefy::WeightType::kFloat16;
+    p.w1 = h1.data(), p.w2 = h2.data();
+    if (gated) p.wg = hg.data();
   } else {
     p.w1 = w1.data(), p.w2 = w2.data();
     if (gated) p.wg = wg.data();
@@ -79,6 +88,6 @@ int main(int argc, char** argv) {
   std::sort(us.begin(), us.end());
   std::printf("%s E=%ld m=%ld d=%ld T=%ld k=%ld%s%s: median %.1f us, min %.1f us, %zu calls\n", argv[1],
               static_cast<long>(E), static_cast<long>(m), static_cast<long>(d), static_cast<long>(T),
-              static_cast<long>(k), gated ? " gated" : "", int8 ? " int8" : "", us[us.size() / 2], us[0], us.size());
+              static_cast<long>(k), gated ? " gated" : "", int8 ? " int8" : half ? " f16" : "", us[us.size() / 2], us[0], us.size());
   return 0;
 }

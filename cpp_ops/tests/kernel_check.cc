@@ -52,7 +52,7 @@ struct Case {
   int64_t T, d, E, m, k, min_k = 1;
   float threshold = -std::numeric_limits<float>::infinity();
   Activation a = Activation::kGelu;
-  bool gated = false, int8 = false, scores_given = false, unselected = false;
+  bool gated = false, int8 = false, scores_given = false, unselected = false, half = false;
 };
 
 // Row-scaled int8 copy of w ([rows, d]): q and one scale per row.
@@ -80,15 +80,26 @@ bool run(const Case& c, uint64_t seed, const moefy::IsaKernels& isa) {
     for (int64_t i = 0; i < E * m * d; ++i)
       w1[i] = w1q[i] * s1[i / d], w2[i] = w2q[i] * s2[i / d], wg[i] = wgq[i] * sg[i / d];
   }
+  std::vector<moefy::Half> w1h, w2h, wgh;
+  if (c.half) {  // the reference then uses the float16 values (exact in float32)
+    auto to_half = [](std::vector<float>& w, std::vector<moefy::Half>& h) {
+      h.resize(w.size());
+      for (std::size_t i = 0; i < w.size(); ++i)
+        h[i] = moefy::Half(moefy_test::float_to_half(w[i])), w[i] = moefy::half_to_float(h[i]);
+    };
+    to_half(w1, w1h), to_half(w2, w2h), to_half(wg, wgh);
+  }
+  auto weights = [&](const std::vector<float>& f, const std::vector<int8_t>& q, const std::vector<moefy::Half>& h) {
+    return c.int8 ? static_cast<const void*>(q.data()) : c.half ? static_cast<const void*>(h.data()) : f.data();
+  };
   SparseFFNProblem p;
   p.tokens = T, p.d = d, p.experts = E, p.m = m, p.top_k = k, p.min_k = c.min_k, p.score_threshold = c.threshold;
-  p.weight_type = c.int8 ? WeightType::kInt8 : WeightType::kFloat32;
+  p.weight_type = c.int8 ? WeightType::kInt8 : c.half ? WeightType::kFloat16 : WeightType::kFloat32;
   p.x = x.data(), p.b1 = b1.data(), p.b2 = b2.data(), p.activation = c.a;
-  p.w1 = c.int8 ? static_cast<const void*>(w1q.data()) : w1.data();
-  p.w2 = c.int8 ? static_cast<const void*>(w2q.data()) : w2.data();
+  p.w1 = weights(w1, w1q, w1h), p.w2 = weights(w2, w2q, w2h);
   if (c.int8) p.w1_scale = s1.data(), p.w2_scale = s2.data();
   if (c.gated) {
-    p.wg = c.int8 ? static_cast<const void*>(wgq.data()) : wg.data(), p.bg = bg.data();
+    p.wg = weights(wg, wgq, wgh), p.bg = bg.data();
     if (c.int8) p.wg_scale = sg.data();
   }
   if (c.scores_given) p.router_scores = rs.data();
@@ -146,9 +157,9 @@ bool run(const Case& c, uint64_t seed, const moefy::IsaKernels& isa) {
   }
   const bool ok = worst <= 2e-5 * scale + 1e-6 && (skipped < T || T == 0) && allocated == 0;
   if (!ok)
-    std::printf("FAIL %s T=%lld d=%lld E=%lld m=%lld k=%lld min_k=%lld act=%d gated=%d int8=%d: max err %.3g (scale %.3g, "
+    std::printf("FAIL %s T=%lld d=%lld E=%lld m=%lld k=%lld min_k=%lld act=%d gated=%d int8=%d half=%d: max err %.3g (scale %.3g, "
                 "%d tokens skipped, %ld allocations in a repeated call)\n", isa.name, (long long)T, (long long)d, (long long)E, (long long)m, (long long)k,
-                (long long)c.min_k, int(c.a), c.gated, c.int8, worst, scale, skipped, allocated);
+                (long long)c.min_k, int(c.a), c.gated, c.int8, c.half, worst, scale, skipped, allocated);
   return ok;
 }
 
@@ -178,6 +189,13 @@ int main(int argc, char** argv) {
   cases.push_back({70, 384, 128, 12, 28, 1, -INFINITY, Activation::kGelu, false, true, false, true});  // int8
   cases.push_back({9, 576, 64, 24, 16, 1, -INFINITY, Activation::kSilu, true, false});
   cases.push_back({1, 576, 64, 24, 16, 1, -INFINITY, Activation::kSilu, true, true});
+  // float16 experts: plain and gated, wide and narrow, one token, d tails (33: columns no panel covers).
+  for (bool gated : {false, true}) {
+    cases.push_back({70, 384, 32, 48, 8, 1, -INFINITY, Activation::kGelu, gated, false, false, true, true});
+    cases.push_back({70, 384, 256, 6, 64, 1, -INFINITY, Activation::kGelu, gated, false, false, true, true});
+    cases.push_back({1, 576, 64, 24, 16, 1, -INFINITY, Activation::kSilu, gated, false, false, false, true});
+    cases.push_back({13, 33, 12, 11, 5, 1, -INFINITY, Activation::kGelu, gated, false, false, true, true});
+  }
   for (int64_t d : {33, 44})
     for (bool gated : {false, true}) cases.push_back({13, d, 12, 11, 5, 1, -INFINITY, Activation::kGelu, gated, d == 44});
   std::vector<const moefy::IsaKernels*> paths;
