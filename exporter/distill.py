@@ -151,18 +151,22 @@ def _moe_tensors(moe: MoEFFN) -> list[torch.Tensor]:
     return _expert_tensors(moe) + _router_tensors(moe)
 
 
-def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = None, tokens: int | None = None
-                      ) -> torch.Tensor:
+def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = None, tokens: int | None = None,
+                      real: torch.Tensor | None = None) -> torch.Tensor:
     """Logistic loss of the router's scores on the FFN's own inputs ``x`` against its current oracle set:
     the top_k experts whose output deviates most from what the op adds when they are skipped (their
     unselected_bias, else their mean output). Gradients reach the router only (inputs and targets detached):
     it follows the drifting inputs and experts without the straight-through path through the task loss.
     ``h``: the experts' activations on ``x`` (:func:`expert_hidden`), when the forward pass computed them;
-    ``tokens``: fitted on a random sample of at most that many of them."""
+    ``tokens``: fitted on a random sample of at most that many of them; ``real``: x's real tokens (a bool mask of
+    its leading shape, e.g. the batch's attention mask), the only ones sampled (padding is not routed in use)."""
     with torch.no_grad():
         x = x.detach().reshape(-1, moe.w1.shape[2])
         if h is not None:
             h = h.reshape(len(x), -1)
+        if real is not None:
+            keep = real.reshape(-1).bool()
+            x, h = x[keep], None if h is None else h[keep]
         if tokens is not None and len(x) > tokens:  # a random sample: an unbiased estimate of the mean loss
             rows = torch.randperm(len(x))[:tokens]
             x, h = x[rows], None if h is None else h[rows]
@@ -447,7 +451,8 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
             out = _forward(student, b)
         loss, _ = _loss(out, b["attention_mask"], target)
         for moe in refit:
-            loss = loss + sum(router_refit_loss(moe, x, h, E2E_ROUTER_TOKENS) for x, h in moe.hidden_log)
+            loss = loss + sum(router_refit_loss(moe, x, h, E2E_ROUTER_TOKENS, b["attention_mask"])
+                              for x, h in moe.hidden_log)
             moe.hidden_log = None
         now = time.monotonic()
         if step == E2E_WARMUP:

@@ -407,7 +407,8 @@ def test_router_refit_learns_its_own_oracle(tokens):
 @pytest.mark.parametrize("bias", [False, True])
 def test_expert_deviations_through_the_gram_matrices_match_the_outputs(gated, bias):
     """The router refit's labels, ||h_e W2_e - s_e|| computed through W2_e W2_e^T, equal the per-expert outputs'
-    (s_e: unselected_bias, else the mean output), and reusing the forward's activations changes nothing."""
+    (s_e: unselected_bias, else the mean output), and reusing the forward's activations changes nothing; a
+    sample of the tokens, or a batch's real tokens, give the loss on those rows."""
     from exporter.distill import expert_deviations, router_refit_loss
     from exporter.moe_ffn import MoEFFN, expert_hidden
     g = torch.Generator().manual_seed(1)
@@ -426,6 +427,9 @@ def test_expert_deviations_through_the_gram_matrices_match_the_outputs(gated, bi
     rows = torch.randperm(len(x))[:9]
     torch.manual_seed(3)  # a sample of the tokens: the loss on those rows
     torch.testing.assert_close(router_refit_loss(moe, x, h, tokens=9), router_refit_loss(moe, x[rows], h[rows]))
+    real = torch.arange(10) < torch.tensor([[10], [3], [7], [1]])  # a padded batch's attention mask, [4 texts, 10]
+    xb, hb = x.reshape(4, 10, d), h.reshape(4, 10, -1)  # padding rows are never routed in use: left out
+    torch.testing.assert_close(router_refit_loss(moe, xb, hb, real=real), router_refit_loss(moe, xb[real], hb[real]))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
