@@ -59,7 +59,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     return d
 
 
-def contiguous_experts(model_dir: Path, *, top_k: int, seed: int = 0, int8: bool = False) -> list[dict]:
+def contiguous_experts(model_dir: Path, *, top_k: int, seed: int = 0, weights: str = "float32") -> list[dict]:
     """Each layer's SwiGLU FFN as EXPERTS contiguous blocks of neurons, with a random router."""
     from safetensors.numpy import load_file
     sd = load_file(model_dir / "model.safetensors")
@@ -71,7 +71,9 @@ def contiguous_experts(model_dir: Path, *, top_k: int, seed: int = 0, int8: bool
         E, d = EXPERTS, up.shape[1]
         layer = {"W1": up.reshape(E, -1, d), "Wg": gate.reshape(E, -1, d), "W2": down.T.reshape(E, -1, d).copy(),
                  "router_w": rng.standard_normal((E, d)).astype(np.float32), "top_k": top_k, "activation": "silu"}
-        if int8:
+        if weights == "float16":
+            layer.update({n: layer[n].astype(np.float16) for n in spec.SCALES})
+        if weights == "int8":
             from exporter.quantize import quantize_experts
             layer = {**quantize_experts({k: v for k, v in layer.items() if isinstance(v, np.ndarray)}),
                      "top_k": top_k, "activation": "silu"}
@@ -140,9 +142,9 @@ def test_all_experts_match_the_builders_dense_model(tiny_llama, dense, tmp_path)
     assert max_rel(logits, dense_logits) < 1e-4
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32-experts", "int8-experts"])
-def test_top_k_matches_the_reference_forward(tiny_llama, tmp_path, int8):
-    layers = contiguous_experts(tiny_llama, top_k=2, int8=int8)
+@pytest.mark.parametrize("weights", ["float32", "float16", "int8"])
+def test_top_k_matches_the_reference_forward(tiny_llama, tmp_path, weights):
+    layers = contiguous_experts(tiny_llama, top_k=2, weights=weights)
     out = export_genai(tiny_llama, layers, tmp_path / "moe", progress=False)
     import onnx
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph

@@ -598,42 +598,42 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
                     float* out, const BlockScratch& s, int64_t next_e) {
   // Narrow experts prefetch the next block's expert, each place of it as they read the same place of their own.
   const int64_t ahead = pk.dot && next_e >= 0 ? (next_e - e) * pk.expert_stride : 0;
-  const int64_t d = p.d, m = p.m, mp = pk.mp;
+  // hs: the stride of h's rows. The panel form writes mp (m padded to whole vectors) columns a token; dot products
+  // write m, so the activation does not run over padding (256 experts of 6: 16 values a token on the AVX-512 path).
+  const int64_t d = p.d, m = p.m, mp = pk.mp, hs = pk.dot ? m : mp;
   for (int64_t r = 0; r < n; ++r) {
     s.a[r] = p.x + tokens[r] * d;
     s.out[r] = out + tokens[r] * d;
   }
-  // h = scale * (W x) + bias (scale: int8 row scales, else none); rows of h are mp apart.
+  // h = scale * (W x) + bias (scale: int8 row scales, else none); rows of h are hs apart.
   auto first_layer = [&](const void* packed, const float* scale, const float* bias, float* h) {
-    for (int64_t r = 0; r < n; ++r) s.h[r] = h + r * mp;
+    for (int64_t r = 0; r < n; ++r) s.h[r] = h + r * hs;
     const Wt* w = static_cast<const Wt*>(packed) + e * pk.expert_stride;
     if (pk.dot) {
       dot_layer<kDotTB>(s.a, n, d, m, w, s.h, ahead ? w + ahead : nullptr);
-      for (int64_t r = 0; r < n; ++r)  // the padding neurons the panel form leaves at 0
-        for (int64_t j = m; j < mp; ++j) h[r * mp + j] = 0.f;
     } else {
       apply_panels(s.a, n, d, w, mp, s.h, false, s.shifted, pk.prefetch_few);
     }
     if (scale)
       for (int64_t r = 0; r < n; ++r)
-        for (int64_t j = 0; j < m; ++j) h[r * mp + j] *= scale[e * m + j];
+        for (int64_t j = 0; j < m; ++j) h[r * hs + j] *= scale[e * m + j];
     if (bias)
       for (int64_t r = 0; r < n; ++r)
-        for (int64_t j = 0; j < m; ++j) h[r * mp + j] += bias[e * m + j];
+        for (int64_t j = 0; j < m; ++j) h[r * hs + j] += bias[e * m + j];
   };
   first_layer(pk.w1p, p.w1_scale, p.b1, s.up);
   if (p.wg) {
     first_layer(pk.wgp, p.wg_scale, p.bg, s.gate);
-    gate_multiply(p.activation, s.gate, s.up, n * mp);  // padding neurons: act(0) * 0 = 0
+    gate_multiply(p.activation, s.gate, s.up, n * hs);  // panel padding neurons: act(0) * 0 = 0
   } else {
-    activate(p.activation, s.up, n * mp);  // padding neurons stay act(0) = 0
+    activate(p.activation, s.up, n * hs);  // panel padding neurons stay act(0) = 0
   }
   // Second layer: W2's row scales fold into h; packed panels over the first dl output columns, plain
   // rows for the (< L) rest.
   if (p.w2_scale)
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < m; ++j) s.up[r * mp + j] *= p.w2_scale[e * m + j];
-  for (int64_t r = 0; r < n; ++r) s.a[r] = s.up + r * mp;
+      for (int64_t j = 0; j < m; ++j) s.up[r * hs + j] *= p.w2_scale[e * m + j];
+  for (int64_t r = 0; r < n; ++r) s.a[r] = s.up + r * hs;
   // The expert's unselected bias U[e] (already in the output's base) comes off as the tiles are loaded.
   const float* u = p.unselected_bias ? p.unselected_bias + e * d : nullptr;
   const Wt* w2 = static_cast<const Wt*>(pk.w2p) + e * pk.expert_stride;
@@ -648,7 +648,7 @@ void expert_block_t(const SparseFFNProblem& p, const PackedView& pk, int64_t e, 
     for (int64_t r = 0; r < n; ++r)
       for (int64_t i = pk.dl; i < d; ++i) {
         float acc = s.out[r][i] - (u ? u[i] : 0.f);
-        for (int64_t j = 0; j < m; ++j) acc += s.up[r * mp + j] * widen(w2[j * d + i]);
+        for (int64_t j = 0; j < m; ++j) acc += s.up[r * hs + j] * widen(w2[j * d + i]);
         s.out[r][i] = acc;
       }
   }
