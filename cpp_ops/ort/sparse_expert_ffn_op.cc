@@ -55,6 +55,11 @@ bool weight_type(ONNXTensorElementDataType t, WeightType* out) {
   }
 }
 
+void widen_half(const void* src, size_t n, std::vector<float>& dst) {
+  dst.resize(n);
+  for (size_t j = 0; j < n; ++j) dst[j] = half_to_float(static_cast<const Half*>(src)[j]);
+}
+
 // ONNX Runtime's intra-op thread pool, as the kernels' ParallelFor.
 class OrtPool final : public ParallelFor {
  public:
@@ -75,7 +80,6 @@ Kernel::Kernel(const OrtKernelInfo* info, const IsaKernels* isa)
   attrs_ = read_attributes(info);  // types as the spec declares them (attributes.cc)
 
   // Prepack once when the expert weights are constant initializers; otherwise pack per call.
-  if (!isa_) return;  // the Numba kernels read the weights as given
   Ort::ConstKernelInfo ki(info);
   auto constant = [&](size_t i) -> Ort::ConstValue {
     int is_constant = 0;
@@ -86,6 +90,17 @@ Kernel::Kernel(const OrtKernelInfo* info, const IsaKernels* isa)
   Ort::ConstValue w1 = constant(spec::kW1), w2 = constant(spec::kW2);
   const bool gated = ki.GetInputCount() > spec::kWg && !ki.GetInputName(spec::kWg).empty();
   Ort::ConstValue wg = gated ? constant(spec::kWg) : Ort::ConstValue{nullptr};
+  if (!isa_) {  // the Numba kernels read the weights as given, except float16 ones (widened once, here)
+    int slot = 0;
+    for (const Ort::ConstValue* v : {&w1, &w2, &wg}) {
+      if (*v != nullptr && v->GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+        widened_from_[slot] = v->GetTensorRawData();
+        widen_half(widened_from_[slot], v->GetTensorTypeAndShapeInfo().GetElementCount(), widened_[slot]);
+      }
+      ++slot;
+    }
+    return;
+  }
   if (w1 != nullptr && w2 != nullptr && (!gated || wg != nullptr)) {
     Shape s = w1.GetTensorTypeAndShapeInfo().GetShape();
     // Mis-shaped weights are left unpacked: Compute reports them with the spec's message.
@@ -216,19 +231,18 @@ void Kernel::Compute(OrtKernelContext* context) {
 
   const OrtPool ort_pool(ctx);
   if (!isa_ && p.weight_type == WeightType::kFloat16) {
-    // The Numba kernels take float32 or int8: float16 experts are widened per call (exact; half the bytes saved
-    // only on the C++ kernels).
-    thread_local std::vector<float> wide[3];
+    // The Numba kernels take float32 or int8: float16 experts as widened at session creation (constants), else
+    // per call (exact either way; the halved bytes pay only on the C++ kernels).
+    thread_local std::vector<float> per_call[3];
     const void* given[spec::kNumInputs];
     std::copy(raw, raw + spec::kNumInputs, given);
-    const size_t n = static_cast<size_t>(E * m * d);
     int slot = 0;
     for (int i : {spec::kW1, spec::kW2, spec::kWg}) {
-      if (!present[i]) continue;
-      std::vector<float>& f = wide[slot++];
-      f.resize(n);
-      for (size_t j = 0; j < n; ++j) f[j] = half_to_float(static_cast<const Half*>(raw[i])[j]);
-      given[i] = f.data();
+      if (present[i]) {
+        if (raw[i] != widened_from_[slot]) widen_half(raw[i], static_cast<size_t>(E * m * d), per_call[slot]);
+        given[i] = (raw[i] == widened_from_[slot] ? widened_[slot] : per_call[slot]).data();
+      }
+      ++slot;
     }
     p.weight_type = WeightType::kFloat32;
     numba_host::run(p, given, ort_pool, workers_);

@@ -37,6 +37,9 @@ class Kernel {
   std::unique_ptr<PackedWeights> packed_;
   std::vector<int64_t> packed_shape_;
   WeightType packed_type_ = WeightType::kFloat32;
+  // The Numba callbacks take float32 or int8: constant float16 W1, W2, Wg widened once, here, with their source.
+  std::vector<float> widened_[3];
+  const void* widened_from_[3] = {};
 };
 
 // One Op object per instruction-set path (and one computed by Numba callbacks: isa null); a session gets the
