@@ -30,6 +30,20 @@ BACKENDS = {
 }
 
 
+def assert_refused(a, impl, message, **attrs):
+    """``impl`` (reference, numba, or one of IN_ORT, then fed every input at run time: ONNX Runtime hands the op
+    whatever type the arrays have) refuses the inputs ``a`` with ``message``."""
+    import re
+    if impl in IN_ORT:
+        import onnxruntime as ort
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=re.escape(message)):
+            run_in_ort(a, feeds=list(a), cast=False, backend=impl.removesuffix("-in-ort"), **attrs)
+    else:
+        fn = reference.sparse_expert_ffn if impl == "reference" else numba_kernels.sparse_expert_ffn
+        with pytest.raises(spec.SpecError, match=re.escape(message)):
+            fn(a, **attrs)
+
+
 def assert_matches_reference(got, a, **attrs):
     ref = reference.sparse_expert_ffn(a, **attrs)
     assert got.shape == ref.shape and got.dtype == np.float32
