@@ -33,7 +33,10 @@ enum class WeightType : int { kFloat32 = 0, kInt8 = 1, kFloat16 = 2 };
 // float32 they widen to is exact, so they compute the same sums as the float32 weights of those values.
 enum class Half : uint16_t {};
 
-inline float half_to_float(Half h) {
+// static: each translation unit keeps its own copy. The isa_*.cc units are built with wider target flags (VEX or
+// EVEX encodings even for scalar code), and an inline function's copies are merged by the linker, which could hand
+// the SSE2 path's packing (driver.cc) an AVX-512 build of it.
+static inline float half_to_float(Half h) {
   const uint32_t x = static_cast<uint16_t>(h), sign = (x & 0x8000u) << 16, exp = (x >> 10) & 0x1fu, man = x & 0x3ffu;
   uint32_t bits;
   if (exp == 0x1f) {
