@@ -70,13 +70,16 @@ FIGURES = {False: "cosine", True: "kl"}  # what DistillResult.figure holds: embe
 ACTIVATIONS_MAX_GB = 4.0  # teacher FFN inputs the layer-wise phase fits on (distill_texts's first texts that fit)
 ROUTER_TEMPERATURE = 0.5  # of the straight-through surrogate, in units of each token's score spread
 MAX_STEPS = 1000  # default cap on end-to-end steps
-_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a private torch API: absent means no
-TRAIN_BF16 = {False: _AMX, True: False}  # embedding models, language models: both
+# bfloat16 matrix products in hardware: AMX (Intel Sapphire Rapids and later) or AVX-512 BF16 (AMD Zen 4 and later,
+# Intel Cooper Lake); private torch APIs, absent means no
+_BF16_HW = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+TRAIN_BF16 = {False: _BF16_HW, True: False}  # embedding models, language models: both
 # phases' training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations
-# stay float32; attention too, _Float32Attention), on CPUs with AMX only (Intel Sapphire Rapids and later): MiniLM's
-# student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s, twice the steps in --recipe best's 30 min;
-# a layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes). AVX2-only CPUs emulate
-# bfloat16 (slower than float32); AVX-512 BF16 without AMX (AMD Zen 4) and SmolLM2 not measured
+# stay float32; attention too, _Float32Attention), on CPUs with bfloat16 in hardware only: MiniLM's student step,
+# 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s with AMX, twice the steps in --recipe best's 30 min; a
+# layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes); Zen 4 (AVX-512 BF16): MiniLM's
+# dense forward and backward 1.21 s -> 0.61 s (seventeenth pass). AVX2-only CPUs emulate bfloat16 (slower than
+# float32); SmolLM2 not measured
 E2E_ROUTER_TOKENS = 384  # tokens a layer's refit sees per step, a random sample: MiniLM's 32 texts are ~1,500
 # tokens, whose expert deviations took 19% of a 256 x 6 step; sampled, the step is 24% shorter (bfloat16, one
 # thread) and the routers recall the oracle as well (docs/QUALITY.md, fifteenth pass). SmolLM2: not measured

@@ -161,7 +161,7 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
     hf = model.config
     if moe_cfg is None:
         first = adapter.read(adapter.layers(model)[0])
-        recipe = recipe.resolved(first.gated, first.width())
+        recipe = recipe.resolved(first.gated, first.width(), target)
         log(f"recipe {recipe.describe()}")
         moe_cfg = MoEConfig.from_recipe(
             recipe, top_k=recipe.top_k_or_default,
@@ -178,6 +178,7 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
                 log("  --top-k replaces the saved model's dynamic k (its thresholds were calibrated for another k)")
             moe_cfg.top_k, moe_cfg.layer_top_k, moe_cfg.budget = recipe.top_k, None, None
             moe_cfg.dynamic_k, moe_cfg.layer_threshold = None, None
+        recipe = dataclasses.replace(recipe, weights=recipe.weights_for(moe_cfg.gated, target))
         ks = moe_cfg.top_k if moe_cfg.layer_top_k is None else moe_cfg.layer_top_k
         log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {ks}")
     if moe_cfg.budget is None:
@@ -480,7 +481,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
     batch = task.batch(converted.tokenizer, SAMPLE_TEXTS, model, max_length)  # held out: never calibrates
     dense = task.outputs(converted.dense, batch)
     backend = options.backend if options.target == "custom" else "onnxruntime"
-    metadata = {METADATA_KEY: {**cfg.to_dict(), "weights": recipe.weights}, CALIBRATION_KEY: converted.calibration}
+    metadata = {METADATA_KEY: {**cfg.to_dict(), "weights": converted.recipe.weights},
+                CALIBRATION_KEY: converted.calibration}
     with out as tmp:
         log(f"tracing to ONNX ({task.name}, {options.target} target)")
         with writing(out.path):  # a full disk ... is an error naming the output, not a traceback
@@ -542,5 +544,5 @@ def export(source: str | os.PathLike, output: str | os.PathLike, recipe: Recipe 
         size = out.commit()
     return ExportReport(str(out.path), options.target, cfg, size, v.max_abs_diff, v.max_rel_diff,
                         v.metrics.get("heldout_cosine_mean"), v.validated_on, v.tied, v.backend,
-                        time.perf_counter() - t0, recipe.weights, task.name, v.metrics, v.lines,
+                        time.perf_counter() - t0, converted.recipe.weights, task.name, v.metrics, v.lines,
                         converted.recipe.describe(), converted.calibration)

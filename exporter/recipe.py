@@ -23,7 +23,7 @@ from runtime.session import BACKENDS
 
 DEFAULT_ACTIVE = 0.25  # without --top-k or --budget, each token computes this share of the experts (8 of 32)
 DEFAULT_EXPERTS = 32  # without --experts, unless the preset asks for finer experts that fit the FFN
-MIN_EXPERT_NEURONS = 12  # a preset's finer experts only where each keeps at least this many neurons
+MIN_EXPERT_NEURONS = 8  # a preset's finer experts only where each keeps at least this many neurons
 LOWRANK_SHARE = 8  # the presets' low-rank stand-in costs 1/LOWRANK_SHARE of that budget (one expert of 8)
 
 
@@ -32,6 +32,7 @@ def default_top_k(experts: int) -> int:
     return max(1, round(experts * DEFAULT_ACTIVE))
 
 TARGETS = ("custom", "standard", "ort-moe")
+DEFAULT_TARGET = "custom"
 GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 
 # The presets of --recipe, per FFN family ("plain": act(W1 x) W2, e.g. BERT; "gated": act(Wg x) * (W1 x) W2, e.g.
@@ -47,18 +48,22 @@ GENAI_CHOICES = ("auto", "off", *GENAI_PRECISIONS)
 _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
 _FINE = {"plain": {"experts": 128, "sequential": True}, "gated": {}}
 _BALANCED = {family: {**_TRAINING_FREE, "stand_in": True, **_FINE[family]} for family in ("plain", "gated")}
-# Measured (docs/QUALITY.md, third and fourth pass): MiniLM 25% cosine 0.845 -> 0.9425; SmolLM2 25% perplexity ratio
-# x1.64 (third pass, before the faster router refit).
-_DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000}, "gated": {"distill": 60.0, "distill_steps": 100000}}
+# best: the recovery fine-tune (third and fourth pass: MiniLM 25% cosine 0.845 -> 0.9425; SmolLM2 25% perplexity
+# ratio x1.64) with float16 experts (--target custom only; their cost: the fourth decimal of MiniLM's cosine and of
+# SmolLM2's perplexity ratio; 1.2-1.4x faster at 16 tokens, sixteenth pass). Plain FFNs: 192 experts of 8 neurons
+# and no stand-in, which fine-tuning recovers past 128 x 12 with it (MiniLM cosine 0.9571 -> 0.9613, every task
+# >= 97.9% of dense, sixteenth pass) and which run faster (1.07x / 1.04x dense at 16 tokens, avx512 / avx2).
+_DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000, "experts": 192, "stand_in": False},
+            "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
     "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "stand_in": True}
              for family in ("plain", "gated")},
     "balanced": _BALANCED,
-    "best": {family: {**_BALANCED[family], **_DISTILL[family]} for family in ("plain", "gated")},
+    "best": {family: {**_BALANCED[family], **_DISTILL[family], "weights": "float16"} for family in ("plain", "gated")},
 }
 DEFAULT_PRESET = "balanced"
 PRESET_FIELDS = ("experts", "split", "router", "correction", "lowrank", "sequential", "distill",
-                 "distill_steps")  # what a preset may set
+                 "distill_steps", "weights")  # what a preset may set
 
 
 def setting(default, help: str, *, flag: str | None = None, show_default: bool = True, **argparse_kwargs):
@@ -113,12 +118,13 @@ class Recipe(_Settings):
                         "spend an eighth of the default top-k on a low-rank stand-in (--lowrank; 32 experts: 7 plus a "
                         "stand-in of one expert's worth; 128: 28 plus one of four experts' worth); best: balanced plus "
                         "the recovery fine-tune within a CPU-minute budget (--distill 30 for plain FFNs, "
-                        "--distill 60 for gated ones, --distill-steps 100000). Flags given explicitly override the "
+                        "--distill 60 for gated ones, --distill-steps 100000) and --weights float16 (--target "
+                        "custom); for plain FFNs --experts 192 and no stand-in. Flags given explicitly override the "
                         "preset's values", flag="--recipe", choices=tuple(PRESETS))
     experts: int | None = setting(
-        None, f"experts per FFN; must divide the FFN width (default: from --recipe: 128 for plain FFNs with balanced "
-              f"and best where that leaves {MIN_EXPERT_NEURONS} or more neurons each, e.g. MiniLM; else "
-              f"{DEFAULT_EXPERTS})", type=int, show_default=False)
+        None, f"experts per FFN; must divide the FFN width (default: from --recipe: for plain FFNs 128 with "
+              f"balanced, 192 with best, where that leaves {MIN_EXPERT_NEURONS} or more neurons each, e.g. MiniLM; "
+              f"else {DEFAULT_EXPERTS})", type=int, show_default=False)
     top_k: int | None = setting(
         None, "experts computed per token, 1..experts, shared experts included (default: a quarter of "
               "--experts, 8 of 32; re-exporting a --save-moefied directory: its own)", type=int, show_default=False)
@@ -178,12 +184,13 @@ class Recipe(_Settings):
                 "calibration tokens where the router skips it, since skipped GELU/SiLU neurons are not zero; use it "
                 "with a calibrated router (ls, bce): with centroid it hurts (default: from --recipe)", choices=CORRECTIONS,
         show_default=False)
-    weights: str = setting(
-        "float32", "element type of the exported expert weights (few-token latency is bound by reading them): "
-                   "float16 halves the bytes (each weight rounded to float16, computed in float32); int8 stores each "
-                   "weight row as int8 with a float scale (a quarter of the bytes); both need --target custom, or "
-                   "ort-moe (float16 experts widened to float32 there; int8 with ReLU or SwiGLU experts)",
-        choices=WEIGHT_TYPES)
+    weights: str | None = setting(
+        None, "element type of the exported expert weights (few-token latency is bound by reading them): "
+              "float16 halves the bytes (each weight rounded to float16, computed in float32); int8 stores each "
+              "weight row as int8 with a float scale (a quarter of the bytes); both need --target custom, or "
+              "ort-moe (float16 experts widened to float32 there; int8 with ReLU or SwiGLU experts) (default: from "
+              "--recipe: float16 with best and --target custom, else float32)", choices=WEIGHT_TYPES,
+        show_default=False)
     distill: float | None = setting(
         None, "after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text for at "
               "most MINUTES: first each FFN alone on the dense model's FFN inputs, then the whole model (hidden "
@@ -244,6 +251,13 @@ class Recipe(_Settings):
         """Experts per token: --top-k, else the default share of --experts (what --budget replaces per layer)."""
         return default_top_k(self.experts) if self.top_k is None else self.top_k
 
+    def weights_for(self, gated: bool, target: str) -> str:
+        """--weights, else the preset's for the FFN family where the target computes with it (custom), else float32."""
+        if self.weights is not None:
+            return self.weights
+        return PRESETS[self.preset]["gated" if gated else "plain"].get("weights", WEIGHT_TYPES[0]) \
+            if target == "custom" else WEIGHT_TYPES[0]
+
     def experts_for(self, gated: bool, width: int) -> int:
         """--experts, else the preset's for the FFN family where it divides ``width`` into experts of at least
         MIN_EXPERT_NEURONS neurons, else DEFAULT_EXPERTS."""
@@ -258,15 +272,16 @@ class Recipe(_Settings):
         when it trains on more."""
         return max(self.calib_texts, self.distill_texts) if self.trains else self.calib_texts
 
-    def resolved(self, gated: bool, width: int) -> "Recipe":
+    def resolved(self, gated: bool, width: int, target: str = DEFAULT_TARGET) -> "Recipe":
         """This recipe with what it leaves open filled in from its preset for the FFN family (gated or plain) of
-        an FFN of ``width`` neurons."""
+        an FFN of ``width`` neurons, exported for ``target``."""
         family = "gated" if gated else "plain"
         values = dict(PRESETS[self.preset][family])
         experts = self.experts_for(gated, width)
         filled = {name: values[name] for name in PRESET_FIELDS if getattr(self, name) is None and name in values
-                  and name not in ("experts", "sequential")}
+                  and name not in ("experts", "sequential", "weights")}
         filled["experts"] = experts
+        filled["weights"] = self.weights_for(gated, target)
         if self.distill_steps is None and "distill_steps" not in filled:
             filled["distill_steps"] = MAX_STEPS
         if self.lowrank is None:
@@ -289,8 +304,12 @@ class Recipe(_Settings):
 
     def describe(self) -> str:
         """The resolved recipe as moe-export flags, named by its preset (for summaries)."""
-        flags = [f"{self.flags()[n]} {getattr(self, n)}" for n in ("experts", "top_k", "split", "router", "correction")
-                 if getattr(self, n) is not None]
+        # without --top-k or --budget, the default top-k the export uses, so the line says what ran
+        top_k = self.top_k_or_default if self.budget is None and self.experts is not None else self.top_k
+        flags = [f"{self.flags()[n]} {value}" for n, value in (("experts", self.experts), ("top_k", top_k),
+                 ("split", self.split), ("router", self.router), ("correction", self.correction)) if value is not None]
+        if self.weights not in (None, WEIGHT_TYPES[0]):
+            flags.append(f"{self.flags()['weights']} {self.weights}")
         if self.router_labels != "deviation":
             flags.append(f"{self.flags()['router_labels']} {self.router_labels}")
         for name in ("lowrank", "shared_experts", "budget", "dynamic_k", "relufy", "distill"):
@@ -341,7 +360,7 @@ class ExportOptions(_Settings):
     """What is written and how it is checked (not part of the recipe)."""
 
     target: str = setting(
-        "custom", "custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); standard: standard "
+        DEFAULT_TARGET, "custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); standard: standard "
                   "ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX Runtime but computes every expert; "
                   "ort-moe: ONNX Runtime's own com.microsoft::MoE (float32 experts) / QMoE (int8) nodes, run by a "
                   "stock ONNX Runtime (CPU build with those contrib ops; checked on 1.32; no custom-op library) "
@@ -369,7 +388,7 @@ class ExportOptions(_Settings):
     def check(self, recipe: Recipe) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if recipe.weights != "float32" and self.target == "standard":
+        if recipe.weights not in (None, WEIGHT_TYPES[0]) and self.target == "standard":
             raise ValueError(f"--weights {recipe.weights} needs --target custom or ort-moe (standard ONNX ops would "
                              "compute with float32 weights)")
         if self.target == "ort-moe":  # the model's activation is checked once it is loaded

@@ -141,7 +141,7 @@ def test_least_squares_router_scores_stay_on_the_targets_scale(rng):
 def test_recipe_presets_map_to_the_measured_flags():
     from exporter.cli import build_parser
     from exporter.recipe import PRESETS, Recipe
-    # no flags: the best training-free recipe measured; for plain FFNs 128 experts (where each keeps 12 neurons or
+    # no flags: the best training-free recipe measured; for plain FFNs 128 experts (where each keeps 8 neurons or
     # more) and sequential calibration; an eighth of the default top-k goes to the low-rank stand-in (MiniLM: 1536
     # neurons, 128 experts of 12 -> top-k 28 + rank 48, 25% in all)
     balanced = Recipe().resolved(gated=False, width=1536)
@@ -151,7 +151,7 @@ def test_recipe_presets_map_to_the_measured_flags():
     assert balanced.describe() == ("--recipe balanced (plain FFN): --experts 128 --top-k 28 --split coact --router bce "
                                    "--correction mean --lowrank 48 --sequential")
     # narrower FFNs (or widths 128 does not divide) keep 32 experts; gated FFNs (decoders) too, without --sequential
-    for width in (1024, 1000):
+    for width in (768, 1000):  # 6 neurons each, or not divisible
         assert Recipe().resolved(gated=False, width=width).experts == 32
     # 32 experts of 48 -> top-k 7 + rank 48
     assert (lambda r: (r.experts, r.top_k, r.lowrank))(Recipe(experts=32).resolved(False, 1536)) == (32, 7, 48)
@@ -173,7 +173,16 @@ def test_recipe_presets_map_to_the_measured_flags():
     best_plain = Recipe(preset="best").resolved(gated=False, width=1536)
     best_gated = Recipe(preset="best").resolved(gated=True, width=1536)
     assert (best_plain.distill, best_gated.distill) == (30.0, 60.0) and best_plain.distill_steps == 100000
-    assert (best_plain.experts, best_gated.experts) == (128, 32)
+    # best: plain FFNs 192 experts of 8 neurons, top-k 48 and no stand-in; float16 experts where the target
+    # computes with them (custom), float32 for standard ONNX ops and ONNX Runtime's MoE; --weights wins
+    assert (best_plain.experts, best_plain.top_k_or_default, best_plain.lowrank, best_gated.experts) == (192, 48, 0, 32)
+    assert (best_plain.weights, best_gated.weights, balanced.weights) == ("float16", "float16", "float32")
+    assert best_plain.describe() == ("--recipe best (plain FFN): --experts 192 --top-k 48 --split coact --router bce --correction "
+                                     "mean --weights float16 --distill 30 --sequential")
+    assert [Recipe(preset="best").resolved(False, 1536, target).weights for target in ("standard", "ort-moe")] == \
+        ["float32", "float32"]
+    assert Recipe(preset="best", weights="int8").resolved(False, 1536).weights == "int8"
+    assert Recipe(preset="best").resolved(False, 1000).experts == 32  # 192 does not divide it
     assert Recipe(preset="best").trains and not Recipe().trains
     # an explicit --top-k means that many experts and no stand-in; other explicit flags win over the preset's values
     mixed = Recipe.from_namespace(build_parser().parse_args(["m", "o.onnx", "--recipe", "fast", "--router", "bce",
