@@ -178,7 +178,7 @@ def _convert(source, recipe: Recipe, user_texts, *, target, save_moefied_dir, pr
                 log("  --top-k replaces the saved model's dynamic k (its thresholds were calibrated for another k)")
             moe_cfg.top_k, moe_cfg.layer_top_k, moe_cfg.budget = recipe.top_k, None, None
             moe_cfg.dynamic_k, moe_cfg.layer_threshold = None, None
-        recipe = dataclasses.replace(recipe, weights=recipe.weights_for(moe_cfg.gated, target))
+        recipe = dataclasses.replace(recipe, weights=recipe.weights_for(target))
         ks = moe_cfg.top_k if moe_cfg.layer_top_k is None else moe_cfg.layer_top_k
         log(f"  already MoEfied ({moe_cfg.experts} experts); reusing its split and routers, top-k {ks}")
     if moe_cfg.budget is None:

@@ -49,21 +49,25 @@ _TRAINING_FREE = {"split": "coact", "router": "bce", "correction": "mean"}
 _FINE = {"plain": {"experts": 128, "sequential": True}, "gated": {}}
 _BALANCED = {family: {**_TRAINING_FREE, "stand_in": True, **_FINE[family]} for family in ("plain", "gated")}
 # best: the recovery fine-tune (third and fourth pass: MiniLM 25% cosine 0.845 -> 0.9425; SmolLM2 25% perplexity
-# ratio x1.64) with float16 experts (--target custom only; their cost: the fourth decimal of MiniLM's cosine and of
-# SmolLM2's perplexity ratio; 1.2-1.4x faster at 16 tokens, sixteenth pass). Plain FFNs: 192 experts of 8 neurons
-# and no stand-in, which fine-tuning recovers past 128 x 12 with it (MiniLM cosine 0.9571 -> 0.9613, every task
-# >= 97.9% of dense, sixteenth pass) and which run faster (1.07x / 1.04x dense at 16 tokens, avx512 / avx2).
+# ratio x1.64). Plain FFNs: 192 experts of 8 neurons and no stand-in, which fine-tuning recovers past 128 x 12 with
+# it (MiniLM cosine 0.9571 -> 0.9613, every task >= 97.9% of dense, sixteenth pass) and which run faster (1.07x /
+# 1.04x dense at 16 tokens, avx512 / avx2).
 _DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000, "experts": 192, "stand_in": False},
             "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
     "fast": {family: {"split": "coact", "router": "ls", "correction": "mean", "stand_in": True}
              for family in ("plain", "gated")},
     "balanced": _BALANCED,
-    "best": {family: {**_BALANCED[family], **_DISTILL[family], "weights": "float16"} for family in ("plain", "gated")},
+    "best": {family: {**_BALANCED[family], **_DISTILL[family]} for family in ("plain", "gated")},
 }
+# Expert weights of --target custom without --weights: float16 halves the bytes a few-token call reads (MiniLM and
+# SmolLM2 at 16 tokens 1.2-1.4x faster on the avx512 and avx2 paths) for the fourth decimal of the fidelity figures
+# (MiniLM's default 0.8842 either way, seventeenth pass; recovered MiniLM and SmolLM2, sixteenth pass). The other
+# targets compute in float32 (standard ONNX ops; ONNX Runtime's MoE would widen them).
+CUSTOM_WEIGHTS = "float16"
 DEFAULT_PRESET = "balanced"
 PRESET_FIELDS = ("experts", "split", "router", "correction", "lowrank", "sequential", "distill",
-                 "distill_steps", "weights")  # what a preset may set
+                 "distill_steps")  # what a preset may set
 
 
 def setting(default, help: str, *, flag: str | None = None, show_default: bool = True, **argparse_kwargs):
@@ -118,8 +122,8 @@ class Recipe(_Settings):
                         "spend an eighth of the default top-k on a low-rank stand-in (--lowrank; 32 experts: 7 plus a "
                         "stand-in of one expert's worth; 128: 28 plus one of four experts' worth); best: balanced plus "
                         "the recovery fine-tune within a CPU-minute budget (--distill 30 for plain FFNs, "
-                        "--distill 60 for gated ones, --distill-steps 100000) and --weights float16 (--target "
-                        "custom); for plain FFNs --experts 192 and no stand-in. Flags given explicitly override the "
+                        "--distill 60 for gated ones, --distill-steps 100000), for plain FFNs with --experts 192 "
+                        "and no stand-in. Flags given explicitly override the "
                         "preset's values", flag="--recipe", choices=tuple(PRESETS))
     experts: int | None = setting(
         None, f"experts per FFN; must divide the FFN width (default: from --recipe: for plain FFNs 128 with "
@@ -188,8 +192,8 @@ class Recipe(_Settings):
         None, "element type of the exported expert weights (few-token latency is bound by reading them): "
               "float16 halves the bytes (each weight rounded to float16, computed in float32); int8 stores each "
               "weight row as int8 with a float scale (a quarter of the bytes); both need --target custom, or "
-              "ort-moe (float16 experts widened to float32 there; int8 with ReLU or SwiGLU experts) (default: from "
-              "--recipe: float16 with best and --target custom, else float32)", choices=WEIGHT_TYPES,
+              "ort-moe (float16 experts widened to float32 there; int8 with ReLU or SwiGLU experts) (default: "
+              f"{CUSTOM_WEIGHTS} with --target custom, float32 with the others)", choices=WEIGHT_TYPES,
         show_default=False)
     distill: float | None = setting(
         None, "after MoEfication, fine-tune the MoEfied model towards the dense one on the calibration text for at "
@@ -251,12 +255,11 @@ class Recipe(_Settings):
         """Experts per token: --top-k, else the default share of --experts (what --budget replaces per layer)."""
         return default_top_k(self.experts) if self.top_k is None else self.top_k
 
-    def weights_for(self, gated: bool, target: str) -> str:
-        """--weights, else the preset's for the FFN family where the target computes with it (custom), else float32."""
+    def weights_for(self, target: str) -> str:
+        """--weights, else CUSTOM_WEIGHTS for the target whose kernels compute with them (custom), else float32."""
         if self.weights is not None:
             return self.weights
-        return PRESETS[self.preset]["gated" if gated else "plain"].get("weights", WEIGHT_TYPES[0]) \
-            if target == "custom" else WEIGHT_TYPES[0]
+        return CUSTOM_WEIGHTS if target == "custom" else WEIGHT_TYPES[0]
 
     def experts_for(self, gated: bool, width: int) -> int:
         """--experts, else the preset's for the FFN family where it divides ``width`` into experts of at least
@@ -279,9 +282,9 @@ class Recipe(_Settings):
         values = dict(PRESETS[self.preset][family])
         experts = self.experts_for(gated, width)
         filled = {name: values[name] for name in PRESET_FIELDS if getattr(self, name) is None and name in values
-                  and name not in ("experts", "sequential", "weights")}
+                  and name not in ("experts", "sequential")}
         filled["experts"] = experts
-        filled["weights"] = self.weights_for(gated, target)
+        filled["weights"] = self.weights_for(target)
         if self.distill_steps is None and "distill_steps" not in filled:
             filled["distill_steps"] = MAX_STEPS
         if self.lowrank is None:
@@ -326,8 +329,8 @@ class Recipe(_Settings):
             raise ValueError(f"--recipe must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         for name, allowed in (("split", SPLITS), ("router", ROUTERS), ("correction", CORRECTIONS),
                               ("router_labels", ROUTER_LABELS), ("weights", WEIGHT_TYPES)):
-            if getattr(self, name) is None and name in PRESET_FIELDS:
-                continue  # from the preset
+            if getattr(self, name) is None and name in (*PRESET_FIELDS, "weights"):
+                continue  # from the preset, or (weights) the target
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.flags()[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.lowrank is not None and not (isinstance(self.lowrank, int) and self.lowrank >= 0):

@@ -149,7 +149,7 @@ def test_recipe_presets_map_to_the_measured_flags():
         ("balanced", "coact", "bce", "mean", None)
     assert (balanced.experts, balanced.top_k, balanced.lowrank, balanced.sequential) == (128, 28, 48, True)
     assert balanced.describe() == ("--recipe balanced (plain FFN): --experts 128 --top-k 28 --split coact --router bce "
-                                   "--correction mean --lowrank 48 --sequential")
+                                   "--correction mean --weights float16 --lowrank 48 --sequential")
     # narrower FFNs (or widths 128 does not divide) keep 32 experts; gated FFNs (decoders) too, without --sequential
     for width in (768, 1000):  # 6 neurons each, or not divisible
         assert Recipe().resolved(gated=False, width=width).experts == 32
@@ -173,15 +173,17 @@ def test_recipe_presets_map_to_the_measured_flags():
     best_plain = Recipe(preset="best").resolved(gated=False, width=1536)
     best_gated = Recipe(preset="best").resolved(gated=True, width=1536)
     assert (best_plain.distill, best_gated.distill) == (30.0, 60.0) and best_plain.distill_steps == 100000
-    # best: plain FFNs 192 experts of 8 neurons, top-k 48 and no stand-in; float16 experts where the target
-    # computes with them (custom), float32 for standard ONNX ops and ONNX Runtime's MoE; --weights wins
+    # best: plain FFNs 192 experts of 8 neurons, top-k 48 and no stand-in
     assert (best_plain.experts, best_plain.top_k_or_default, best_plain.lowrank, best_gated.experts) == (192, 48, 0, 32)
-    assert (best_plain.weights, best_gated.weights, balanced.weights) == ("float16", "float16", "float32")
+    # float16 experts where the target computes with them (custom), float32 for standard ONNX ops and ONNX Runtime's
+    # MoE; --weights wins
+    assert (best_plain.weights, best_gated.weights, balanced.weights, fast.weights) == ("float16",) * 4
     assert best_plain.describe() == ("--recipe best (plain FFN): --experts 192 --top-k 48 --split coact --router bce --correction "
                                      "mean --weights float16 --distill 30 --sequential")
     assert [Recipe(preset="best").resolved(False, 1536, target).weights for target in ("standard", "ort-moe")] == \
         ["float32", "float32"]
     assert Recipe(preset="best", weights="int8").resolved(False, 1536).weights == "int8"
+    assert Recipe(weights="float32").resolved(False, 1536).describe().count("--weights") == 0
     assert Recipe(preset="best").resolved(False, 1000).experts == 32  # 192 does not divide it
     assert Recipe(preset="best").trains and not Recipe().trains
     # an explicit --top-k means that many experts and no stand-in; other explicit flags win over the preset's values
@@ -191,7 +193,7 @@ def test_recipe_presets_map_to_the_measured_flags():
     assert (mixed.preset, mixed.split, mixed.router, mixed.distill_steps, mixed.top_k, mixed.lowrank) == \
         ("fast", "coact", "bce", 7, 8, 0)
     assert mixed.describe() == ("--recipe fast (plain FFN): --experts 32 --top-k 8 --split coact --router bce "
-                                "--correction mean")
+                                "--correction mean --weights float16")
     assert Recipe(lowrank=16).resolved(gated=False, width=1536).lowrank == 16
     assert set(PRESETS) == {"fast", "balanced", "best"} and all(set(p) == {"plain", "gated"} for p in PRESETS.values())
     with pytest.raises(ValueError, match="--recipe must be one of fast, balanced, best, got 'quick'"):
@@ -210,7 +212,7 @@ def test_default_export_is_the_balanced_recipe(tiny_bert_dir, tmp_path):
     assert c.active_share == pytest.approx(0.25)
     assert c.sequential
     assert ("recipe --recipe balanced (plain FFN): --experts 32 --top-k 7 --split coact --router bce --correction mean "
-            "--lowrank 2 --sequential") in report.summary()
+            "--weights float16 --lowrank 2 --sequential") in report.summary()
 
 
 def test_summary_names_the_recipe_and_matches_moe_eval(tiny_custom, tiny_bert_dir):
@@ -220,7 +222,7 @@ def test_summary_names_the_recipe_and_matches_moe_eval(tiny_custom, tiny_bert_di
     out, _, report = tiny_custom
     summary = report.summary()
     assert ("recipe --recipe balanced (plain FFN): --experts 8 --top-k 2 --split coact --router bce --correction mean "
-            "--sequential") in summary
+            "--weights float16 --sequential") in summary
     assert f"held-out texts ({len(datasets.heldout_texts())}, as moe-eval)" in summary
     assert report.metrics["heldout_texts"] == len(datasets.heldout_texts())
     r = Evaluator(tiny_bert_dir, tasks=(), progress=False, log=lambda *a: None)(out, backend="numba-split")
