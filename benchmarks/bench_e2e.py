@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--moe", required=True, nargs="+",
                     help="MoEfied ONNX models (moe-export output), e.g. float32 and --weights int8 exports")
     ap.add_argument("--model-dir", help="the dense Hugging Face model (default: the bundled all-MiniLM-L6-v2)")
-    ap.add_argument("--dense", help="dense ONNX model (default: optimum export into OUT/dense)")
+    ap.add_argument("--dense", help="dense ONNX model, or optimum's export directory holding model.onnx (default: "
+                                    "optimum export into OUT/dense)")
     ap.add_argument("--seq", type=int, nargs="+", default=[16, 128], help="sequence lengths (default 16 128)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (default: all cores)")
     ap.add_argument("--warmup", type=int, default=10, help="warm-up runs per backend (default 10)")
@@ -150,6 +151,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dense_path = Path(args.dense) if args.dense else dense_export(model_dir, out / "dense")
+    if dense_path.is_dir():  # optimum's layout, as OUT/dense
+        dense_path /= "model.onnx"
+    if not dense_path.is_file():
+        ap.error(f"--dense: no ONNX model at {dense_path}")
 
     # Each backend with its best settings (ONNX Runtime spinning on; numba-split turns it off itself);
     # timing.py lets spinning pools settle between blocks so they do not steal each other's cores.
