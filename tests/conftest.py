@@ -213,15 +213,16 @@ def tiny_model_dir(tmp_path_factory, tiny_bert_dir):
 
 @pytest.fixture(scope="session")
 def exported(tiny_model_dir, tmp_path_factory):
-    """family -> (export directory, report, saved MoEfied directory) of the tiny model, 4 experts, top-2."""
+    """family -> (export directory, report, saved MoEfied directory) of the tiny model, 4 experts, top-2; float32
+    experts, so that the saved model (float32: re-exportable with any --weights) computes what the export does."""
     from exporter import export
     made = {}
 
     def get(family):
         if family not in made:
             root = tmp_path_factory.mktemp(f"export-{family}")
-            report = export(tiny_model_dir(family), root / "out", experts=4, top_k=2, backend=BACKEND,
-                            save_moefied_dir=root / "saved", genai="off", **QUIET)  # genai: test_genai_layout
+            report = export(tiny_model_dir(family), root / "out", experts=4, top_k=2, weights="float32",
+                            backend=BACKEND, save_moefied_dir=root / "saved", genai="off", **QUIET)  # genai: test_genai_layout
             made[family] = root / "out", report, root / "saved"
         return made[family]
 
