@@ -363,12 +363,13 @@ class ExportOptions(_Settings):
     """What is written and how it is checked (not part of the recipe)."""
 
     target: str = setting(
-        DEFAULT_TARGET, "custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); standard: standard "
-                  "ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX Runtime but computes every expert; "
-                  "ort-moe: ONNX Runtime's own com.microsoft::MoE (float32 experts) / QMoE (int8) nodes, run by a "
-                  "stock ONNX Runtime (CPU build with those contrib ops; checked on 1.32; no custom-op library) "
-                  "computing only the selected experts; the erf GELU becomes ONNX Runtime's tanh form there "
-                  "(validated against it, the distance reported)",
+        DEFAULT_TARGET,
+        "custom: one ai.moefy SparseExpertFFN node per FFN (needs the moefy runtime); standard: standard "
+        "ONNX ops only (TopK, ScatterElements, MatMul), runs on any ONNX Runtime but computes every expert; "
+        "ort-moe: ONNX Runtime's own com.microsoft::MoE (float32 experts) / QMoE (int8) nodes, run by a "
+        "stock ONNX Runtime (CPU build with those contrib ops; checked on 1.32; no custom-op library) "
+        "computing only the selected experts; the erf GELU becomes ONNX Runtime's tanh form there (validated "
+        "against it, the distance reported)",
         choices=TARGETS)
     save_moefied_dir: str | None = setting(
         None, "also save the MoEfied model (HF weights with experts contiguous + moefy_config.json + routers) to DIR, "

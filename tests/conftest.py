@@ -222,7 +222,8 @@ def exported(tiny_model_dir, tmp_path_factory):
         if family not in made:
             root = tmp_path_factory.mktemp(f"export-{family}")
             report = export(tiny_model_dir(family), root / "out", experts=4, top_k=2, weights="float32",
-                            backend=BACKEND, save_moefied_dir=root / "saved", genai="off", **QUIET)  # genai: test_genai_layout
+                            backend=BACKEND, save_moefied_dir=root / "saved",
+                            genai="off", **QUIET)  # genai: test_genai_layout
             made[family] = root / "out", report, root / "saved"
         return made[family]
 

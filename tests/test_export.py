@@ -178,8 +178,8 @@ def test_recipe_presets_map_to_the_measured_flags():
     # float16 experts where the target computes with them (custom), float32 for standard ONNX ops and ONNX Runtime's
     # MoE; --weights wins
     assert (best_plain.weights, best_gated.weights, balanced.weights, fast.weights) == ("float16",) * 4
-    assert best_plain.describe() == ("--recipe best (plain FFN): --experts 192 --top-k 48 --split coact --router bce --correction "
-                                     "mean --weights float16 --distill 30 --sequential")
+    assert best_plain.describe() == ("--recipe best (plain FFN): --experts 192 --top-k 48 --split coact --router bce "
+                                     "--correction mean --weights float16 --distill 30 --sequential")
     assert [Recipe(preset="best").resolved(False, 1536, target).weights for target in ("standard", "ort-moe")] == \
         ["float32", "float32"]
     assert Recipe(preset="best", weights="int8").resolved(False, 1536).weights == "int8"
