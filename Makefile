@@ -16,7 +16,7 @@ SOURCES := pyproject.toml $(wildcard cpp_ops/*.txt cpp_ops/*.sh cpp_ops/*.cmake 
 
 MINILM   = "$$($(BIN)/python -c 'from exporter.models import bundled_minilm_dir as d; print(d())')"
 SMOLLM   = "$$($(BIN)/python -c 'from exporter.models import smollm2_gguf as f; print(f())')"
-SMOLLM_RECIPE ?= --experts 32 --top-k 24 --split param --router centroid --correction none
+SMOLLM_RECIPE ?= --experts 32 --top-k 28 --split param --router centroid --correction none
 RECIPE  ?=
 SHARES  ?= 0.125,0.25,0.5
 
@@ -55,7 +55,8 @@ demo: setup
 
 # SmolLM2-135M-Instruct MoEfied (fetched from PyPI), exported in optimum's layout (and onnxruntime-genai's when
 # `make genai-venv` was run), answering a question with moe-generate. SMOLLM_RECIPE: moe-export flags; the demo's
-# is weight-only at 75% active (about 2.5 minutes; its answers are poor: docs/QUALITY.md). The default recipe
+# is weight-only at 87.5% active (about 3 minutes; it answers "The capital of France is Paris."; at 75% active, top-k
+# 24, its answers are poor or empty: docs/QUALITY.md). The default recipe
 # (co-activation split, trained routers) keeps far more of the model but calibrates all 30 layers (tens of minutes
 # on one core): make demo-smollm SMOLLM_RECIPE="--experts 32 --top-k 16".
 demo-smollm: smollm

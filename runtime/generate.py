@@ -193,8 +193,9 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
 
     def summary(self) -> str:
-        return (f"prefill {self.prompt_tokens} tokens in {1e3 * self.prefill_seconds:.1f} ms; decode "
-                f"{self.decode_tokens} tokens at {self.decode_tokens_per_second:.1f} tokens/s")
+        decode = f"decode {self.decode_tokens} tokens at {self.decode_tokens_per_second:.1f} tokens/s" \
+            if self.decode_tokens else "no decode step (the prompt's call gave the only token, or the end)"
+        return f"prefill {self.prompt_tokens} tokens in {1e3 * self.prefill_seconds:.1f} ms; {decode}"
 
 
 class Generator:
