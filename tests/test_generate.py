@@ -188,3 +188,13 @@ def test_instruct_models_also_calibrate_on_chat_turns(tiny_model_dir):
     assert tok(got[1]).input_ids[:2].count(bos) == 1 and tok(got[1]).input_ids[0] == bos
     tok.chat_template = None
     assert TextGeneration().default_calibration(tok, texts) == (texts, "")
+
+
+def test_stats_without_a_decode_step_say_so():
+    """An answer that ends with the prompt's call (end-of-sequence first, or one new token) prints no 'nan tokens/s'."""
+    from runtime.generate import GenerationStats
+    stats = GenerationStats()
+    stats.record(0, 37, 0.18)
+    assert "nan" not in stats.summary() and "no decode step" in stats.summary()
+    stats.record(1, 1, 0.05)
+    assert stats.summary().endswith("decode 1 tokens at 20.0 tokens/s")
