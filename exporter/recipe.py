@@ -50,8 +50,9 @@ _FINE = {"plain": {"experts": 128, "sequential": True}, "gated": {}}
 _BALANCED = {family: {**_TRAINING_FREE, "stand_in": True, **_FINE[family]} for family in ("plain", "gated")}
 # best: the recovery fine-tune (third and fourth pass: MiniLM 25% cosine 0.845 -> 0.9425; SmolLM2 25% perplexity
 # ratio x1.64). Plain FFNs: 192 experts of 8 neurons and no stand-in, which fine-tuning recovers past 128 x 12 with
-# it (MiniLM cosine 0.9571 -> 0.9613, every task >= 97.9% of dense, sixteenth pass) and which run faster (1.07x /
-# 1.04x dense at 16 tokens, avx512 / avx2).
+# it (MiniLM cosine 0.9571 -> 0.9613, every task >= 97.9% of dense, Sapphire Rapids, sixteenth pass; AMD Zen 4,
+# fewer steps in the 30 minutes: 0.9593-0.9599, seventeenth) and which run faster (Zen 4: 1.40x / 1.46x dense at 16
+# tokens, avx512 / avx2).
 _DISTILL = {"plain": {"distill": 30.0, "distill_steps": 100000, "experts": 192, "stand_in": False},
             "gated": {"distill": 60.0, "distill_steps": 100000}}
 PRESETS = {
