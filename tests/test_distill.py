@@ -430,6 +430,25 @@ def test_expert_deviations_through_the_gram_matrices_match_the_outputs(gated, bi
     real = torch.arange(10) < torch.tensor([[10], [3], [7], [1]])  # a padded batch's attention mask, [4 texts, 10]
     xb, hb = x.reshape(4, 10, d), h.reshape(4, 10, -1)  # padding rows are never routed in use: left out
     torch.testing.assert_close(router_refit_loss(moe, xb, hb, real=real), router_refit_loss(moe, xb[real], hb[real]))
+    torch.manual_seed(4)
+    rows = torch.randperm(int(real.sum()))[:5]
+    torch.manual_seed(4)  # both: a sample of the real tokens
+    torch.testing.assert_close(router_refit_loss(moe, xb, hb, tokens=5, real=real),
+                               router_refit_loss(moe, xb[real][rows], hb[real][rows]))
+
+
+def test_the_teachers_targets_in_bfloat16_are_float32_and_near_the_float32_ones(tiny_bert_dir):
+    """The end-to-end phase's fit targets follow the training steps' arithmetic (bfloat16 where TRAIN_BF16 says so):
+    the same tensors in float32, each layer within a small relative error of the float32 forward's."""
+    from transformers import AutoModel, AutoTokenizer
+    from exporter.distill import _teacher_target
+    model, tok = AutoModel.from_pretrained(tiny_bert_dir).eval(), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    b = dict(tok([" ".join(TINY_WORDS[i:i + 5]) for i in range(6)], padding=True, return_tensors="pt"))
+    (layers32, emb32, _), (layers16, emb16, lp) = _teacher_target(model, b), _teacher_target(model, b, bf16=True)
+    assert lp is None and all(t.dtype == torch.float32 for t in (*layers16, emb16))
+    for a, c in zip(layers32, layers16):
+        assert a.shape == c.shape and float((a - c).norm() / a.norm()) < 0.02
+    assert float(torch.nn.functional.cosine_similarity(emb32, emb16).min()) > 0.999
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
