@@ -73,13 +73,13 @@ MAX_STEPS = 1000  # default cap on end-to-end steps
 # bfloat16 matrix products in hardware: AMX (Intel Sapphire Rapids and later) or AVX-512 BF16 (AMD Zen 4 and later,
 # Intel Cooper Lake); private torch APIs, absent means no
 _BF16_HW = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-TRAIN_BF16 = {False: _BF16_HW, True: False}  # embedding models, language models: both
-# phases' training forward and backward in bfloat16 autocast (weights, optimizer, targets and held-out evaluations
-# stay float32; attention too, _Float32Attention), on CPUs with bfloat16 in hardware only: MiniLM's student step,
-# 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s with AMX, twice the steps in --recipe best's 30 min; a
-# layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes); Zen 4 (AVX-512 BF16): MiniLM's
-# dense forward and backward 1.21 s -> 0.61 s (seventeenth pass). AVX2-only CPUs emulate bfloat16 (slower than
-# float32); SmolLM2 not measured
+TRAIN_BF16 = _BF16_HW  # both phases' training forward and backward in bfloat16 autocast (weights, optimizer,
+# held-out targets and evaluations stay float32; attention too, _Float32Attention), on CPUs with bfloat16 in hardware
+# only: MiniLM's student step, 32 texts of 48 tokens, one thread: 0.93 s -> 0.53 s with AMX, twice the steps in
+# --recipe best's 30 min; a layer-wise batch 97 -> 65 ms (docs/QUALITY.md, twelfth and thirteenth passes); Zen 4
+# (AVX-512 BF16): MiniLM's dense forward and backward 1.21 s -> 0.61 s (seventeenth pass), SmolLM2's (2,048
+# tokens) 26 s -> 14 s, its teacher's next-token log-probabilities within a KL of 0.001 nats of float32's
+# (nineteenth pass). AVX2-only CPUs emulate bfloat16 (slower than float32)
 E2E_ROUTER_TOKENS = 384  # tokens a layer's refit sees per step, a random sample: MiniLM's 32 texts are ~1,500
 # tokens, whose expert deviations took 19% of a 256 x 6 step; sampled, the step is 24% shorter (bfloat16, one
 # thread) and the routers recall the oracle as well (docs/QUALITY.md, fifteenth pass). SmolLM2: not measured
@@ -520,7 +520,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     if not len(held_ids):
         held_ids = fit_ids
     lm = _is_lm(student)
-    bf16, cap = TRAIN_BF16[lm], E2E_LM_TOKENS if lm else None
+    bf16, cap = TRAIN_BF16, E2E_LM_TOKENS if lm else None
     fit, held = (_length_batches(batch, ids, E2E_BATCH, cap) for ids in (fit_ids, held_ids))
     held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)

@@ -206,8 +206,8 @@ class Recipe(_Settings):
         show_default=False)
     distill_steps: int | None = setting(
         None, "cap on the end-to-end steps (32 texts each) of every distillation (--distill, --relufy); a run "
-                   "that stops on this cap rather than on time is reproducible on the same kind of CPU (encoders "
-                   f"train in bfloat16 on CPUs with AMX; default {MAX_STEPS}; --recipe best: 100000, "
+                   "that stops on this cap rather than on time is reproducible on the same kind of CPU (steps "
+                   f"run in bfloat16 on CPUs with AMX or AVX-512 BF16; default {MAX_STEPS}; --recipe best: 100000, "
                    "so its budget is time)", type=int, metavar="N", show_default=False)
     distill_texts: int = setting(
         DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
