@@ -193,8 +193,8 @@ def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, r
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_distillation_trains_in_float32_or_bfloat16_autocast(tiny_bert_dir, tmp_path, calib, monkeypatch, bf16):
-    """TRAIN_BF16 (on by default on CPUs with bfloat16 in hardware) changes the training steps' arithmetic only, in both
-    phases: each phase still lowers its held-out loss, the weights written back stay float32, and the export
+    """TRAIN_BF16 (on by default on CPUs with bfloat16 in hardware) changes the training steps' arithmetic only, in
+    both phases: each phase still lowers its held-out loss, the weights written back stay float32, and the export
     matches its PyTorch model."""
     import exporter.distill as D
     from exporter.moe_ffn import MoEFFN
