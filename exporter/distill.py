@@ -522,7 +522,7 @@ def distill(model, teacher, adapter, config, routers: dict, teacher_calib, batch
     if not len(held_ids):
         held_ids = fit_ids
     lm = _is_lm(student)
-    bf16, cap = TRAIN_BF16, E2E_LM_TOKENS if lm else None
+    bf16, cap = TRAIN_BF16, (E2E_LM_TOKENS if lm else None)
     fit, held = (_length_batches(batch, ids, E2E_BATCH, cap) for ids in (fit_ids, held_ids))
     held_targets = _Targets(teacher, held)
     start = heldout_eval(student, held, held_targets)
