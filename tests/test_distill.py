@@ -446,6 +446,7 @@ def test_the_teachers_targets_in_bfloat16_are_float32_and_near_the_float32_ones(
     b = dict(tok([" ".join(TINY_WORDS[i:i + 5]) for i in range(6)], padding=True, return_tensors="pt"))
     (layers32, emb32, _), (layers16, emb16, lp) = _teacher_target(model, b), _teacher_target(model, b, bf16=True)
     assert lp is None and all(t.dtype == torch.float32 for t in (*layers16, emb16))
+    assert not all(torch.equal(a, c) for a, c in zip(layers32, layers16))  # the autocast took effect
     for a, c in zip(layers32, layers16):
         assert a.shape == c.shape and float((a - c).norm() / a.norm()) < 0.02
     assert float(torch.nn.functional.cosine_similarity(emb32, emb16).min()) > 0.999
@@ -462,6 +463,7 @@ def test_a_language_models_bfloat16_targets_are_float32_log_probabilities_near_t
     b = dict(input_ids=ids, attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]]))
     (_, _, lp32), (_, _, lp16) = _teacher_target(model, b), _teacher_target(model, b, bf16=True)
     assert lp16.dtype == torch.float32 and lp16.shape == lp32.shape == (17, model.config.vocab_size)
+    assert not torch.equal(lp16, lp32)  # the autocast took effect
     assert float(F.kl_div(lp16, lp32, log_target=True, reduction="none").sum(-1).max()) < 0.01
 
 
