@@ -167,11 +167,14 @@ def router_refit_loss(moe: MoEFFN, x: torch.Tensor, h: torch.Tensor | None = Non
     its leading shape, e.g. the batch's attention mask), the only ones sampled (padding is not routed in use)."""
     with torch.no_grad():
         x = x.detach().reshape(-1, moe.w1.shape[2])
-        rows = torch.arange(len(x)) if real is None else real.reshape(-1).nonzero()[:, 0]
-        if tokens is not None and len(rows) > tokens:  # a random sample: an unbiased estimate of the mean loss
-            rows = rows[torch.randperm(len(rows))[:tokens]]
-        x = x[rows]  # the sample's rows only (h has 1,536 columns at MiniLM's 192 x 8)
-        h = None if h is None else h.reshape(-1, h.shape[-1])[rows]
+        h = None if h is None else h.reshape(-1, h.shape[-1])
+        rows = None if real is None else real.reshape(-1).nonzero()[:, 0]  # None: every row
+        n = len(x) if rows is None else len(rows)
+        if tokens is not None and n > tokens:  # a random sample: an unbiased estimate of the mean loss
+            pick = torch.randperm(n)[:tokens]
+            rows = pick if rows is None else rows[pick]
+        if rows is not None:  # the sample's rows only (h has 1,536 columns at MiniLM's 192 x 8)
+            x, h = x[rows], None if h is None else h[rows]
         x = x.float()  # a bfloat16 forward's (TRAIN_BF16)
         h = expert_hidden(x, moe.w1, moe.b1, moe.activation, moe.wg, moe.bg) if h is None else h.float()
         target = selection_mask(expert_deviations(moe, h), moe.top_k)
