@@ -57,9 +57,10 @@ E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The 
 # activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB,
 # with this cap 11.9 GB after one step and 17.9 GB after 20 with the chat-turn calibration, 13.4 GB once the
 # layer-wise activations were released (docs/QUALITY.md, fourth to sixth pass)
-E2E_LR = {False: 3e-4, True: 1e-4}  # embedding models, language models. MiniLM, 25% active, --recipe best's 30 min
-# (docs/QUALITY.md): 1e-4 -> cosine 0.940, 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred
-# steps and overtake as the rate decays; at 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946). SmolLM2: measured at 1e-4 only
+E2E_LR = 3e-4  # both families (docs/QUALITY.md). MiniLM, 25% active, --recipe best's 30 min: 1e-4 -> cosine 0.940,
+# 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred steps and overtake as the rate decays; at
+# 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946); on Zen 4 in bfloat16, 5e-4 -> 0.9590 against 0.9593-0.9600. SmolLM2, 25%,
+# its 60 min in bfloat16 on Zen 4 (about 160 steps): 1e-4 -> perplexity ratio x1.625, 3e-4 -> x1.534
 E2E_WARMUP = 10  # steps
 E2E_EVAL_EVERY = 25  # steps between held-out evaluations, at least; a run the budget ends spaces them further so
 E2E_EVAL_SHARE = 0.05  # that they take at most this share of its training time: SmolLM2's 256 chat texts took 120 s
@@ -435,8 +436,7 @@ def end_to_end(student, teacher, adapter, moes, fit, held, held_targets, *, dead
     router = {id(t) for moe in moes for t in _router_tensors(moe)}  # frozen, or refit on its own: docstring
     params = [p for layer in adapter.layers(student) for p in layer.parameters() if id(p) not in router]
     params += [t for moe in moes for t in _expert_tensors(moe) if all(t is not p for p in params)]
-    lr = E2E_LR[_is_lm(student)]
-    groups = [{"params": params, "lr": lr, "base_lr": lr}]
+    groups = [{"params": params, "lr": E2E_LR, "base_lr": E2E_LR}]
     routed = [moe for moe in moes if moe.top_k < moe.w1.shape[0]]  # not relufy's one always-selected expert
     refit = routed if E2E_ROUTER_LR > 0 else []
     if refit:
