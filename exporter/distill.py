@@ -50,8 +50,9 @@ LAYERWISE_SHARE = {False: 0.15, True: 0.5}  # embedding models, language models:
 # budget goes to the layer-wise phase. MiniLM, 25% active, --recipe best's 30 min (docs/QUALITY.md, eleventh pass):
 # 0.5 -> cosine 0.9518, 0.3 -> 0.9527, 0.15 -> 0.9539: its FFN errors stop falling after about 3 epochs and the
 # end-to-end steps the time buys are worth more; on Zen 4 in bfloat16 at 192 x 8 (nineteenth pass), 0.05 -> 0.9588
-# against 0.9593-0.9599 at 0.15, and 0.25 ends at 0.15's FFN errors. SmolLM2: measured at 0.5 only (in bfloat16 its
-# 5 epochs end in 15 of the 30 minutes that share gives it in --recipe best)
+# against 0.9593-0.9600 at 0.15 (five runs, seventeenth to twentieth passes), and 0.25 ends at 0.15's FFN errors.
+# SmolLM2: measured at 0.5 only (in bfloat16 its 5 epochs end in 15 of the 30 minutes that share gives it in
+# --recipe best)
 E2E_BATCH = 32  # texts, of similar length (less padding)
 E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The backward pass keeps every layer's
 # activations and the logits over the vocabulary: SmolLM2's longest batches of 32 texts (8,192 tokens) took 22 GB,
