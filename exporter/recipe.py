@@ -14,7 +14,7 @@ import os
 
 from .calib_cache import DEFAULT_MAX_GB, MAX_GB_ENV, max_bytes
 from .genai_layout import PRECISIONS as GENAI_PRECISIONS
-from .distill import HOLDOUT_MAX, MAX_STEPS, check_distill
+from .distill import E2E_BATCH, E2E_LM_TOKENS, HOLDOUT_MAX, MAX_STEPS, check_distill
 from .moefy import CORRECTIONS, ROUTER_LABELS, ROUTERS, SPLITS, check_budget, check_split, needs_calibration
 from .quantize import WEIGHT_TYPES
 from .relufy import check_relufy
@@ -205,10 +205,11 @@ class Recipe(_Settings):
         metavar="MINUTES",
         show_default=False)
     distill_steps: int | None = setting(
-        None, "cap on the end-to-end steps (32 texts each) of every distillation (--distill, --relufy); a run "
-                   "that stops on this cap rather than on time is reproducible on the same kind of CPU (steps "
-                   f"run in bfloat16 on CPUs with AMX or AVX-512 BF16; default {MAX_STEPS}; --recipe best: 100000, "
-                   "so its budget is time)", type=int, metavar="N", show_default=False)
+        None, f"cap on the end-to-end steps ({E2E_BATCH} texts each, a language model's at most {E2E_LM_TOKENS:,} "
+              "tokens) of every distillation (--distill, --relufy); a run that stops on this cap rather than on time "
+              "is reproducible on the same kind of CPU (steps run in bfloat16 on CPUs with AMX or AVX-512 BF16; "
+              f"default {MAX_STEPS}; --recipe best: 100000, so its budget is time)", type=int,
+        metavar="N", show_default=False)
     distill_texts: int = setting(
         DISTILL_TEXTS, f"texts the distillations (--distill, --relufy) train on: the first N of the default corpus "
                        "or of --calib (embedding models: plus short spans of a quarter of them, words and phrases); "

@@ -169,14 +169,14 @@ def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
 @pytest.mark.parametrize("refit", [False, True])
 def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, router, refit):
     """Routers trained end to end through the straight-through top-k wrecked MiniLM (distill.py), so the task
-    loss never reaches them: with the refit off (E2E_ROUTER_LR = 0) every router weight stays where the
+    loss never reaches them: with the refit off (E2E_ROUTER_LR 0) every router weight stays where the
     layer-wise phase put it; with it on (the default) they move, on their own loss only."""
     import exporter.distill as D
     from exporter.source import load_model
     recipe = {**RECIPE, "router": router}
     monkeypatch.setattr(D, "layerwise", lambda moes, *a, **k: [[1.0, 1.0] for _ in moes])  # end to end only
     if not refit:
-        monkeypatch.setattr(D, "E2E_ROUTER_LR", 0.0)
+        monkeypatch.setattr(D, "E2E_ROUTER_LR", {False: 0.0, True: 0.0})
     run_export(tiny_bert_dir, tmp_path / "p.onnx", calib=calib, save_moefied_dir=tmp_path / "plain", **recipe)
     run_export(tiny_bert_dir, tmp_path / "d.onnx", calib=calib, distill=1.0, distill_steps=10,
                save_moefied_dir=tmp_path / "e2e", **recipe)
