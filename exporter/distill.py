@@ -63,7 +63,8 @@ E2E_LR = 3e-4  # both families (docs/QUALITY.md). MiniLM, 25% active, --recipe b
 # 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946); on Zen 4 in bfloat16, 5e-4 -> 0.9590 against 0.9593-0.9600. SmolLM2, 25%,
 # its 60 min in bfloat16 on Zen 4 (about 160 steps): 1e-4 -> perplexity ratio x1.625, 3e-4 -> x1.534
 E2E_WARMUP = 10  # steps
-E2E_LR_END = 0.1  # the rate's multiplier at the end of its linear decay. MiniLM, --recipe best on Zen 4: 0 -> 0.9599
+E2E_LR_END = 0.1  # the rate's multiplier at the end of its linear decay. MiniLM, --recipe best on Zen 4: 0 ->
+# cosine 0.9599, within a tenth's five runs (0.9593-0.9600; docs/QUALITY.md, twenty-first pass)
 E2E_EVAL_EVERY = 25  # steps between held-out evaluations, at least; a run the budget ends spaces them further so
 E2E_EVAL_SHARE = 0.05  # that they take at most this share of its training time: SmolLM2's 256 chat texts took 120 s
 # an evaluation against 21 s a step (19% of the end-to-end phase at every 25 steps); MiniLM's about 1.5 s against 1 s
