@@ -169,7 +169,7 @@ def test_cached_activations_equal_fresh_ones(tiny_bert_dir, calib):
 @pytest.mark.parametrize("refit", [False, True])
 def test_end_to_end_phase_routers(tiny_bert_dir, tmp_path, calib, monkeypatch, router, refit):
     """Routers trained end to end through the straight-through top-k wrecked MiniLM (distill.py), so the task
-    loss never reaches them: with the refit off (E2E_ROUTER_LR 0) every router weight stays where the
+    loss never reaches them: with the refit off (E2E_ROUTER_LR of 0) every router weight stays where the
     layer-wise phase put it; with it on (the default) they move, on their own loss only."""
     import exporter.distill as D
     from exporter.source import load_model
