@@ -61,7 +61,8 @@ E2E_LM_TOKENS = 2048  # language models: tokens per batch at most (padded). The 
 E2E_LR = 3e-4  # both families (docs/QUALITY.md). MiniLM, 25% active, --recipe best's 30 min: 1e-4 -> cosine 0.940,
 # 2e-4 -> 0.9415, 3e-4 -> 0.942 (higher rates lag for the first few hundred steps and overtake as the rate decays; at
 # 70 min: 3e-5 -> 0.941, 1e-4 -> 0.946); on Zen 4 in bfloat16, 5e-4 -> 0.9590 against 0.9593-0.9600. SmolLM2, 25%,
-# its 60 min in bfloat16 on Zen 4 (about 160 steps): 1e-4 -> perplexity ratio x1.625, 3e-4 -> x1.534
+# its 60 min in bfloat16 on Zen 4 (about 160 steps): 1e-4 -> perplexity ratio x1.625, 3e-4 -> x1.534 (agreement 0.521,
+# KL 0.865), 1e-3 -> x1.532 (0.493, 0.991: worse)
 E2E_WARMUP = 10  # steps
 E2E_LR_END = 0.1  # the rate's multiplier at the end of its linear decay. MiniLM, --recipe best on Zen 4: 0 ->
 # cosine 0.9599, within a tenth's five runs (0.9593-0.9600; docs/QUALITY.md, twenty-first pass)
@@ -92,8 +93,8 @@ E2E_ROUTER_TOKENS = 384  # tokens a layer's refit sees per step, a random sample
 E2E_ROUTER_LR = {False: 3e-3, True: 3e-4}  # embedding models, language models: the routers' refit end to end
 # (router_refit_loss); 0 freezes them. MiniLM, 25% active (32 x 48, 70 min, float32): 3e-4 -> cosine 0.944 (frozen:
 # 0.946), NN agreement 0.644 (0.625), WordNet 95.6% of dense (94.2%); --recipe best on Zen 4 (docs/QUALITY.md,
-# twenty-first pass): 3e-4 -> 0.9593-0.9600 (five runs), 1e-3 -> 0.9604, 3e-3 -> 0.9606, 1e-2 -> 0.9609 in fewer
-# steps, every held-out loss lower than 3e-4's. SmolLM2, 25%, --recipe best: 3e-4 -> perplexity ratio x1.534,
+# twenty-first pass): 3e-4 -> 0.9593-0.9600 (five runs), 1e-3 -> 0.9604, 3e-3 -> 0.9606 (seeds 1, 2: 0.9603, 0.9604),
+# 1e-2 -> 0.9609 in fewer steps, every held-out loss lower than 3e-4's. SmolLM2, 25%, --recipe best: 3e-4 -> perplexity ratio x1.534,
 # agreement 0.521, KL 0.865; 1e-3 -> x1.512, 0.518, 0.868: no clear gain, kept
 
 
