@@ -91,12 +91,10 @@ E2E_ROUTER_TOKENS = 384  # tokens a layer's refit sees per step, a random sample
 # tokens, whose expert deviations took 19% of a 256 x 6 step; sampled, the step is 24% shorter (bfloat16, one
 # thread) and the routers recall the oracle as well (docs/QUALITY.md, fifteenth pass). SmolLM2: not measured
 E2E_ROUTER_LR = {False: 3e-3, True: 3e-4}  # embedding models, language models: the routers' refit end to end
-# (router_refit_loss); 0 freezes them. MiniLM, 25% active (32 x 48, 70 min, float32): 3e-4 -> cosine 0.944 (frozen:
-# 0.946), NN agreement 0.644 (0.625), WordNet 95.6% of dense (94.2%); --recipe best on Zen 4 (docs/QUALITY.md,
-# twenty-first pass): 3e-4 -> 0.9593-0.9600 (five runs), 1e-3 -> 0.9604, 3e-3 -> 0.9606 (seeds 1, 2: 0.9603, 0.9604),
-# 1e-2 -> 0.9609 in fewer steps, every held-out loss lower than 3e-4's; in float32 steps 3e-3 -> 0.9585 (3e-4: 0.9578).
-# SmolLM2, 25%, --recipe best: 3e-4 -> perplexity ratio x1.534, agreement 0.521, KL 0.865; 1e-3 -> x1.512, 0.518,
-# 0.868: no clear gain, kept
+# (router_refit_loss); 0 freezes them. Refit rather than frozen: MiniLM's WordNet 95.6% of dense against 94.2% (32 x 48,
+# float32). MiniLM, --recipe best on Zen 4: 3e-4 -> cosine 0.9593-0.9600 (five runs), 3e-3 -> 0.9603-0.9606 (three
+# seeds; 1e-3, 1e-2 alike): the routers lagged the experts. SmolLM2: 1e-3 no gain over 3e-4 (docs/QUALITY.md,
+# twenty-first and twenty-second passes)
 
 
 def check_distill(minutes: float | None, max_steps: int, texts: int = 2) -> None:
